@@ -1,0 +1,382 @@
+// CPU kernels of the norm-act ops: hand-written loops over the (N, C, S) view, parallel over
+// blocks of a few thousand elements with at::parallel_for. Reductions are two-level: each block
+// reduces its elements (inner loops written so the compiler can vectorize them: independent
+// lanes for contiguous spans, the channel loop for channels-last rows), then the per-block
+// results are merged in a fixed order, so results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "norm_act_host.h"
+
+namespace effseg {
+namespace {
+
+// Elements per block: small enough to stay in L1/L2 between the two passes of a block.
+constexpr int64_t kBlock = 4096;
+constexpr int kLanes = 8;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The block decomposition shared by every CPU kernel. Contiguous layout: block (n, c, k) is
+// elements [k * kBlock, ...) of the span of sample n, channel c. Channels-last layout: block
+// (n, k) is rows [k * R, ...) of sample n, each row holding the C channels of one voxel.
+struct Blocks {
+  Geometry g;
+  int64_t rows_per_block;  // channels-last only
+  int64_t P;               // blocks per span (contiguous) or per sample (channels-last)
+
+  explicit Blocks(const Geometry& geo) : g(geo) {
+    rows_per_block = std::max<int64_t>(1, kBlock / g.C);
+    P = g.channels_last ? ceil_div(g.S, rows_per_block) : ceil_div(g.S, kBlock);
+  }
+  // Elements (contiguous) or rows (channels-last) in block k of a span / sample.
+  int64_t length(int64_t k) const {
+    const int64_t step = g.channels_last ? rows_per_block : kBlock;
+    return std::min(step, g.S - k * step);
+  }
+
+  // span(n, c, k, offset, len) for contiguous; rows(n, k, offset, nrows) for channels-last.
+  template <typename SpanFn, typename RowsFn> void run(const SpanFn& span, const RowsFn& rows) const {
+    if (!g.channels_last) {
+      at::parallel_for(0, g.N * g.C * P, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t k = t % P, nc = t / P;
+          span(nc / g.C, nc % g.C, k, nc * g.S + k * kBlock, length(k));
+        }
+      });
+    } else {
+      at::parallel_for(0, g.N * P, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t n = t / P, k = t % P;
+          rows(n, k, (n * g.S + k * rows_per_block) * g.C, length(k));
+        }
+      });
+    }
+  }
+};
+
+// Sum of f(i) for i in [0, len) over kLanes independent accumulators, which the compiler can
+// keep in one vector register without reassociating floating-point additions.
+template <typename acc_t, typename F> acc_t lane_sum(int64_t len, const F& f) {
+  acc_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lane[j] += f(i + j);
+  }
+  acc_t s = 0;
+  for (; i < len; ++i) s += f(i);
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  return s;
+}
+
+// Per-block partial results, stored [N][P][C] whatever the layout, with the element count of
+// each block (the same for all channels of a block).
+template <typename acc_t> struct Partials {
+  std::vector<acc_t> a, b;
+  std::vector<int64_t> count;
+  Partials(const Blocks& bl) : a(bl.g.N * bl.P * bl.g.C), b(a.size()), count(bl.g.N * bl.P) {
+    for (int64_t n = 0; n < bl.g.N; ++n)
+      for (int64_t k = 0; k < bl.P; ++k) count[n * bl.P + k] = bl.length(k);
+  }
+  int64_t index(const Blocks& bl, int64_t n, int64_t k, int64_t c) const {
+    return (n * bl.P + k) * bl.g.C + c;
+  }
+};
+
+// Merges the partials of each group in a fixed order: group g is channel g % C, over all samples
+// (per_sample false) or sample g / C only. entry(idx, n, k) builds one partial; finish(g, acc)
+// stores the merged result.
+template <typename acc_t, typename Acc, typename Entry, typename Finish>
+void merge_groups(const Blocks& bl, bool per_sample, const Entry& entry, const Finish& finish) {
+  const Geometry& g = bl.g;
+  at::parallel_for(0, g.groups(per_sample), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const int64_t c = gi % g.C;
+      const int64_t n0 = per_sample ? gi / g.C : 0, n1 = per_sample ? n0 + 1 : g.N;
+      Acc acc{};
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t k = 0; k < bl.P; ++k) acc = merge(acc, entry((n * bl.P + k) * g.C + c, n, k));
+      finish(gi, acc);
+    }
+  });
+}
+
+template <typename scalar_t>
+void stats_kernel(const at::Tensor& x, const Geometry& g, bool per_sample, at::Tensor& mean,
+                  at::Tensor& var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Blocks bl(g);
+  Partials<acc_t> part(bl);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  bl.run(
+      [&](int64_t n, int64_t c, int64_t k, int64_t off, int64_t len) {
+        const scalar_t* p = xp + off;
+        const acc_t m = lane_sum<acc_t>(len, [&](int64_t i) { return acc_t(p[i]); }) / acc_t(len);
+        const acc_t m2 = lane_sum<acc_t>(len, [&](int64_t i) {
+          const acc_t d = acc_t(p[i]) - m;
+          return d * d;
+        });
+        const int64_t idx = part.index(bl, n, k, c);
+        part.a[idx] = m;
+        part.b[idx] = m2;
+      },
+      [&](int64_t n, int64_t k, int64_t off, int64_t rows) {
+        const scalar_t* p = xp + off;
+        acc_t* m = part.a.data() + part.index(bl, n, k, 0);
+        acc_t* m2 = part.b.data() + part.index(bl, n, k, 0);
+        const int64_t C = g.C;
+        std::fill(m, m + C, acc_t(0));
+        std::fill(m2, m2 + C, acc_t(0));
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < C; ++c) m[c] += acc_t(p[r * C + c]);
+        for (int64_t c = 0; c < C; ++c) m[c] /= acc_t(rows);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = acc_t(p[r * C + c]) - m[c];
+            m2[c] += d * d;
+          }
+      });
+  acc_t* mp = mean.data_ptr<acc_t>();
+  acc_t* vp = var.data_ptr<acc_t>();
+  merge_groups<acc_t, Moments<acc_t>>(
+      bl, per_sample,
+      [&](int64_t idx, int64_t n, int64_t k) {
+        return Moments<acc_t>{part.count[n * bl.P + k], part.a[idx], part.b[idx]};
+      },
+      [&](int64_t gi, const Moments<acc_t>& m) {
+        mp[gi] = m.mean;
+        vp[gi] = m.m2 / acc_t(m.n);
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_stats_cpu(const at::Tensor& x, bool per_sample) {
+  const Geometry g = check_input(x, "input");
+  TORCH_CHECK_VALUE(g.count(per_sample) > 1,
+                    "effseg: expected more than 1 value per channel to compute batch statistics, "
+                    "got input of shape ",
+                    x.sizes());
+  const auto opts = x.options().dtype(acc_type_of(x));
+  const std::vector<int64_t> shape =
+      per_sample ? std::vector<int64_t>{g.N, g.C} : std::vector<int64_t>{g.C};
+  at::Tensor mean = at::empty(shape, opts), var = at::empty(shape, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_stats_cpu",
+                                  [&] { stats_kernel<scalar_t>(x, g, per_sample, mean, var); });
+  return {mean, var};
+}
+
+template <typename scalar_t, Act A>
+void forward_kernel(at::Tensor& x, const Geometry& g, bool per_sample, const at::Tensor& mean,
+                    const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
+                    double eps, double param) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t G = g.groups(per_sample);
+  std::vector<ForwardCoef<acc_t>> coef(G);
+  const acc_t *mp = mean.const_data_ptr<acc_t>(), *vp = var.const_data_ptr<acc_t>();
+  const acc_t *gp = gamma.const_data_ptr<acc_t>(), *bp = beta.const_data_ptr<acc_t>();
+  for (int64_t gi = 0; gi < G; ++gi)
+    coef[gi] = forward_coef<acc_t>(mp[gi], vp[gi], gp[gi % g.C], bp[gi % g.C], acc_t(eps));
+  const acc_t prm = acc_t(param);
+  scalar_t* xp = x.data_ptr<scalar_t>();
+  Blocks(g).run(
+      [&](int64_t n, int64_t c, int64_t, int64_t off, int64_t len) {
+        const ForwardCoef<acc_t> cf = coef[per_sample ? n * g.C + c : c];
+        scalar_t* p = xp + off;
+        for (int64_t i = 0; i < len; ++i) p[i] = scalar_t(forward_value<A>(acc_t(p[i]), cf, prm));
+      },
+      [&](int64_t n, int64_t, int64_t off, int64_t rows) {
+        const ForwardCoef<acc_t>* cf = coef.data() + (per_sample ? n * g.C : 0);
+        scalar_t* p = xp + off;
+        const int64_t C = g.C;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < C; ++c)
+            p[r * C + c] = scalar_t(forward_value<A>(acc_t(p[r * C + c]), cf[c], prm));
+      });
+}
+
+void norm_act_forward_cpu(at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                          const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, double eps,
+                          c10::string_view activation, double activation_param) {
+  const Geometry g = check_input(x, "input");
+  const Act act = parse_activation(activation, activation_param);
+  bool ps_mean = false, ps_var = false;
+  const at::Tensor m = group_stat(mean, x, g, "mean", &ps_mean);
+  const at::Tensor v = group_stat(var, x, g, "var", &ps_var);
+  TORCH_CHECK_VALUE(ps_mean == ps_var, "effseg: mean ", mean.sizes(), " and var ", var.sizes(),
+                    " must have the same shape");
+  const at::Tensor gamma = channel_param(weight, x, g, 1.0, "weight");
+  const at::Tensor beta = channel_param(bias, x, g, 0.0, "bias");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_act_fwd_cpu", [&] {
+    dispatch_activation(act, [&](auto a) {
+      forward_kernel<scalar_t, decltype(a)::value>(x, g, ps_mean, m, v, gamma, beta, eps,
+                                                   activation_param);
+    });
+  });
+}
+
+template <typename scalar_t, Act A>
+void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Geometry& g,
+                            bool per_sample, const at::Tensor& gamma, const at::Tensor& beta,
+                            double param, at::Tensor& sum_dz, at::Tensor& sum_dz_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<Affine<acc_t>> af(g.C);
+  const acc_t *gp = gamma.const_data_ptr<acc_t>(), *bp = beta.const_data_ptr<acc_t>();
+  for (int64_t c = 0; c < g.C; ++c) af[c] = {acc_t(1) / clamp_gamma(gp[c]), bp[c]};
+  const acc_t prm = acc_t(param);
+  const scalar_t *yp = y.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
+  const Blocks bl(g);
+  Partials<acc_t> part(bl);
+  bl.run(
+      [&](int64_t n, int64_t c, int64_t k, int64_t off, int64_t len) {
+        const Affine<acc_t> a = af[c];
+        const scalar_t *yb = yp + off, *db = dyp + off;
+        const int64_t idx = part.index(bl, n, k, c);
+        part.a[idx] = lane_sum<acc_t>(len, [&](int64_t i) {
+          return acc_t(db[i]) * Activation<A, acc_t>::derivative(acc_t(yb[i]), prm);
+        });
+        part.b[idx] = lane_sum<acc_t>(len, [&](int64_t i) {
+          acc_t dz, xhat;
+          recover<A>(acc_t(yb[i]), acc_t(db[i]), a, prm, dz, xhat);
+          return dz * xhat;
+        });
+      },
+      [&](int64_t n, int64_t k, int64_t off, int64_t rows) {
+        const scalar_t *yb = yp + off, *db = dyp + off;
+        acc_t* s1 = part.a.data() + part.index(bl, n, k, 0);
+        acc_t* s2 = part.b.data() + part.index(bl, n, k, 0);
+        const int64_t C = g.C;
+        std::fill(s1, s1 + C, acc_t(0));
+        std::fill(s2, s2 + C, acc_t(0));
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t dz, xhat;
+            recover<A>(acc_t(yb[r * C + c]), acc_t(db[r * C + c]), af[c], prm, dz, xhat);
+            s1[c] += dz;
+            s2[c] += dz * xhat;
+          }
+      });
+  acc_t* s1p = sum_dz.data_ptr<acc_t>();
+  acc_t* s2p = sum_dz_xhat.data_ptr<acc_t>();
+  merge_groups<acc_t, GradSums<acc_t>>(
+      bl, per_sample,
+      [&](int64_t idx, int64_t, int64_t) { return GradSums<acc_t>{part.a[idx], part.b[idx]}; },
+      [&](int64_t gi, const GradSums<acc_t>& s) {
+        s1p[gi] = s.dz;
+        s2p[gi] = s.dz_xhat;
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_act_backward_reduce_cpu(
+    const at::Tensor& y, const at::Tensor& dy, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool per_sample, c10::string_view activation,
+    double activation_param) {
+  const Geometry g = check_input(y, "output");
+  check_same_layout(y, dy, "output", "grad_output");
+  const Act act = parse_activation(activation, activation_param);
+  const at::Tensor gamma = channel_param(weight, y, g, 1.0, "weight");
+  const at::Tensor beta = channel_param(bias, y, g, 0.0, "bias");
+  const auto opts = y.options().dtype(acc_type_of(y));
+  const std::vector<int64_t> shape =
+      per_sample ? std::vector<int64_t>{g.N, g.C} : std::vector<int64_t>{g.C};
+  at::Tensor s1 = at::empty(shape, opts), s2 = at::empty(shape, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "norm_act_bwd_reduce_cpu", [&] {
+    dispatch_activation(act, [&](auto a) {
+      backward_reduce_kernel<scalar_t, decltype(a)::value>(y, dy, g, per_sample, gamma, beta,
+                                                           activation_param, s1, s2);
+    });
+  });
+  return {s1, s2};
+}
+
+template <typename scalar_t, Act A>
+void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, at::Tensor& dx,
+                           const InputGradArgs& a, double eps, double param) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  const int64_t G = g.groups(a.per_sample);
+  const acc_t *vp = a.var.const_data_ptr<acc_t>(), *gp = a.gamma.const_data_ptr<acc_t>(),
+              *bp = a.beta.const_data_ptr<acc_t>();
+  const acc_t* s1 = a.batch_stats ? a.sum_dz.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* s2 = a.batch_stats ? a.sum_dz_xhat.const_data_ptr<acc_t>() : nullptr;
+  std::vector<InputGradCoef<acc_t>> coef(G);
+  for (int64_t gi = 0; gi < G; ++gi)
+    coef[gi] = input_grad_coef<acc_t>(vp[gi], gp[gi % g.C], acc_t(eps), a.batch_stats,
+                                      s1 ? s1[gi] : acc_t(0), s2 ? s2[gi] : acc_t(0),
+                                      acc_t(a.count));
+  std::vector<Affine<acc_t>> af(g.C);
+  for (int64_t c = 0; c < g.C; ++c) af[c] = {acc_t(1) / clamp_gamma(gp[c]), bp[c]};
+  const acc_t prm = acc_t(param);
+  const scalar_t *yp = y.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  const bool ps = a.per_sample;
+  Blocks(g).run(
+      [&](int64_t n, int64_t c, int64_t, int64_t off, int64_t len) {
+        const InputGradCoef<acc_t> k = coef[ps ? n * g.C + c : c];
+        const Affine<acc_t> aff = af[c];
+        for (int64_t i = off; i < off + len; ++i) {
+          acc_t dz, xhat;
+          recover<A>(acc_t(yp[i]), acc_t(dyp[i]), aff, prm, dz, xhat);
+          dxp[i] = scalar_t(input_grad_value(dz, xhat, k));
+        }
+      },
+      [&](int64_t n, int64_t, int64_t off, int64_t rows) {
+        const InputGradCoef<acc_t>* k = coef.data() + (ps ? n * g.C : 0);
+        const int64_t C = g.C;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = off + r * C + c;
+            acc_t dz, xhat;
+            recover<A>(acc_t(yp[i]), acc_t(dyp[i]), af[c], prm, dz, xhat);
+            dxp[i] = scalar_t(input_grad_value(dz, xhat, k[c]));
+          }
+      });
+}
+
+void backward_input_into(const at::Tensor& y, const at::Tensor& dy, at::Tensor& dx,
+                         const InputGradArgs& a, double eps, double activation_param) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "norm_act_bwd_input_cpu", [&] {
+    dispatch_activation(a.act, [&](auto act) {
+      backward_input_kernel<scalar_t, decltype(act)::value>(y, dy, dx, a, eps, activation_param);
+    });
+  });
+}
+
+at::Tensor norm_act_backward_input_cpu(
+    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& sum_dz, const std::optional<at::Tensor>& sum_dz_xhat,
+    std::optional<int64_t> count, double eps, c10::string_view activation,
+    double activation_param) {
+  const InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count,
+                                             activation, activation_param);
+  at::Tensor dx = at::empty_like(y);
+  backward_input_into(y, dy, dx, a, eps, activation_param);
+  return dx;
+}
+
+void norm_act_backward_input_cpu_(
+    const at::Tensor& y, at::Tensor& dy, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& sum_dz, const std::optional<at::Tensor>& sum_dz_xhat,
+    std::optional<int64_t> count, double eps, c10::string_view activation,
+    double activation_param) {
+  const InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count,
+                                             activation, activation_param);
+  backward_input_into(y, dy, dy, a, eps, activation_param);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(effseg, CPU, m) {
+  m.impl("norm_stats", &norm_stats_cpu);
+  m.impl("norm_act_forward_", &norm_act_forward_cpu);
+  m.impl("norm_act_backward_reduce", &norm_act_backward_reduce_cpu);
+  m.impl("norm_act_backward_input", &norm_act_backward_input_cpu);
+  m.impl("norm_act_backward_input_", &norm_act_backward_input_cpu_);
+}
+
+}  // namespace effseg

@@ -1,0 +1,386 @@
+// CUDA kernels of the norm-act ops. A 3D volume has few channels and millions of voxels, so no
+// kernel gives a channel to one block: every reduction is split over many blocks, each writing a
+// partial result, and a second kernel merges the partials of each group in a fixed order (no
+// atomics, so results are deterministic). Accumulation is in float32 (float64 for double).
+//
+// Work decomposition, shared by all kernels:
+// - contiguous [N][C][S]: block b handles kSpan elements of one (n, c) span: p = b % P, nc = b / P;
+// - channels-last [N][S][C]: a block of kTileC x kRowThreads threads handles kTileC channels of
+//   kRows consecutive voxels (rows) of one sample; threads of a warp read consecutive channels.
+// Partial results are stored [N][P][C] for both layouts.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "norm_act_host.h"
+
+namespace effseg {
+namespace {
+
+constexpr int kThreads = 256;          // threads per block, a power of two (tree reductions)
+constexpr int64_t kSpan = 8192;        // contiguous: elements per block
+constexpr int kTileC = 32;             // channels-last: channels per block (one warp)
+constexpr int kRowThreads = kThreads / kTileC;
+constexpr int64_t kRows = 256;         // channels-last: rows per block
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Launch {
+  Geometry g;
+  int64_t P;      // blocks per span (contiguous) or per sample (channels-last)
+  int64_t tiles;  // channel tiles (channels-last)
+
+  explicit Launch(const Geometry& geo) : g(geo) {
+    P = g.channels_last ? ceil_div(g.S, kRows) : ceil_div(g.S, kSpan);
+    tiles = ceil_div(g.C, kTileC);
+  }
+  int64_t blocks() const { return g.channels_last ? tiles * g.N * P : g.N * g.C * P; }
+  dim3 threads() const { return g.channels_last ? dim3(kTileC, kRowThreads) : dim3(kThreads); }
+};
+
+// Decodes a block of the channels-last decomposition: sample n, row block p, channel c of this
+// thread (c >= C for the idle lanes of the last tile) and rows [r0, r1).
+struct RowBlock {
+  int64_t n, p, c, r0, r1;
+  __device__ RowBlock(int64_t N, int64_t C, int64_t S, int64_t P) {
+    int64_t b = blockIdx.x;
+    const int64_t tile = b % ceil_div_d(C, kTileC);
+    b /= ceil_div_d(C, kTileC);
+    p = b % P;
+    n = b / P;
+    c = tile * kTileC + threadIdx.x;
+    r0 = p * kRows;
+    r1 = min(r0 + kRows, S);
+  }
+  static __device__ int64_t ceil_div_d(int64_t a, int64_t b) { return (a + b - 1) / b; }
+};
+
+// Tree reduction over the first `count` entries of `smem` with stride `stride`, into smem[0].
+template <typename Acc>
+__device__ void tree_reduce(Acc* smem, int lane, int count, int stride) {
+  for (int s = count / 2; s > 0; s >>= 1) {
+    __syncthreads();
+    if (lane < s) smem[lane * stride] = merge(smem[lane * stride], smem[(lane + s) * stride]);
+  }
+  __syncthreads();
+}
+
+// Reducers: what a thread accumulates for element i of channel c.
+template <typename scalar_t, typename acc_t> struct StatsReducer {
+  using Acc = Moments<acc_t>;
+  struct Chan {};
+  const scalar_t* x;
+  __device__ Chan channel(int64_t) const { return {}; }
+  __device__ void add(Acc& a, const Chan&, int64_t i) const { push(a, acc_t(x[i])); }
+};
+
+template <typename scalar_t, typename acc_t, Act A> struct GradReducer {
+  using Acc = GradSums<acc_t>;
+  using Chan = Affine<acc_t>;
+  const scalar_t* y;
+  const scalar_t* dy;
+  const acc_t* gamma;
+  const acc_t* beta;
+  acc_t param;
+  __device__ Chan channel(int64_t c) const { return {acc_t(1) / clamp_gamma(gamma[c]), beta[c]}; }
+  __device__ void add(Acc& a, const Chan& af, int64_t i) const {
+    acc_t dz, xhat;
+    recover<A>(acc_t(y[i]), acc_t(dy[i]), af, param, dz, xhat);
+    a.dz += dz;
+    a.dz_xhat += dz * xhat;
+  }
+};
+
+template <typename R>
+__global__ void reduce_contiguous_kernel(R r, typename R::Acc* part, int64_t C, int64_t S,
+                                         int64_t P) {
+  using Acc = typename R::Acc;
+  __shared__ Acc smem[kThreads];
+  const int64_t p = blockIdx.x % P, nc = blockIdx.x / P, c = nc % C, n = nc / C;
+  const int64_t begin = nc * S + p * kSpan, end = nc * S + min((p + 1) * kSpan, S);
+  const auto chan = r.channel(c);
+  Acc acc{};
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) r.add(acc, chan, i);
+  smem[threadIdx.x] = acc;
+  tree_reduce(smem, threadIdx.x, kThreads, 1);
+  if (threadIdx.x == 0) part[(n * P + p) * C + c] = smem[0];
+}
+
+template <typename R>
+__global__ void reduce_channels_last_kernel(R r, typename R::Acc* part, int64_t N, int64_t C,
+                                            int64_t S, int64_t P) {
+  using Acc = typename R::Acc;
+  __shared__ Acc smem[kRowThreads * kTileC];
+  const RowBlock rb(N, C, S, P);
+  Acc acc{};
+  if (rb.c < C) {
+    const auto chan = r.channel(rb.c);
+    for (int64_t row = rb.r0 + threadIdx.y; row < rb.r1; row += kRowThreads)
+      r.add(acc, chan, (rb.n * S + row) * C + rb.c);
+  }
+  Acc* column = smem + threadIdx.x;
+  column[threadIdx.y * kTileC] = acc;
+  tree_reduce(column, threadIdx.y, kRowThreads, kTileC);
+  if (threadIdx.y == 0 && rb.c < C) part[(rb.n * P + rb.p) * C + rb.c] = column[0];
+}
+
+// Merges the partials [N][P][C] of group g (channel g % C over all samples, or of sample g / C).
+template <typename Acc, typename Finish>
+__global__ void merge_kernel(const Acc* part, int64_t N, int64_t P, int64_t C, bool per_sample,
+                             Finish finish) {
+  __shared__ Acc smem[kThreads];
+  const int64_t g = blockIdx.x, c = g % C;
+  const int64_t n0 = per_sample ? g / C : 0, total = (per_sample ? 1 : N) * P;
+  Acc acc{};
+  for (int64_t e = threadIdx.x; e < total; e += kThreads)
+    acc = merge(acc, part[((n0 + e / P) * P + e % P) * C + c]);
+  smem[threadIdx.x] = acc;
+  tree_reduce(smem, threadIdx.x, kThreads, 1);
+  if (threadIdx.x == 0) finish(g, smem[0]);
+}
+
+template <typename acc_t> struct StatsFinish {
+  acc_t* mean;
+  acc_t* var;
+  __device__ void operator()(int64_t g, const Moments<acc_t>& m) const {
+    mean[g] = m.mean;
+    var[g] = m.m2 / acc_t(m.n);
+  }
+};
+
+template <typename acc_t> struct SumsFinish {
+  acc_t* sum_dz;
+  acc_t* sum_dz_xhat;
+  __device__ void operator()(int64_t g, const GradSums<acc_t>& s) const {
+    sum_dz[g] = s.dz;
+    sum_dz_xhat[g] = s.dz_xhat;
+  }
+};
+
+// Two-pass reduction of every group; `finish` stores each group's merged result.
+template <typename R, typename Finish>
+void reduce_groups(const at::Tensor& like, const Geometry& g, bool per_sample, const R& r,
+                   const Finish& finish) {
+  using Acc = typename R::Acc;
+  const Launch l(g);
+  at::Tensor buf = at::empty({g.N * l.P * g.C * int64_t(sizeof(Acc))}, like.options().dtype(at::kByte));
+  Acc* part = reinterpret_cast<Acc*>(buf.data_ptr());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (g.channels_last) {
+    reduce_channels_last_kernel<<<l.blocks(), l.threads(), 0, stream>>>(r, part, g.N, g.C, g.S,
+                                                                        l.P);
+  } else {
+    reduce_contiguous_kernel<<<l.blocks(), l.threads(), 0, stream>>>(r, part, g.C, g.S, l.P);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  merge_kernel<<<g.groups(per_sample), kThreads, 0, stream>>>(part, g.N, l.P, g.C, per_sample,
+                                                                finish);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Appliers: per-(n, c) coefficients computed once per thread, then one element at a time.
+template <typename scalar_t, typename acc_t, Act A> struct ForwardApplier {
+  using Coef = ForwardCoef<acc_t>;
+  scalar_t* x;
+  const acc_t* mean;
+  const acc_t* var;
+  const acc_t* gamma;
+  const acc_t* beta;
+  acc_t eps, param;
+  bool per_sample;
+  int64_t C;
+  __device__ Coef coef(int64_t n, int64_t c) const {
+    const int64_t g = per_sample ? n * C + c : c;
+    return forward_coef(mean[g], var[g], gamma[c], beta[c], eps);
+  }
+  __device__ void apply(const Coef& k, int64_t i) const {
+    x[i] = scalar_t(forward_value<A>(acc_t(x[i]), k, param));
+  }
+};
+
+template <typename scalar_t, typename acc_t, Act A> struct InputGradApplier {
+  struct Coef {
+    InputGradCoef<acc_t> k;
+    Affine<acc_t> af;
+  };
+  const scalar_t* y;
+  const scalar_t* dy;
+  scalar_t* dx;  // may be dy
+  const acc_t* var;
+  const acc_t* gamma;
+  const acc_t* beta;
+  const acc_t* sum_dz;  // null with fixed statistics
+  const acc_t* sum_dz_xhat;
+  acc_t eps, param, count;
+  bool per_sample;
+  int64_t C;
+  __device__ Coef coef(int64_t n, int64_t c) const {
+    const int64_t g = per_sample ? n * C + c : c;
+    const bool batch = sum_dz != nullptr;
+    return {input_grad_coef(var[g], gamma[c], eps, batch, batch ? sum_dz[g] : acc_t(0),
+                            batch ? sum_dz_xhat[g] : acc_t(0), count),
+            {acc_t(1) / clamp_gamma(gamma[c]), beta[c]}};
+  }
+  __device__ void apply(const Coef& k, int64_t i) const {
+    acc_t dz, xhat;
+    recover<A>(acc_t(y[i]), acc_t(dy[i]), k.af, param, dz, xhat);
+    dx[i] = scalar_t(input_grad_value(dz, xhat, k.k));
+  }
+};
+
+template <typename F>
+__global__ void apply_contiguous_kernel(F f, int64_t C, int64_t S, int64_t P) {
+  const int64_t p = blockIdx.x % P, nc = blockIdx.x / P;
+  const int64_t begin = nc * S + p * kSpan, end = nc * S + min((p + 1) * kSpan, S);
+  const auto k = f.coef(nc / C, nc % C);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) f.apply(k, i);
+}
+
+template <typename F>
+__global__ void apply_channels_last_kernel(F f, int64_t N, int64_t C, int64_t S, int64_t P) {
+  const RowBlock rb(N, C, S, P);
+  if (rb.c >= C) return;
+  const auto k = f.coef(rb.n, rb.c);
+  for (int64_t row = rb.r0 + threadIdx.y; row < rb.r1; row += kRowThreads)
+    f.apply(k, (rb.n * S + row) * C + rb.c);
+}
+
+template <typename F> void apply_elementwise(const Geometry& g, const F& f) {
+  const Launch l(g);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (g.channels_last) {
+    apply_channels_last_kernel<<<l.blocks(), l.threads(), 0, stream>>>(f, g.N, g.C, g.S, l.P);
+  } else {
+    apply_contiguous_kernel<<<l.blocks(), l.threads(), 0, stream>>>(f, g.C, g.S, l.P);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_stats_cuda(const at::Tensor& x, bool per_sample) {
+  const Geometry g = check_input(x, "input");
+  TORCH_CHECK_VALUE(g.count(per_sample) > 1,
+                    "effseg: expected more than 1 value per channel to compute batch statistics, "
+                    "got input of shape ",
+                    x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto opts = x.options().dtype(acc_type_of(x));
+  const std::vector<int64_t> shape =
+      per_sample ? std::vector<int64_t>{g.N, g.C} : std::vector<int64_t>{g.C};
+  at::Tensor mean = at::empty(shape, opts), var = at::empty(shape, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    reduce_groups(x, g, per_sample, StatsReducer<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()},
+                  StatsFinish<acc_t>{mean.data_ptr<acc_t>(), var.data_ptr<acc_t>()});
+  });
+  return {mean, var};
+}
+
+void norm_act_forward_cuda(at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                           const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, double eps,
+                           c10::string_view activation, double activation_param) {
+  const Geometry g = check_input(x, "input");
+  const Act act = parse_activation(activation, activation_param);
+  const c10::cuda::CUDAGuard guard(x.device());
+  bool ps_mean = false, ps_var = false;
+  const at::Tensor m = group_stat(mean, x, g, "mean", &ps_mean);
+  const at::Tensor v = group_stat(var, x, g, "var", &ps_var);
+  TORCH_CHECK_VALUE(ps_mean == ps_var, "effseg: mean ", mean.sizes(), " and var ", var.sizes(),
+                    " must have the same shape");
+  const at::Tensor gamma = channel_param(weight, x, g, 1.0, "weight");
+  const at::Tensor beta = channel_param(bias, x, g, 0.0, "bias");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_act_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_activation(act, [&](auto a) {
+      apply_elementwise(g, ForwardApplier<scalar_t, acc_t, decltype(a)::value>{
+                               x.data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
+                               v.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(),
+                               beta.const_data_ptr<acc_t>(), acc_t(eps), acc_t(activation_param),
+                               ps_mean, g.C});
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_act_backward_reduce_cuda(
+    const at::Tensor& y, const at::Tensor& dy, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool per_sample, c10::string_view activation,
+    double activation_param) {
+  const Geometry g = check_input(y, "output");
+  check_same_layout(y, dy, "output", "grad_output");
+  const Act act = parse_activation(activation, activation_param);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const at::Tensor gamma = channel_param(weight, y, g, 1.0, "weight");
+  const at::Tensor beta = channel_param(bias, y, g, 0.0, "bias");
+  const auto opts = y.options().dtype(acc_type_of(y));
+  const std::vector<int64_t> shape =
+      per_sample ? std::vector<int64_t>{g.N, g.C} : std::vector<int64_t>{g.C};
+  at::Tensor s1 = at::empty(shape, opts), s2 = at::empty(shape, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "norm_act_bwd_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_activation(act, [&](auto a) {
+      reduce_groups(y, g, per_sample,
+                    GradReducer<scalar_t, acc_t, decltype(a)::value>{
+                        y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+                        gamma.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(),
+                        acc_t(activation_param)},
+                    SumsFinish<acc_t>{s1.data_ptr<acc_t>(), s2.data_ptr<acc_t>()});
+    });
+  });
+  return {s1, s2};
+}
+
+void backward_input_into(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& dx,
+                         const InputGradArgs& a, double eps, double activation_param) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "norm_act_bwd_input_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_activation(a.act, [&](auto act) {
+      apply_elementwise(
+          a.g, InputGradApplier<scalar_t, acc_t, decltype(act)::value>{
+                   y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+                   dx.data_ptr<scalar_t>(), a.var.const_data_ptr<acc_t>(),
+                   a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
+                   a.batch_stats ? a.sum_dz.const_data_ptr<acc_t>() : nullptr,
+                   a.batch_stats ? a.sum_dz_xhat.const_data_ptr<acc_t>() : nullptr, acc_t(eps),
+                   acc_t(activation_param), acc_t(a.count), a.per_sample, a.g.C});
+    });
+  });
+}
+
+at::Tensor norm_act_backward_input_cuda(
+    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& sum_dz, const std::optional<at::Tensor>& sum_dz_xhat,
+    std::optional<int64_t> count, double eps, c10::string_view activation,
+    double activation_param) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  const InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count,
+                                             activation, activation_param);
+  at::Tensor dx = at::empty_like(y);
+  backward_input_into(y, dy, dx, a, eps, activation_param);
+  return dx;
+}
+
+void norm_act_backward_input_cuda_(
+    const at::Tensor& y, at::Tensor& dy, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& sum_dz, const std::optional<at::Tensor>& sum_dz_xhat,
+    std::optional<int64_t> count, double eps, c10::string_view activation,
+    double activation_param) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  const InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count,
+                                             activation, activation_param);
+  backward_input_into(y, dy, dy, a, eps, activation_param);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(effseg, CUDA, m) {
+  m.impl("norm_stats", &norm_stats_cuda);
+  m.impl("norm_act_forward_", &norm_act_forward_cuda);
+  m.impl("norm_act_backward_reduce", &norm_act_backward_reduce_cuda);
+  m.impl("norm_act_backward_input", &norm_act_backward_input_cuda);
+  m.impl("norm_act_backward_input_", &norm_act_backward_input_cuda_);
+}
+
+}  // namespace effseg

@@ -1,0 +1,123 @@
+"""Pure-PyTorch reference of every effseg op: the same signatures and results as
+`torch.ops.effseg.*`, computed with ATen ops in the accumulation type (float64 for float64
+inputs, float32 otherwise).
+
+It is the test oracle for the kernels' algorithm and the fallback when the compiled extension is
+missing. It allocates full-size temporaries, so it does not save the memory the kernels save.
+"""
+from __future__ import annotations
+
+
+import torch
+
+GAMMA_MIN = 1e-4  # csrc/norm_act/norm_act_math.h: kGammaMin
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(C,) or (N, C) per-group values shaped to broadcast against x of shape (N, C, *)."""
+    shape = (1, -1) if v.dim() == 1 else tuple(v.shape)
+    return v.reshape(shape + (1,) * (x.dim() - 2))
+
+
+def _channel(t: torch.Tensor | None, x: torch.Tensor, fill: float) -> torch.Tensor:
+    if t is None:
+        return torch.full((x.shape[1],), fill, dtype=_acc(x), device=x.device)
+    return t.to(_acc(x))
+
+
+def clamp_gamma(w: torch.Tensor) -> torch.Tensor:
+    lo = torch.full_like(w, GAMMA_MIN)
+    return torch.where(w.abs() >= GAMMA_MIN, w, torch.where(w < 0, -lo, lo))
+
+
+def act_forward(z: torch.Tensor, activation: str, param: float) -> torch.Tensor:
+    if activation == "identity":
+        return z
+    if activation == "leaky_relu":
+        return torch.where(z > 0, z, z * param)
+    if activation == "elu":
+        return torch.where(z > 0, z, param * torch.expm1(z))
+    raise ValueError(f"effseg: unknown activation {activation!r}")
+
+
+def act_inverse(y: torch.Tensor, activation: str, param: float) -> torch.Tensor:
+    if activation == "identity":
+        return y
+    if activation == "leaky_relu":
+        return torch.where(y > 0, y, y / param)
+    if activation == "elu":
+        floor = -1.0 + torch.finfo(y.dtype).eps
+        return torch.where(y > 0, y, torch.log1p(torch.clamp(y / param, min=floor)))
+    raise ValueError(f"effseg: unknown activation {activation!r}")
+
+
+def act_derivative(y: torch.Tensor, activation: str, param: float) -> torch.Tensor:
+    if activation == "identity":
+        return torch.ones_like(y)
+    if activation == "leaky_relu":
+        return torch.where(y > 0, torch.ones_like(y), torch.full_like(y, param))
+    if activation == "elu":
+        return torch.where(y > 0, torch.ones_like(y), y + param)
+    raise ValueError(f"effseg: unknown activation {activation!r}")
+
+
+def _reduce_dims(x: torch.Tensor, per_sample: bool) -> list[int]:
+    return list(range(2, x.dim())) if per_sample else [0] + list(range(2, x.dim()))
+
+
+def norm_stats(input: torch.Tensor, per_sample: bool):
+    var, mean = torch.var_mean(input.to(_acc(input)), dim=_reduce_dims(input, per_sample),
+                               correction=0)
+    return mean, var
+
+
+def norm_act_forward_(input, mean, var, weight, bias, eps, activation, activation_param):
+    x = input.to(_acc(input))
+    gamma = _bcast(clamp_gamma(_channel(weight, input, 1.0)), x)
+    beta = _bcast(_channel(bias, input, 0.0), x)
+    z = (x - _bcast(mean.to(x.dtype), x)) * torch.rsqrt(_bcast(var.to(x.dtype), x) + eps)
+    input.copy_(act_forward(z * gamma + beta, activation, activation_param))
+
+
+def _dz_xhat(output, grad_output, weight, bias, activation, activation_param):
+    y = output.to(_acc(output))
+    gamma = _bcast(clamp_gamma(_channel(weight, output, 1.0)), y)
+    beta = _bcast(_channel(bias, output, 0.0), y)
+    dz = grad_output.to(y.dtype) * act_derivative(y, activation, activation_param)
+    xhat = (act_inverse(y, activation, activation_param) - beta) / gamma
+    return dz, xhat, gamma
+
+
+def norm_act_backward_reduce(output, grad_output, weight, bias, per_sample, activation,
+                             activation_param):
+    dz, xhat, _ = _dz_xhat(output, grad_output, weight, bias, activation, activation_param)
+    dims = _reduce_dims(output, per_sample)
+    return dz.sum(dims), (dz * xhat).sum(dims)
+
+
+def norm_act_backward_input(output, grad_output, var, weight, bias, sum_dz, sum_dz_xhat, count,
+                            eps, activation, activation_param):
+    dz, xhat, gamma = _dz_xhat(output, grad_output, weight, bias, activation, activation_param)
+    k1 = gamma * torch.rsqrt(_bcast(var.to(dz.dtype), dz) + eps)
+    dx = k1 * dz
+    if sum_dz is not None:
+        if count is None:
+            count = output.numel() // output.shape[1]
+            if var.dim() == 2:
+                count //= output.shape[0]
+        dx = dx - k1 * (_bcast(sum_dz.to(dz.dtype), dz) + xhat * _bcast(
+            sum_dz_xhat.to(dz.dtype), dz)) / count
+    return dx.to(output.dtype)
+
+
+def norm_act_backward_input_(output, grad_output, var, weight, bias, sum_dz, sum_dz_xhat, count,
+                             eps, activation, activation_param):
+    grad_output.copy_(norm_act_backward_input(output, grad_output, var, weight, bias, sum_dz,
+                                              sum_dz_xhat, count, eps, activation,
+                                              activation_param))
+
+

@@ -7,6 +7,7 @@ says so once.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable
 
@@ -26,7 +27,9 @@ try:
 except ImportError:  # a source tree that was never built
     BUILD = None
 
-if BUILD is not None and _torch_minor(BUILD.TORCH_VERSION) != _torch_minor(torch.__version__):
+if os.environ.get("EFFSEG_NO_EXTENSION", "0") == "1":
+    _LOAD_ERROR = "EFFSEG_NO_EXTENSION=1 is set"
+elif BUILD is not None and _torch_minor(BUILD.TORCH_VERSION) != _torch_minor(torch.__version__):
     _LOAD_ERROR = (
         f"effseg._C was built against torch {BUILD.TORCH_VERSION} but torch {torch.__version__} "
         "is running; rebuild effseg (pip install --no-build-isolation -e .) or install the wheel "

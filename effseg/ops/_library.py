@@ -103,6 +103,14 @@ def _group_shape(t: torch.Tensor, per_sample: bool) -> tuple[int, ...]:
     return (t.shape[0], t.shape[1]) if per_sample else (t.shape[1],)
 
 
+def _check_devices(first: torch.Tensor, **others) -> None:
+    """Tensors on different devices dispatch to the highest-priority device's kernel, which can
+    be this fake one (a 'meta' weight beside a CPU input): refuse instead of doing nothing."""
+    for name, t in others.items():
+        if isinstance(t, torch.Tensor) and t.device != first.device:
+            raise ValueError(f"effseg: {name} is on {t.device} but the input is on {first.device}")
+
+
 if HAVE_EXTENSION:
     # Fake kernels: shapes and dtypes only, for torch.compile, export and opcheck.
     @torch.library.register_fake("effseg::norm_stats")
@@ -113,11 +121,13 @@ if HAVE_EXTENSION:
 
     @torch.library.register_fake("effseg::norm_act_forward_")
     def _forward_fake(input, mean, var, weight, bias, eps, activation, activation_param):
+        _check_devices(input, mean=mean, var=var, weight=weight, bias=bias)
         return None
 
     @torch.library.register_fake("effseg::norm_act_backward_reduce")
     def _backward_reduce_fake(output, grad_output, weight, bias, per_sample, activation,
                               activation_param):
+        _check_devices(output, grad_output=grad_output, weight=weight, bias=bias)
         shape = _group_shape(output, per_sample)
         acc = _acc_dtype(output)
         return output.new_empty(shape, dtype=acc), output.new_empty(shape, dtype=acc)
@@ -125,9 +135,13 @@ if HAVE_EXTENSION:
     @torch.library.register_fake("effseg::norm_act_backward_input")
     def _backward_input_fake(output, grad_output, var, weight, bias, sum_dz, sum_dz_xhat, count,
                              eps, activation, activation_param):
+        _check_devices(output, grad_output=grad_output, var=var, weight=weight, bias=bias,
+                       sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
         return torch.empty_like(output)
 
     @torch.library.register_fake("effseg::norm_act_backward_input_")
     def _backward_input_inplace_fake(output, grad_output, var, weight, bias, sum_dz, sum_dz_xhat,
                                      count, eps, activation, activation_param):
+        _check_devices(output, grad_output=grad_output, var=var, weight=weight, bias=bias,
+                       sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
         return None

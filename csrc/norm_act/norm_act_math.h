@@ -57,9 +57,18 @@ template <typename acc_t> struct Activation<Act::Identity, acc_t> {
   static EFFSEG_HD acc_t derivative(acc_t, acc_t) { return acc_t(1); }
 };
 
+// Both sides of each select are computed unconditionally: the compiler may not speculate a
+// floating-point operation guarded by a branch, and a select of two computed values becomes a
+// vector blend, so the CPU loops vectorize. NaN takes the negative side and stays NaN.
 template <typename acc_t> struct Activation<Act::LeakyRelu, acc_t> {
-  static EFFSEG_HD acc_t forward(acc_t z, acc_t slope) { return z > acc_t(0) ? z : z * slope; }
-  static EFFSEG_HD acc_t inverse(acc_t y, acc_t slope) { return y > acc_t(0) ? y : y / slope; }
+  static EFFSEG_HD acc_t forward(acc_t z, acc_t slope) {
+    const acc_t neg = z * slope;
+    return z > acc_t(0) ? z : neg;
+  }
+  static EFFSEG_HD acc_t inverse(acc_t y, acc_t slope) {
+    const acc_t neg = y / slope;
+    return y > acc_t(0) ? y : neg;
+  }
   static EFFSEG_HD acc_t derivative(acc_t y, acc_t slope) { return y > acc_t(0) ? acc_t(1) : slope; }
 };
 
@@ -74,7 +83,8 @@ template <typename acc_t> struct Activation<Act::Elu, acc_t> {
     return y > acc_t(0) ? y : e_log1p(e_max(y / alpha, acc_t(-1) + Epsilon<acc_t>::value));
   }
   static EFFSEG_HD acc_t derivative(acc_t y, acc_t alpha) {
-    return y > acc_t(0) ? acc_t(1) : y + alpha;
+    const acc_t neg = y + alpha;
+    return y > acc_t(0) ? acc_t(1) : neg;
   }
 };
 

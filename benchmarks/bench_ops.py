@@ -1,0 +1,148 @@
+"""Op-level benchmark: forward + backward of in-place activated normalization versus the stock
+norm + LeakyReLU, at CT-like sizes, in one run.
+
+Reports per size and variant: median time, bytes saved for backward, achieved bandwidth (the
+nominal traffic of the fused algorithm, 8 tensor passes: stats 1, normalize 2, backward reduce 2,
+backward input 3, divided by the time), and on GPU the peak allocated memory and the ratio to a
+measured device-to-device copy bandwidth. Prints a table and writes JSON.
+
+    python benchmarks/bench_ops.py                 # CT-like sizes (minutes on a 2-core CPU)
+    python benchmarks/bench_ops.py --quick         # small sizes, seconds
+    python benchmarks/bench_ops.py --device cuda --dtype bfloat16 --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, sync, time_it, write_json  # noqa: E402
+
+from effseg.memory import saved_bytes  # noqa: E402
+from effseg.nn import InPlaceABN, InPlaceAIN  # noqa: E402
+
+SIZES = [(2, 32, 96, 96, 96), (1, 16, 192, 192, 192)]
+QUICK_SIZES = [(2, 16, 32, 32, 32), (1, 8, 64, 64, 64)]
+PASSES = 8
+
+
+def variants(C: int):
+    act = torch.nn.LeakyReLU(0.01)
+    return {
+        "stock BatchNorm3d+LeakyReLU": (torch.nn.Sequential(torch.nn.BatchNorm3d(C), act), "batch"),
+        "effseg InPlaceABN": (InPlaceABN(C), "batch"),
+        "stock InstanceNorm3d+LeakyReLU": (
+            torch.nn.Sequential(torch.nn.InstanceNorm3d(C, affine=True), act), "instance"),
+        "effseg InPlaceAIN": (InPlaceAIN(C), "instance"),
+    }
+
+
+def copy_bandwidth(device: torch.device, numel: int, dtype: torch.dtype, reps: int) -> float:
+    src = torch.empty(numel, dtype=dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = time_it(lambda: dst.copy_(src), device, reps)
+    return 2 * src.numel() * src.element_size() / t
+
+
+def bench_size(shape, device, dtype, reps, layout):
+    C = shape[1]
+    base = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+    grad = torch.randn_like(base)
+    leaf = base.clone().requires_grad_()
+    rows = []
+    for name, (module, kind) in variants(C).items():
+        module = module.to(device).train()
+
+        def step():
+            h = leaf.clone()  # a non-leaf input, as a conv output would be
+            out = module(h)
+            out.backward(grad)
+
+        # clone() outside the timer: time only the norm-act forward and backward
+        def timed():
+            h = leaf.clone()
+            sync(device)
+            return h
+
+        inputs = [timed() for _ in range(reps + 1)]
+        it = iter(inputs)
+        t = time_it(lambda: module(next(it)).backward(grad), device, reps)
+        del inputs
+        saved = saved_bytes(lambda: module(leaf.clone()))
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            h = leaf.clone()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            step_out = module(h)
+            step_out.backward(grad)
+            peak = torch.cuda.max_memory_allocated(device) - before
+            del h, step_out
+        nbytes = base.numel() * base.element_size()
+        rows.append({
+            "shape": list(shape), "variant": name, "kind": kind, "seconds": t,
+            "saved_bytes": saved, "peak_bytes": peak,
+            "gbps": PASSES * nbytes / t / 1e9,
+        })
+        leaf.grad = None
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--out", default="benchmarks/out/bench_ops.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    layout = torch.channels_last_3d if args.channels_last else torch.contiguous_format
+    sizes = QUICK_SIZES if args.quick else SIZES
+    reps = args.reps or (5 if device.type == "cuda" else 3)
+    torch.manual_seed(0)
+
+    rows = []
+    for shape in sizes:
+        rows += bench_size(shape, device, dtype, reps, layout)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    copy_bw = None
+    if device.type == "cuda":
+        copy_bw = copy_bandwidth(device, max(r["shape"][0] * r["shape"][1] * 96 ** 3 for r in rows),
+                                 dtype, reps)
+    stock_of = {"batch": "stock BatchNorm3d+LeakyReLU", "instance": "stock InstanceNorm3d+LeakyReLU"}
+    by_key = {(tuple(r["shape"]), r["variant"]): r for r in rows}
+    for r in rows:
+        ref = by_key[(tuple(r["shape"]), stock_of[r["kind"]])]
+        r["time_vs_stock"] = r["seconds"] / ref["seconds"]
+        r["saved_vs_stock"] = r["saved_bytes"] / ref["saved_bytes"]
+        r["copy_bandwidth_fraction"] = r["gbps"] * 1e9 / copy_bw if copy_bw else None
+
+    print(f"\nnorm + activation, forward + backward, {args.dtype}, {device.type}, "
+          f"{'channels-last' if args.channels_last else 'contiguous'}")
+    print(f"{'shape':<22} {'variant':<32} {'ms':>9} {'x stock':>8} {'saved MB':>9} "
+          f"{'x stock':>8} {'GB/s':>7}" + (f" {'copy%':>6}" if copy_bw else ""))
+    for r in rows:
+        line = (f"{str(tuple(r['shape'])):<22} {r['variant']:<32} {r['seconds'] * 1e3:9.1f} "
+                f"{r['time_vs_stock']:8.2f} {r['saved_bytes'] / 2**20:9.1f} "
+                f"{r['saved_vs_stock']:8.2f} {r['gbps']:7.1f}")
+        if copy_bw:
+            line += f" {100 * r['copy_bandwidth_fraction']:6.1f}"
+        print(line)
+    if copy_bw:
+        print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
+    write_json(args.out, {"machine": machine(), "device": device.type, "dtype": args.dtype,
+                          "channels_last": args.channels_last, "copy_bandwidth": copy_bw,
+                          "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

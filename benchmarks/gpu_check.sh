@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU check, for a bare machine with a CUDA GPU and a CUDA build of torch (the device tool's
+# machines): build effseg from source against that torch, run the test suite (CUDA cases
+# included), run compute-sanitizer memcheck and racecheck over every kernel on small inputs, run
+# the op benchmark, and print a short table last. Logs and JSON go to $OUT. Under 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh            # OUT defaults to benchmarks/out/gpu
+# Missing Python packages (nibabel, expecttest) travel as wheels in .whl/ (device README).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+: > "$OUT/steps.txt"
+
+step() {  # step NAME TIMEOUT CMD...: runs CMD, logs to $OUT/NAME.log, records rc and seconds
+  local name=$1 limit=$2; shift 2
+  local t0; t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name $rc $(( $(date +%s) - t0 ))" >> "$OUT/steps.txt"
+  echo "== $name: rc=$rc ($(( $(date +%s) - t0 )) s)"
+  tail -n 3 "$OUT/$name.log"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+step build 240 $PY -m pip install --no-build-isolation --no-deps -e . || { cat "$OUT/build.log"; exit 1; }
+$PY -m effseg info --json > "$OUT/info.json" 2>&1
+step tests 150 $PY -m pytest -q -p no:cacheprovider tests -x --junitxml="$OUT/tests.xml"
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # memcheck sees every allocation's true bounds
+step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/cuda_kernel_check.py
+step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 $PY benchmarks/cuda_kernel_check.py
+unset PYTORCH_NO_CUDA_MEMORY_CACHING
+step bench_ops_fp32 60 $PY benchmarks/bench_ops.py --device cuda --out "$OUT/bench_ops_fp32.json"
+step bench_ops_bf16 60 $PY benchmarks/bench_ops.py --device cuda --dtype bfloat16 --out "$OUT/bench_ops_bf16.json"
+step bench_ops_fp32_cl 60 $PY benchmarks/bench_ops.py --device cuda --channels-last --out "$OUT/bench_ops_fp32_cl.json"
+
+$PY - "$OUT" <<'PYEOF'
+import json, os, sys
+out = sys.argv[1]
+print("\n=== GPU check summary:", open(os.path.join(out, "gpu.txt")).read().strip())
+for line in open(os.path.join(out, "steps.txt")):
+    name, rc, secs = line.split()
+    print(f"{name:<20} {'ok' if rc == '0' else 'FAILED rc=' + rc:<14} {secs:>4} s")
+for tag in ("fp32", "bf16", "fp32_cl"):
+    path = os.path.join(out, f"bench_ops_{tag}.json")
+    if not os.path.exists(path):
+        continue
+    for r in json.load(open(path))["rows"]:
+        if r["variant"].startswith("effseg"):
+            frac = r["copy_bandwidth_fraction"]
+            print(f"{tag:<8} {str(tuple(r['shape'])):<22} {r['variant']:<20} "
+                  f"time x{r['time_vs_stock']:.2f} saved x{r['saved_vs_stock']:.2f} "
+                  f"{r['gbps']:.0f} GB/s" + (f" ({100 * frac:.0f}% of copy)" if frac else ""))
+PYEOF

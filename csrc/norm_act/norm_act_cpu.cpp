@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "norm_act_host.h"
+#include "norm_act_ops.h"
 
 namespace effseg {
 namespace {
@@ -40,7 +40,8 @@ struct Blocks {
   }
 
   // span(n, c, k, offset, len) for contiguous; rows(n, k, offset, nrows) for channels-last.
-  template <typename SpanFn, typename RowsFn> void run(const SpanFn& span, const RowsFn& rows) const {
+  template <typename SpanFn, typename RowsFn>
+  void run(const SpanFn& span, const RowsFn& rows) const {
     if (!g.channels_last) {
       at::parallel_for(0, g.N * g.C * P, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
@@ -87,6 +88,15 @@ template <typename acc_t> struct Partials {
   }
 };
 
+// 1/gamma (clamped) and beta of each channel, which turn y back into xhat.
+template <typename acc_t>
+std::vector<Affine<acc_t>> channel_affine(const at::Tensor& gamma, const at::Tensor& beta) {
+  const acc_t *gp = gamma.const_data_ptr<acc_t>(), *bp = beta.const_data_ptr<acc_t>();
+  std::vector<Affine<acc_t>> af(gamma.numel());
+  for (size_t c = 0; c < af.size(); ++c) af[c] = {acc_t(1) / clamp_gamma(gp[c]), bp[c]};
+  return af;
+}
+
 // Merges the partials of each group in a fixed order: group g is channel g % C, over all samples
 // (per_sample false) or sample g / C only. entry(idx, n, k) builds one partial; finish(g, acc)
 // stores the merged result.
@@ -105,10 +115,9 @@ void merge_groups(const Blocks& bl, bool per_sample, const Entry& entry, const F
   });
 }
 
-template <typename scalar_t>
-void stats_kernel(const at::Tensor& x, const Geometry& g, bool per_sample, at::Tensor& mean,
-                  at::Tensor& var) {
+template <typename scalar_t> void stats_kernel(const at::Tensor& x, const StatsArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
   const Blocks bl(g);
   Partials<acc_t> part(bl);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -140,10 +149,10 @@ void stats_kernel(const at::Tensor& x, const Geometry& g, bool per_sample, at::T
             m2[c] += d * d;
           }
       });
-  acc_t* mp = mean.data_ptr<acc_t>();
-  acc_t* vp = var.data_ptr<acc_t>();
+  acc_t* mp = a.mean.data_ptr<acc_t>();
+  acc_t* vp = a.var.data_ptr<acc_t>();
   merge_groups<acc_t, Moments<acc_t>>(
-      bl, per_sample,
+      bl, a.per_sample,
       [&](int64_t idx, int64_t n, int64_t k) {
         return Moments<acc_t>{part.count[n * bl.P + k], part.a[idx], part.b[idx]};
       },
@@ -153,33 +162,17 @@ void stats_kernel(const at::Tensor& x, const Geometry& g, bool per_sample, at::T
       });
 }
 
-std::tuple<at::Tensor, at::Tensor> norm_stats_cpu(const at::Tensor& x, bool per_sample) {
-  const Geometry g = check_input(x, "input");
-  TORCH_CHECK_VALUE(g.count(per_sample) > 1,
-                    "effseg: expected more than 1 value per channel to compute batch statistics, "
-                    "got input of shape ",
-                    x.sizes());
-  const auto opts = x.options().dtype(acc_type_of(x));
-  const std::vector<int64_t> shape =
-      per_sample ? std::vector<int64_t>{g.N, g.C} : std::vector<int64_t>{g.C};
-  at::Tensor mean = at::empty(shape, opts), var = at::empty(shape, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_stats_cpu",
-                                  [&] { stats_kernel<scalar_t>(x, g, per_sample, mean, var); });
-  return {mean, var};
-}
-
-template <typename scalar_t, Act A>
-void forward_kernel(at::Tensor& x, const Geometry& g, bool per_sample, const at::Tensor& mean,
-                    const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
-                    double eps, double param) {
+template <typename scalar_t, Act A> void forward_kernel(at::Tensor& x, const ForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  const bool per_sample = a.per_sample;
   const int64_t G = g.groups(per_sample);
   std::vector<ForwardCoef<acc_t>> coef(G);
-  const acc_t *mp = mean.const_data_ptr<acc_t>(), *vp = var.const_data_ptr<acc_t>();
-  const acc_t *gp = gamma.const_data_ptr<acc_t>(), *bp = beta.const_data_ptr<acc_t>();
+  const acc_t *mp = a.mean.const_data_ptr<acc_t>(), *vp = a.var.const_data_ptr<acc_t>();
+  const acc_t *gp = a.gamma.const_data_ptr<acc_t>(), *bp = a.beta.const_data_ptr<acc_t>();
   for (int64_t gi = 0; gi < G; ++gi)
-    coef[gi] = forward_coef<acc_t>(mp[gi], vp[gi], gp[gi % g.C], bp[gi % g.C], acc_t(eps));
-  const acc_t prm = acc_t(param);
+    coef[gi] = forward_coef<acc_t>(mp[gi], vp[gi], gp[gi % g.C], bp[gi % g.C], acc_t(a.eps));
+  const acc_t prm = acc_t(a.param);
   scalar_t* xp = x.data_ptr<scalar_t>();
   Blocks(g).run(
       [&](int64_t n, int64_t c, int64_t, int64_t off, int64_t len) {
@@ -197,36 +190,12 @@ void forward_kernel(at::Tensor& x, const Geometry& g, bool per_sample, const at:
       });
 }
 
-void norm_act_forward_cpu(at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                          const std::optional<at::Tensor>& weight,
-                          const std::optional<at::Tensor>& bias, double eps,
-                          c10::string_view activation, double activation_param) {
-  const Geometry g = check_input(x, "input");
-  const Act act = parse_activation(activation, activation_param);
-  bool ps_mean = false, ps_var = false;
-  const at::Tensor m = group_stat(mean, x, g, "mean", &ps_mean);
-  const at::Tensor v = group_stat(var, x, g, "var", &ps_var);
-  TORCH_CHECK_VALUE(ps_mean == ps_var, "effseg: mean ", mean.sizes(), " and var ", var.sizes(),
-                    " must have the same shape");
-  const at::Tensor gamma = channel_param(weight, x, g, 1.0, "weight");
-  const at::Tensor beta = channel_param(bias, x, g, 0.0, "bias");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_act_fwd_cpu", [&] {
-    dispatch_activation(act, [&](auto a) {
-      forward_kernel<scalar_t, decltype(a)::value>(x, g, ps_mean, m, v, gamma, beta, eps,
-                                                   activation_param);
-    });
-  });
-}
-
 template <typename scalar_t, Act A>
-void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Geometry& g,
-                            bool per_sample, const at::Tensor& gamma, const at::Tensor& beta,
-                            double param, at::Tensor& sum_dz, at::Tensor& sum_dz_xhat) {
+void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const ReduceArgs& ra) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<Affine<acc_t>> af(g.C);
-  const acc_t *gp = gamma.const_data_ptr<acc_t>(), *bp = beta.const_data_ptr<acc_t>();
-  for (int64_t c = 0; c < g.C; ++c) af[c] = {acc_t(1) / clamp_gamma(gp[c]), bp[c]};
-  const acc_t prm = acc_t(param);
+  const Geometry& g = ra.g;
+  const std::vector<Affine<acc_t>> af = channel_affine<acc_t>(ra.gamma, ra.beta);
+  const acc_t prm = acc_t(ra.param);
   const scalar_t *yp = y.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
   const Blocks bl(g);
   Partials<acc_t> part(bl);
@@ -259,10 +228,10 @@ void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Geo
             s2[c] += dz * xhat;
           }
       });
-  acc_t* s1p = sum_dz.data_ptr<acc_t>();
-  acc_t* s2p = sum_dz_xhat.data_ptr<acc_t>();
+  acc_t* s1p = ra.sum_dz.data_ptr<acc_t>();
+  acc_t* s2p = ra.sum_dz_xhat.data_ptr<acc_t>();
   merge_groups<acc_t, GradSums<acc_t>>(
-      bl, per_sample,
+      bl, ra.per_sample,
       [&](int64_t idx, int64_t, int64_t) { return GradSums<acc_t>{part.a[idx], part.b[idx]}; },
       [&](int64_t gi, const GradSums<acc_t>& s) {
         s1p[gi] = s.dz;
@@ -270,46 +239,22 @@ void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Geo
       });
 }
 
-std::tuple<at::Tensor, at::Tensor> norm_act_backward_reduce_cpu(
-    const at::Tensor& y, const at::Tensor& dy, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool per_sample, c10::string_view activation,
-    double activation_param) {
-  const Geometry g = check_input(y, "output");
-  check_same_layout(y, dy, "output", "grad_output");
-  const Act act = parse_activation(activation, activation_param);
-  const at::Tensor gamma = channel_param(weight, y, g, 1.0, "weight");
-  const at::Tensor beta = channel_param(bias, y, g, 0.0, "bias");
-  const auto opts = y.options().dtype(acc_type_of(y));
-  const std::vector<int64_t> shape =
-      per_sample ? std::vector<int64_t>{g.N, g.C} : std::vector<int64_t>{g.C};
-  at::Tensor s1 = at::empty(shape, opts), s2 = at::empty(shape, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "norm_act_bwd_reduce_cpu", [&] {
-    dispatch_activation(act, [&](auto a) {
-      backward_reduce_kernel<scalar_t, decltype(a)::value>(y, dy, g, per_sample, gamma, beta,
-                                                           activation_param, s1, s2);
-    });
-  });
-  return {s1, s2};
-}
-
 template <typename scalar_t, Act A>
-void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, at::Tensor& dx,
-                           const InputGradArgs& a, double eps, double param) {
+void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& dx,
+                           const InputGradArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
   const int64_t G = g.groups(a.per_sample);
-  const acc_t *vp = a.var.const_data_ptr<acc_t>(), *gp = a.gamma.const_data_ptr<acc_t>(),
-              *bp = a.beta.const_data_ptr<acc_t>();
+  const acc_t *vp = a.var.const_data_ptr<acc_t>(), *gp = a.gamma.const_data_ptr<acc_t>();
   const acc_t* s1 = a.batch_stats ? a.sum_dz.const_data_ptr<acc_t>() : nullptr;
   const acc_t* s2 = a.batch_stats ? a.sum_dz_xhat.const_data_ptr<acc_t>() : nullptr;
   std::vector<InputGradCoef<acc_t>> coef(G);
   for (int64_t gi = 0; gi < G; ++gi)
-    coef[gi] = input_grad_coef<acc_t>(vp[gi], gp[gi % g.C], acc_t(eps), a.batch_stats,
+    coef[gi] = input_grad_coef<acc_t>(vp[gi], gp[gi % g.C], acc_t(a.eps), a.batch_stats,
                                       s1 ? s1[gi] : acc_t(0), s2 ? s2[gi] : acc_t(0),
                                       acc_t(a.count));
-  std::vector<Affine<acc_t>> af(g.C);
-  for (int64_t c = 0; c < g.C; ++c) af[c] = {acc_t(1) / clamp_gamma(gp[c]), bp[c]};
-  const acc_t prm = acc_t(param);
+  const std::vector<Affine<acc_t>> af = channel_affine<acc_t>(a.gamma, a.beta);
+  const acc_t prm = acc_t(a.param);
   const scalar_t *yp = y.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   const bool ps = a.per_sample;
@@ -336,47 +281,31 @@ void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, at::Tensor
       });
 }
 
-void backward_input_into(const at::Tensor& y, const at::Tensor& dy, at::Tensor& dx,
-                         const InputGradArgs& a, double eps, double activation_param) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "norm_act_bwd_input_cpu", [&] {
-    dispatch_activation(a.act, [&](auto act) {
-      backward_input_kernel<scalar_t, decltype(act)::value>(y, dy, dx, a, eps, activation_param);
+struct CpuKernels {
+  static void stats(const at::Tensor& x, const StatsArgs& a) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_stats_cpu",
+                                    [&] { stats_kernel<scalar_t>(x, a); });
+  }
+  static void forward(at::Tensor& x, const ForwardArgs& a) {
+    dispatch_dtype_activation(x.scalar_type(), a.act, [&]<typename scalar_t, Act A>() {
+      forward_kernel<scalar_t, A>(x, a);
     });
-  });
-}
-
-at::Tensor norm_act_backward_input_cpu(
-    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& sum_dz, const std::optional<at::Tensor>& sum_dz_xhat,
-    std::optional<int64_t> count, double eps, c10::string_view activation,
-    double activation_param) {
-  const InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count,
-                                             activation, activation_param);
-  at::Tensor dx = at::empty_like(y);
-  backward_input_into(y, dy, dx, a, eps, activation_param);
-  return dx;
-}
-
-void norm_act_backward_input_cpu_(
-    const at::Tensor& y, at::Tensor& dy, const at::Tensor& var,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& sum_dz, const std::optional<at::Tensor>& sum_dz_xhat,
-    std::optional<int64_t> count, double eps, c10::string_view activation,
-    double activation_param) {
-  const InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count,
-                                             activation, activation_param);
-  backward_input_into(y, dy, dy, a, eps, activation_param);
-}
+  }
+  static void backward_reduce(const at::Tensor& y, const at::Tensor& dy, const ReduceArgs& a) {
+    dispatch_dtype_activation(y.scalar_type(), a.act, [&]<typename scalar_t, Act A>() {
+                                backward_reduce_kernel<scalar_t, A>(y, dy, a);
+                              });
+  }
+  static void backward_input(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& dx,
+                             const InputGradArgs& a) {
+    dispatch_dtype_activation(y.scalar_type(), a.act, [&]<typename scalar_t, Act A>() {
+                                backward_input_kernel<scalar_t, A>(y, dy, dx, a);
+                              });
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(effseg, CPU, m) {
-  m.impl("norm_stats", &norm_stats_cpu);
-  m.impl("norm_act_forward_", &norm_act_forward_cpu);
-  m.impl("norm_act_backward_reduce", &norm_act_backward_reduce_cpu);
-  m.impl("norm_act_backward_input", &norm_act_backward_input_cpu);
-  m.impl("norm_act_backward_input_", &norm_act_backward_input_cpu_);
-}
+EFFSEG_REGISTER_NORM_ACT(CPU, CpuKernels)
 
 }  // namespace effseg

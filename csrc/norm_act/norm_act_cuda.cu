@@ -13,7 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "norm_act_host.h"
+#include "norm_act_ops.h"
 
 namespace effseg {
 namespace {
@@ -164,7 +164,8 @@ void reduce_groups(const at::Tensor& like, const Geometry& g, bool per_sample, c
                    const Finish& finish) {
   using Acc = typename R::Acc;
   const Launch l(g);
-  at::Tensor buf = at::empty({g.N * l.P * g.C * int64_t(sizeof(Acc))}, like.options().dtype(at::kByte));
+  at::Tensor buf =
+      at::empty({g.N * l.P * g.C * int64_t(sizeof(Acc))}, like.options().dtype(at::kByte));
   Acc* part = reinterpret_cast<Acc*>(buf.data_ptr());
   auto stream = at::cuda::getCurrentCUDAStream();
   if (g.channels_last) {
@@ -257,130 +258,57 @@ template <typename F> void apply_elementwise(const Geometry& g, const F& f) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> norm_stats_cuda(const at::Tensor& x, bool per_sample) {
-  const Geometry g = check_input(x, "input");
-  TORCH_CHECK_VALUE(g.count(per_sample) > 1,
-                    "effseg: expected more than 1 value per channel to compute batch statistics, "
-                    "got input of shape ",
-                    x.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto opts = x.options().dtype(acc_type_of(x));
-  const std::vector<int64_t> shape =
-      per_sample ? std::vector<int64_t>{g.N, g.C} : std::vector<int64_t>{g.C};
-  at::Tensor mean = at::empty(shape, opts), var = at::empty(shape, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_stats_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    reduce_groups(x, g, per_sample, StatsReducer<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()},
-                  StatsFinish<acc_t>{mean.data_ptr<acc_t>(), var.data_ptr<acc_t>()});
-  });
-  return {mean, var};
-}
-
-void norm_act_forward_cuda(at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                           const std::optional<at::Tensor>& weight,
-                           const std::optional<at::Tensor>& bias, double eps,
-                           c10::string_view activation, double activation_param) {
-  const Geometry g = check_input(x, "input");
-  const Act act = parse_activation(activation, activation_param);
-  const c10::cuda::CUDAGuard guard(x.device());
-  bool ps_mean = false, ps_var = false;
-  const at::Tensor m = group_stat(mean, x, g, "mean", &ps_mean);
-  const at::Tensor v = group_stat(var, x, g, "var", &ps_var);
-  TORCH_CHECK_VALUE(ps_mean == ps_var, "effseg: mean ", mean.sizes(), " and var ", var.sizes(),
-                    " must have the same shape");
-  const at::Tensor gamma = channel_param(weight, x, g, 1.0, "weight");
-  const at::Tensor beta = channel_param(bias, x, g, 0.0, "bias");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_act_fwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_activation(act, [&](auto a) {
-      apply_elementwise(g, ForwardApplier<scalar_t, acc_t, decltype(a)::value>{
-                               x.data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
-                               v.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(),
-                               beta.const_data_ptr<acc_t>(), acc_t(eps), acc_t(activation_param),
-                               ps_mean, g.C});
+struct CudaKernels {
+  static void stats(const at::Tensor& x, const StatsArgs& a) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_stats", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      reduce_groups(x, a.g, a.per_sample,
+                    StatsReducer<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()},
+                    StatsFinish<acc_t>{a.mean.data_ptr<acc_t>(), a.var.data_ptr<acc_t>()});
     });
-  });
-}
+  }
 
-std::tuple<at::Tensor, at::Tensor> norm_act_backward_reduce_cuda(
-    const at::Tensor& y, const at::Tensor& dy, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool per_sample, c10::string_view activation,
-    double activation_param) {
-  const Geometry g = check_input(y, "output");
-  check_same_layout(y, dy, "output", "grad_output");
-  const Act act = parse_activation(activation, activation_param);
-  const c10::cuda::CUDAGuard guard(y.device());
-  const at::Tensor gamma = channel_param(weight, y, g, 1.0, "weight");
-  const at::Tensor beta = channel_param(bias, y, g, 0.0, "bias");
-  const auto opts = y.options().dtype(acc_type_of(y));
-  const std::vector<int64_t> shape =
-      per_sample ? std::vector<int64_t>{g.N, g.C} : std::vector<int64_t>{g.C};
-  at::Tensor s1 = at::empty(shape, opts), s2 = at::empty(shape, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "norm_act_bwd_reduce_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_activation(act, [&](auto a) {
-      reduce_groups(y, g, per_sample,
-                    GradReducer<scalar_t, acc_t, decltype(a)::value>{
+  static void forward(at::Tensor& x, const ForwardArgs& a) {
+    dispatch_dtype_activation(x.scalar_type(), a.act, [&]<typename scalar_t, Act A>() {
+      using acc_t = at::opmath_type<scalar_t>;
+      apply_elementwise(a.g, ForwardApplier<scalar_t, acc_t, A>{
+                                 x.data_ptr<scalar_t>(), a.mean.const_data_ptr<acc_t>(),
+                                 a.var.const_data_ptr<acc_t>(), a.gamma.const_data_ptr<acc_t>(),
+                                 a.beta.const_data_ptr<acc_t>(), acc_t(a.eps), acc_t(a.param),
+                                 a.per_sample, a.g.C});
+    });
+  }
+
+  static void backward_reduce(const at::Tensor& y, const at::Tensor& dy, const ReduceArgs& a) {
+    dispatch_dtype_activation(y.scalar_type(), a.act, [&]<typename scalar_t, Act A>() {
+      using acc_t = at::opmath_type<scalar_t>;
+      reduce_groups(y, a.g, a.per_sample,
+                    GradReducer<scalar_t, acc_t, A>{
                         y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-                        gamma.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(),
-                        acc_t(activation_param)},
-                    SumsFinish<acc_t>{s1.data_ptr<acc_t>(), s2.data_ptr<acc_t>()});
+                        a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
+                        acc_t(a.param)},
+                    SumsFinish<acc_t>{a.sum_dz.data_ptr<acc_t>(), a.sum_dz_xhat.data_ptr<acc_t>()});
     });
-  });
-  return {s1, s2};
-}
+  }
 
-void backward_input_into(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& dx,
-                         const InputGradArgs& a, double eps, double activation_param) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "norm_act_bwd_input_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_activation(a.act, [&](auto act) {
+  static void backward_input(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& dx,
+                             const InputGradArgs& a) {
+    dispatch_dtype_activation(y.scalar_type(), a.act, [&]<typename scalar_t, Act A>() {
+      using acc_t = at::opmath_type<scalar_t>;
       apply_elementwise(
-          a.g, InputGradApplier<scalar_t, acc_t, decltype(act)::value>{
+          a.g, InputGradApplier<scalar_t, acc_t, A>{
                    y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
                    dx.data_ptr<scalar_t>(), a.var.const_data_ptr<acc_t>(),
                    a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
                    a.batch_stats ? a.sum_dz.const_data_ptr<acc_t>() : nullptr,
-                   a.batch_stats ? a.sum_dz_xhat.const_data_ptr<acc_t>() : nullptr, acc_t(eps),
-                   acc_t(activation_param), acc_t(a.count), a.per_sample, a.g.C});
+                   a.batch_stats ? a.sum_dz_xhat.const_data_ptr<acc_t>() : nullptr,
+                   acc_t(a.eps), acc_t(a.param), acc_t(a.count), a.per_sample, a.g.C});
     });
-  });
-}
-
-at::Tensor norm_act_backward_input_cuda(
-    const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& sum_dz, const std::optional<at::Tensor>& sum_dz_xhat,
-    std::optional<int64_t> count, double eps, c10::string_view activation,
-    double activation_param) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  const InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count,
-                                             activation, activation_param);
-  at::Tensor dx = at::empty_like(y);
-  backward_input_into(y, dy, dx, a, eps, activation_param);
-  return dx;
-}
-
-void norm_act_backward_input_cuda_(
-    const at::Tensor& y, at::Tensor& dy, const at::Tensor& var,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& sum_dz, const std::optional<at::Tensor>& sum_dz_xhat,
-    std::optional<int64_t> count, double eps, c10::string_view activation,
-    double activation_param) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  const InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count,
-                                             activation, activation_param);
-  backward_input_into(y, dy, dy, a, eps, activation_param);
-}
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(effseg, CUDA, m) {
-  m.impl("norm_stats", &norm_stats_cuda);
-  m.impl("norm_act_forward_", &norm_act_forward_cuda);
-  m.impl("norm_act_backward_reduce", &norm_act_backward_reduce_cuda);
-  m.impl("norm_act_backward_input", &norm_act_backward_input_cuda);
-  m.impl("norm_act_backward_input_", &norm_act_backward_input_cuda_);
-}
+EFFSEG_REGISTER_NORM_ACT(CUDA, CudaKernels)
 
 }  // namespace effseg

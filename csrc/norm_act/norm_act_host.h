@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
@@ -134,47 +135,14 @@ template <typename F> void dispatch_activation(Act a, F&& f) {
   }
 }
 
-// Everything the backward-to-input op needs after its checks, on either device.
-struct InputGradArgs {
-  Geometry g;
-  Act act;
-  bool per_sample;
-  bool batch_stats;
-  int64_t count;
-  at::Tensor var, gamma, beta, sum_dz, sum_dz_xhat;
-};
-
-inline InputGradArgs prepare_input_grad(const at::Tensor& y, const at::Tensor& dy,
-                                        const at::Tensor& var,
-                                        const std::optional<at::Tensor>& weight,
-                                        const std::optional<at::Tensor>& bias,
-                                        const std::optional<at::Tensor>& sum_dz,
-                                        const std::optional<at::Tensor>& sum_dz_xhat,
-                                        std::optional<int64_t> count, c10::string_view activation,
-                                        double activation_param) {
-  InputGradArgs a;
-  a.g = check_input(y, "output");
-  check_same_layout(y, dy, "output", "grad_output");
-  a.act = parse_activation(activation, activation_param);
-  a.var = group_stat(var, y, a.g, "var", &a.per_sample);
-  a.gamma = channel_param(weight, y, a.g, 1.0, "weight");
-  a.beta = channel_param(bias, y, a.g, 0.0, "bias");
-  const bool has_dz = sum_dz.has_value() && sum_dz->defined();
-  const bool has_dzx = sum_dz_xhat.has_value() && sum_dz_xhat->defined();
-  TORCH_CHECK_VALUE(has_dz == has_dzx,
-                    "effseg: sum_dz and sum_dz_xhat must be given together (batch statistics) "
-                    "or both omitted (fixed statistics)");
-  a.batch_stats = has_dz;
-  a.count = count.has_value() ? *count : a.g.count(a.per_sample);
-  TORCH_CHECK_VALUE(a.count > 0, "effseg: count must be positive, got ", a.count);
-  if (has_dz) {
-    bool ps_dz = false, ps_dzx = false;
-    a.sum_dz = group_stat(*sum_dz, y, a.g, "sum_dz", &ps_dz);
-    a.sum_dz_xhat = group_stat(*sum_dz_xhat, y, a.g, "sum_dz_xhat", &ps_dzx);
-    TORCH_CHECK_VALUE(ps_dz == a.per_sample && ps_dzx == a.per_sample,
-                      "effseg: sum_dz and sum_dz_xhat must have the shape of var ", var.sizes());
-  }
-  return a;
+// Calls f.template operator()<scalar_t, A>() for the input's dtype and the activation, so that
+// each kernel is compiled per dtype and activation: f is a lambda
+// `[&]<typename scalar_t, Act A>() { ... }`.
+template <typename F> void dispatch_dtype_activation(at::ScalarType t, Act act, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "effseg_norm_act", [&] {
+    dispatch_activation(act,
+                        [&](auto a) { f.template operator()<scalar_t, decltype(a)::value>(); });
+  });
 }
 
 }  // namespace effseg

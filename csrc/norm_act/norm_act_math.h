@@ -69,7 +69,9 @@ template <typename acc_t> struct Activation<Act::LeakyRelu, acc_t> {
     const acc_t neg = y / slope;
     return y > acc_t(0) ? y : neg;
   }
-  static EFFSEG_HD acc_t derivative(acc_t y, acc_t slope) { return y > acc_t(0) ? acc_t(1) : slope; }
+  static EFFSEG_HD acc_t derivative(acc_t y, acc_t slope) {
+    return y > acc_t(0) ? acc_t(1) : slope;
+  }
 };
 
 // ELU saturates: once alpha * expm1(z) rounds to -alpha the pre-activation is lost. The inverse

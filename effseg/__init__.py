@@ -1,10 +1,13 @@
 """effseg: memory-efficient layers for whole-volume 3D segmentation in PyTorch.
 
-- `effseg.nn`: in-place activated normalization modules (`InPlaceABN`, `InPlaceAIN`);
+- `effseg.nn`: in-place activated normalization modules (`InPlaceABN`, `InPlaceAIN`), the
+  `ConvNormAct3d` unit and the recomputing `RecomputeBlock3d`;
+- `effseg.checkpoint`: activation checkpointing that is safe with batch norm;
 - `effseg.functional`: the same as functions;
 - `effseg.ops`: the autograd binding of `torch.ops.effseg.*` and the pure-PyTorch references.
 """
 from . import functional, nn, ops
+from .checkpoint import checkpoint
 from .ops import HAVE_EXTENSION
 
 try:
@@ -12,4 +15,4 @@ try:
 except ImportError:  # an unbuilt source tree
     __version__ = "0.1.0"
 
-__all__ = ["HAVE_EXTENSION", "functional", "nn", "ops", "__version__"]
+__all__ = ["HAVE_EXTENSION", "checkpoint", "functional", "nn", "ops", "__version__"]

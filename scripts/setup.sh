@@ -31,11 +31,16 @@ fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 
+# Rebuild only when the sources or the build settings changed since the last build here.
+stamp_file=build/.effseg-sources
+stamp=$( (cat setup.py csrc/*.cpp csrc/*/*; python -c "import torch; print(torch.__version__)"; \
+          echo "${EFFSEG_CPU_ONLY:-0} $TORCH_CUDA_ARCH_LIST") | sha256sum | cut -d' ' -f1)
 if ! pip show -q effseg >/dev/null 2>&1; then
   # First time: build and register the package (editable: the extension lands in effseg/).
   pip install -q --no-build-isolation --no-deps -e .
-else
-  # Later: build_ext keeps build/ between runs, so only what changed is compiled again.
+elif [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ] || ! ls effseg/_C*.so >/dev/null 2>&1; then
+  # build_ext keeps build/ between runs, so only what changed is compiled again.
   python setup.py -q build_ext --inplace
 fi
+mkdir -p build && echo "$stamp" > "$stamp_file"
 python -m effseg info

@@ -8,17 +8,37 @@ O(C) statistics and weight/bias are kept. See `effseg.functional` for what they 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
 from .. import functional as F
 
 
+@dataclass
+class NormStep:
+    """What one forward call of a norm module does: which statistics it normalizes with, and
+    which running statistics it updates with which factor."""
+
+    per_sample: bool
+    use_batch_stats: bool
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    momentum: float
+    eps: float
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
 class _InPlaceNormAct(_NormBase):
+    per_sample = False
+
     def __init__(self, num_features: int, eps: float, momentum: float | None, affine: bool,
                  track_running_stats: bool, activation: str, activation_param: float | None,
                  device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
         self.activation, self.activation_param = F.resolve_activation(activation,
                                                                       activation_param)
 
@@ -29,6 +49,25 @@ class _InPlaceNormAct(_NormBase):
             if self.momentum is None:
                 return 1.0 / float(self.num_batches_tracked)
         return 0.0 if self.momentum is None else self.momentum
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or self.running_mean is None
+
+    def step(self) -> NormStep:
+        """The configuration of one forward call (counts the call in num_batches_tracked)."""
+        factor = self._momentum_factor()
+        batch = self._uses_batch_stats()
+        # Running statistics are updated with batch statistics, and used without them.
+        track = self.running_mean is not None and (not batch or self.track_running_stats)
+        return NormStep(self.per_sample, batch, self.running_mean if track else None,
+                        self.running_var if track else None, factor, self.eps, self.weight,
+                        self.bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        s = self.step()
+        fn = F.inplace_ain if self.per_sample else F.inplace_abn
+        return fn(input, s.running_mean, s.running_var, s.weight, s.bias, s.use_batch_stats,
+                  s.momentum, s.eps, self.activation, self.activation_param)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, activation={self.activation}, "
@@ -51,15 +90,6 @@ class InPlaceABN(_InPlaceNormAct):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation,
                          activation_param, device, dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        factor = self._momentum_factor()
-        use_batch_stats = self.training or self.running_mean is None
-        track = not self.training or self.track_running_stats
-        return F.inplace_abn(input, self.running_mean if track else None,
-                             self.running_var if track else None, self.weight, self.bias,
-                             use_batch_stats, factor, self.eps, self.activation,
-                             self.activation_param)
-
 
 class InPlaceAIN(_InPlaceNormAct):
     """In-place activated instance norm: act(InstanceNorm(x)) written into x.
@@ -70,6 +100,8 @@ class InPlaceAIN(_InPlaceNormAct):
     mode uses them, as in torch.
     """
 
+    per_sample = True
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = False,
                  activation: str = "leaky_relu", activation_param: float | None = None,
@@ -77,9 +109,5 @@ class InPlaceAIN(_InPlaceNormAct):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation,
                          activation_param, device, dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        factor = self._momentum_factor()
-        use_input_stats = self.training or not self.track_running_stats
-        return F.inplace_ain(input, self.running_mean, self.running_var, self.weight, self.bias,
-                             use_input_stats, factor, self.eps, self.activation,
-                             self.activation_param)
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats

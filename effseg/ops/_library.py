@@ -51,7 +51,6 @@ OP_NAMES = (
     "norm_act_backward_input_",
 )
 
-_chosen: dict[tuple[str, str], Callable] = {}
 _warned: set[str] = set()
 
 
@@ -81,17 +80,20 @@ def _warn_once(reason: str) -> None:
         )
 
 
+# Which implementation serves each (op, device type), decided once at import so that op() is a
+# plain dict lookup that torch.compile traces without a graph break.
+_COMPILED: dict[tuple[str, str], Callable] = {
+    (name, dev): getattr(torch.ops.effseg, name)
+    for name in OP_NAMES for dev in ("cpu", "cuda") if has_kernel(name, dev)
+}
+
+
 def op(name: str, device: torch.device) -> Callable:
     """The implementation of op `name` for tensors on `device`."""
-    key = (name, device.type)
-    impl = _chosen.get(key)
+    impl = _COMPILED.get((name, device.type))
     if impl is None:
-        if has_kernel(name, device.type):
-            impl = getattr(torch.ops.effseg, name)
-        else:
-            _warn_once(_LOAD_ERROR or f"effseg._C has no {device.type} kernels")
-            impl = getattr(reference, name)
-        _chosen[key] = impl
+        _warn_once(_LOAD_ERROR or f"effseg._C has no {device.type} kernels")
+        impl = getattr(reference, name)
     return impl
 
 

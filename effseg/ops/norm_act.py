@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import replay
 from ._library import op
 
 
@@ -38,8 +39,9 @@ class NormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, per_sample,
                 momentum, eps, activation, activation_param):
         if use_batch_stats:
-            mean, var = op("norm_stats", x.device)(x, per_sample)
-            if running_mean is not None:
+            (mean, var), fresh = replay.batch_stats(
+                x, per_sample, lambda: op("norm_stats", x.device)(x, per_sample))
+            if running_mean is not None and fresh:
                 count = x.numel() // x.shape[1] // (x.shape[0] if per_sample else 1)
                 update_running_stats(running_mean, running_var, mean, var, count, momentum)
         else:

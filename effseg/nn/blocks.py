@@ -1,0 +1,95 @@
+"""The recomputing 3D conv block: two ConvNormAct3d units, optionally residual, that keep only
+their input for backward.
+
+With `recompute=True` (the default) a training step stores the block input and O(C) batch
+statistics per unit; backward recomputes the inside by replaying those statistics (see
+`effseg.ops.recompute`). Running statistics are updated once, in forward. With gradients off
+(`torch.no_grad()`, inference) the block runs its units directly: no recompute machinery.
+With `recompute=False` it is an ordinary stack of ConvNormAct3d units (in-place norms: each
+unit keeps its output).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.recompute import BlockSpec, RecomputeBlockFunction, Unit
+from .conv_norm_act import ConvNormAct3d, Spec
+
+
+def _triple(v) -> tuple[int, int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class RecomputeBlock3d(nn.Module):
+    """ConvNormAct3d(in -> out, stride) -> ConvNormAct3d(out -> out), plus `x` (or a 1x1x1
+    strided projection of it when the shape changes) when `residual`.
+
+    Args: in_channels, out_channels, kernel_size, stride (of the first unit), norm and act
+    (MONAI-style specs, see ConvNormAct3d; act="relu" is exact here), residual, recompute.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, norm: Spec = "batch",
+                 act: Spec = ("leaky_relu", {"negative_slope": 0.01}), residual: bool = False,
+                 recompute: bool = True) -> None:
+        super().__init__()
+        self.unit1 = ConvNormAct3d(in_channels, out_channels, kernel_size, stride, norm, act)
+        self.unit2 = ConvNormAct3d(out_channels, out_channels, kernel_size, 1, norm, act)
+        self.residual = residual
+        self.recompute = recompute
+        self.skip = None
+        if residual and (in_channels != out_channels or _triple(stride) != (1, 1, 1)):
+            self.skip = nn.Conv3d(in_channels, out_channels, 1, stride, bias=False)
+
+    @property
+    def in_channels(self) -> int:
+        return self.unit1.conv.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.unit2.conv.out_channels
+
+    def _unit(self, m: ConvNormAct3d) -> Unit:
+        s = m.norm.step()
+        c = m.conv
+        return Unit(_triple(c.stride), _triple(c.padding), _triple(c.dilation), c.groups,
+                    s.per_sample, s.use_batch_stats, s.running_mean, s.running_var, s.momentum,
+                    s.eps, m.act_name, m.norm.activation_param)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 5:
+            raise ValueError(f"effseg: RecomputeBlock3d expects a 5-D input (N, C, D, H, W), "
+                             f"got {getattr(x, 'shape', type(x).__name__)}")
+        if not x.is_floating_point():
+            raise TypeError(f"effseg: RecomputeBlock3d expects a floating-point input, got "
+                            f"{x.dtype}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"effseg: RecomputeBlock3d expects {self.in_channels} input "
+                             f"channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not (self.recompute and torch.is_grad_enabled()
+                and (x.requires_grad or params)):
+            out = self.unit2(self.unit1(x))
+            if self.residual:
+                out = out + (x if self.skip is None else self.skip(x)).to(out.dtype)
+            return out
+        spec = BlockSpec((self._unit(self.unit1), self._unit(self.unit2)), self.residual,
+                         _triple(self.skip.stride) if self.skip is not None else (1, 1, 1),
+                         _compute_dtype(x))
+        n1, n2 = self.unit1.norm, self.unit2.norm
+        return RecomputeBlockFunction.apply(
+            x, spec, self.unit1.conv.weight, n1.weight, n1.bias, self.unit2.conv.weight,
+            n2.weight, n2.bias, None if self.skip is None else self.skip.weight)
+
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}, recompute={self.recompute}"

@@ -52,8 +52,39 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return counter.bytes
 
 
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux), else its peak so far."""
+    kb = _status_kb("VmRSS")
+    return kb * 1024 if kb is not None else peak_rss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Resets the process's peak RSS to its current RSS (Linux: /proc/self/clear_refs), so that
+    `peak_rss_bytes` measures what follows. Returns False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process (since the last `reset_peak_rss`, on Linux)."""
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

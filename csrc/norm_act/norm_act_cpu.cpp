@@ -172,7 +172,7 @@ template <typename scalar_t, Act A> void forward_kernel(at::Tensor& x, const For
   const acc_t *gp = a.gamma.const_data_ptr<acc_t>(), *bp = a.beta.const_data_ptr<acc_t>();
   for (int64_t gi = 0; gi < G; ++gi)
     coef[gi] = forward_coef<acc_t>(mp[gi], vp[gi], gp[gi % g.C], bp[gi % g.C], acc_t(a.eps));
-  const acc_t prm = acc_t(a.param);
+  const ActParam<acc_t> prm(acc_t(a.param));
   scalar_t* xp = x.data_ptr<scalar_t>();
   Blocks(g).run(
       [&](int64_t n, int64_t c, int64_t, int64_t off, int64_t len) {
@@ -195,7 +195,7 @@ void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Red
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = ra.g;
   const std::vector<Affine<acc_t>> af = channel_affine<acc_t>(ra.gamma, ra.beta);
-  const acc_t prm = acc_t(ra.param);
+  const ActParam<acc_t> prm(acc_t(ra.param));
   const scalar_t *yp = y.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
   const Blocks bl(g);
   Partials<acc_t> part(bl);
@@ -204,6 +204,7 @@ void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Red
         const Affine<acc_t> a = af[c];
         const scalar_t *yb = yp + off, *db = dyp + off;
         const int64_t idx = part.index(bl, n, k, c);
+        // Two passes over a cache-resident block: each sum vectorizes on its own.
         part.a[idx] = lane_sum<acc_t>(len, [&](int64_t i) {
           return acc_t(db[i]) * Activation<A, acc_t>::derivative(acc_t(yb[i]), prm);
         });
@@ -254,7 +255,7 @@ void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, const at::
                                       s1 ? s1[gi] : acc_t(0), s2 ? s2[gi] : acc_t(0),
                                       acc_t(a.count));
   const std::vector<Affine<acc_t>> af = channel_affine<acc_t>(a.gamma, a.beta);
-  const acc_t prm = acc_t(a.param);
+  const ActParam<acc_t> prm(acc_t(a.param));
   const scalar_t *yp = y.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   const bool ps = a.per_sample;

@@ -82,7 +82,7 @@ template <typename scalar_t, typename acc_t, Act A> struct GradReducer {
   const scalar_t* dy;
   const acc_t* gamma;
   const acc_t* beta;
-  acc_t param;
+  ActParam<acc_t> param;
   __device__ Chan channel(int64_t c) const { return {acc_t(1) / clamp_gamma(gamma[c]), beta[c]}; }
   __device__ void add(Acc& a, const Chan& af, int64_t i) const {
     acc_t dz, xhat;
@@ -188,7 +188,8 @@ template <typename scalar_t, typename acc_t, Act A> struct ForwardApplier {
   const acc_t* var;
   const acc_t* gamma;
   const acc_t* beta;
-  acc_t eps, param;
+  acc_t eps;
+  ActParam<acc_t> param;
   bool per_sample;
   int64_t C;
   __device__ Coef coef(int64_t n, int64_t c) const {
@@ -213,7 +214,9 @@ template <typename scalar_t, typename acc_t, Act A> struct InputGradApplier {
   const acc_t* beta;
   const acc_t* sum_dz;  // null with fixed statistics
   const acc_t* sum_dz_xhat;
-  acc_t eps, param, count;
+  acc_t eps;
+  ActParam<acc_t> param;
+  acc_t count;
   bool per_sample;
   int64_t C;
   __device__ Coef coef(int64_t n, int64_t c) const {
@@ -274,7 +277,8 @@ struct CudaKernels {
       apply_elementwise(a.g, ForwardApplier<scalar_t, acc_t, A>{
                                  x.data_ptr<scalar_t>(), a.mean.const_data_ptr<acc_t>(),
                                  a.var.const_data_ptr<acc_t>(), a.gamma.const_data_ptr<acc_t>(),
-                                 a.beta.const_data_ptr<acc_t>(), acc_t(a.eps), acc_t(a.param),
+                                 a.beta.const_data_ptr<acc_t>(), acc_t(a.eps),
+                                 ActParam<acc_t>(acc_t(a.param)),
                                  a.per_sample, a.g.C});
     });
   }
@@ -286,7 +290,7 @@ struct CudaKernels {
                     GradReducer<scalar_t, acc_t, A>{
                         y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
                         a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
-                        acc_t(a.param)},
+                        ActParam<acc_t>(acc_t(a.param))},
                     SumsFinish<acc_t>{a.sum_dz.data_ptr<acc_t>(), a.sum_dz_xhat.data_ptr<acc_t>()});
     });
   }
@@ -302,7 +306,8 @@ struct CudaKernels {
                    a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
                    a.batch_stats ? a.sum_dz.const_data_ptr<acc_t>() : nullptr,
                    a.batch_stats ? a.sum_dz_xhat.const_data_ptr<acc_t>() : nullptr,
-                   acc_t(a.eps), acc_t(a.param), acc_t(a.count), a.per_sample, a.g.C});
+                   acc_t(a.eps), ActParam<acc_t>(acc_t(a.param)), acc_t(a.count), a.per_sample,
+                   a.g.C});
     });
   }
 };

@@ -46,31 +46,40 @@ template <typename acc_t> struct Epsilon;
 template <> struct Epsilon<float> { static constexpr float value = 1.1920929e-07f; };
 template <> struct Epsilon<double> { static constexpr double value = 2.220446049250313e-16; };
 
+// The activation's parameter (leaky slope or ELU alpha) and its reciprocal, so that inverting
+// multiplies instead of dividing on every element.
+template <typename acc_t> struct ActParam {
+  acc_t p;
+  acc_t inv;
+  EFFSEG_HD explicit ActParam(acc_t param)
+      : p(param), inv(param != acc_t(0) ? acc_t(1) / param : acc_t(0)) {}
+};
+
 // Activation forward, inverse and derivative. The derivative is expressed through the output y,
 // which is all backward has. All three agree with PyTorch at z == 0 (the negative branch's slope
 // there, like torch.nn.functional.leaky_relu / elu backward).
 template <Act A, typename acc_t> struct Activation;
 
 template <typename acc_t> struct Activation<Act::Identity, acc_t> {
-  static EFFSEG_HD acc_t forward(acc_t z, acc_t) { return z; }
-  static EFFSEG_HD acc_t inverse(acc_t y, acc_t) { return y; }
-  static EFFSEG_HD acc_t derivative(acc_t, acc_t) { return acc_t(1); }
+  static EFFSEG_HD acc_t forward(acc_t z, const ActParam<acc_t>&) { return z; }
+  static EFFSEG_HD acc_t inverse(acc_t y, const ActParam<acc_t>&) { return y; }
+  static EFFSEG_HD acc_t derivative(acc_t, const ActParam<acc_t>&) { return acc_t(1); }
 };
 
 // Both sides of each select are computed unconditionally: the compiler may not speculate a
 // floating-point operation guarded by a branch, and a select of two computed values becomes a
 // vector blend, so the CPU loops vectorize. NaN takes the negative side and stays NaN.
 template <typename acc_t> struct Activation<Act::LeakyRelu, acc_t> {
-  static EFFSEG_HD acc_t forward(acc_t z, acc_t slope) {
-    const acc_t neg = z * slope;
+  static EFFSEG_HD acc_t forward(acc_t z, const ActParam<acc_t>& a) {
+    const acc_t neg = z * a.p;
     return z > acc_t(0) ? z : neg;
   }
-  static EFFSEG_HD acc_t inverse(acc_t y, acc_t slope) {
-    const acc_t neg = y / slope;
+  static EFFSEG_HD acc_t inverse(acc_t y, const ActParam<acc_t>& a) {
+    const acc_t neg = y * a.inv;
     return y > acc_t(0) ? y : neg;
   }
-  static EFFSEG_HD acc_t derivative(acc_t y, acc_t slope) {
-    return y > acc_t(0) ? acc_t(1) : slope;
+  static EFFSEG_HD acc_t derivative(acc_t y, const ActParam<acc_t>& a) {
+    return y > acc_t(0) ? acc_t(1) : a.p;
   }
 };
 
@@ -78,14 +87,14 @@ template <typename acc_t> struct Activation<Act::LeakyRelu, acc_t> {
 // then returns the most negative z the type can still tell apart (about -16 in float32) instead of
 // -inf; the derivative there is 0, so only the xhat-dependent part of dx is affected.
 template <typename acc_t> struct Activation<Act::Elu, acc_t> {
-  static EFFSEG_HD acc_t forward(acc_t z, acc_t alpha) {
-    return z > acc_t(0) ? z : alpha * e_expm1(z);
+  static EFFSEG_HD acc_t forward(acc_t z, const ActParam<acc_t>& a) {
+    return z > acc_t(0) ? z : a.p * e_expm1(z);
   }
-  static EFFSEG_HD acc_t inverse(acc_t y, acc_t alpha) {
-    return y > acc_t(0) ? y : e_log1p(e_max(y / alpha, acc_t(-1) + Epsilon<acc_t>::value));
+  static EFFSEG_HD acc_t inverse(acc_t y, const ActParam<acc_t>& a) {
+    return y > acc_t(0) ? y : e_log1p(e_max(y * a.inv, acc_t(-1) + Epsilon<acc_t>::value));
   }
-  static EFFSEG_HD acc_t derivative(acc_t y, acc_t alpha) {
-    const acc_t neg = y + alpha;
+  static EFFSEG_HD acc_t derivative(acc_t y, const ActParam<acc_t>& a) {
+    const acc_t neg = y + a.p;
     return y > acc_t(0) ? acc_t(1) : neg;
   }
 };
@@ -141,8 +150,8 @@ template <typename acc_t> struct Affine {
 
 // From one output element and its incoming gradient: dz and the recovered xhat.
 template <Act A, typename acc_t>
-EFFSEG_HD void recover(acc_t y, acc_t dy, const Affine<acc_t>& af, acc_t param, acc_t& dz,
-                       acc_t& xhat) {
+EFFSEG_HD void recover(acc_t y, acc_t dy, const Affine<acc_t>& af, const ActParam<acc_t>& param,
+                       acc_t& dz, acc_t& xhat) {
   dz = dy * Activation<A, acc_t>::derivative(y, param);
   xhat = (Activation<A, acc_t>::inverse(y, param) - af.beta) * af.inv_gamma;
 }
@@ -161,7 +170,7 @@ EFFSEG_HD ForwardCoef<acc_t> forward_coef(acc_t mean, acc_t var, acc_t gamma, ac
 }
 
 template <Act A, typename acc_t>
-EFFSEG_HD acc_t forward_value(acc_t x, const ForwardCoef<acc_t>& c, acc_t param) {
+EFFSEG_HD acc_t forward_value(acc_t x, const ForwardCoef<acc_t>& c, const ActParam<acc_t>& param) {
   return Activation<A, acc_t>::forward(x * c.scale + c.shift, param);
 }
 

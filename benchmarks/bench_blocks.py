@@ -5,6 +5,8 @@ CT-like sizes, one training step (forward, backward, SGD step), in four variants
 - stock + checkpoint:  the same, each block under torch.utils.checkpoint
 - effseg in-place ABN: RecomputeBlock3d(recompute=False) (Conv3d + InPlaceABN)
 - effseg recompute:    RecomputeBlock3d (keeps only each block's input)
+- effseg recompute, keep output: the same with keep_output=True (recomputes one unit per block;
+  the kept outputs are the next blocks' inputs)
 
 Reports saved-for-backward bytes, peak memory of the step (CUDA max_memory_allocated on GPU; on
 CPU the peak RSS above the RSS before the step, each variant in its own process) and step
@@ -28,7 +30,8 @@ from common import machine, time_it, write_json  # noqa: E402
 from effseg.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, saved_bytes  # noqa: E402
 from effseg.nn import RecomputeBlock3d  # noqa: E402
 
-VARIANTS = ["stock", "stock + checkpoint", "effseg in-place ABN", "effseg recompute"]
+VARIANTS = ["stock", "stock + checkpoint", "effseg in-place ABN", "effseg recompute",
+            "effseg recompute+keep"]
 
 
 class StockBlock(torch.nn.Sequential):
@@ -52,9 +55,10 @@ def build(variant: str, channels: int, blocks: int) -> torch.nn.Module:
         return torch.nn.Sequential(*[StockBlock(channels) for _ in range(blocks)])
     if variant == "stock + checkpoint":
         return torch.nn.Sequential(*[Checkpointed(StockBlock(channels)) for _ in range(blocks)])
-    recompute = variant == "effseg recompute"
-    return torch.nn.Sequential(*[RecomputeBlock3d(channels, channels, recompute=recompute)
-                                 for _ in range(blocks)])
+    recompute = variant.startswith("effseg recompute")
+    keep = variant.endswith("+keep")
+    return torch.nn.Sequential(*[RecomputeBlock3d(channels, channels, recompute=recompute,
+                                                  keep_output=keep) for _ in range(blocks)])
 
 
 def measure(variant, shape, blocks, device, dtype, reps):
@@ -105,7 +109,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    reps = args.reps or (5 if device.type == "cuda" else 2)
+    reps = args.reps or (5 if device.type == "cuda" else 3)
     if args.worker:
         shape = tuple(int(v) for v in args.shape.split(","))
         print(json.dumps(measure(args.worker, shape, args.blocks, device, dtype, reps)))

@@ -65,13 +65,14 @@ def test_recompute_matches_plain_and_stock_float64(device, norm, act, residual, 
     cin, cout = (4, 4) if stride == 1 and norm == "batch" else (3, 5)
     spec, act_fn = ACTS[act]
     blocks = []
-    for recompute in (True, False):
+    for recompute, keep in ((True, False), (True, True), (False, False)):
         torch.manual_seed(1)
         b = RecomputeBlock3d(cin, cout, 3, stride, norm=norm, act=spec, residual=residual,
-                             recompute=recompute).double().to(device)
+                             recompute=recompute, keep_output=keep).double().to(device)
         randomize(b)
         blocks.append(b)
-    blocks[1].load_state_dict(blocks[0].state_dict())
+    for b in blocks[1:]:
+        b.load_state_dict(blocks[0].state_dict())
     stock = RecomputeBlock3d(cin, cout, 3, stride, norm=norm, act=spec,
                              residual=residual).double().to(device)
     stock.load_state_dict(blocks[0].state_dict())
@@ -92,8 +93,8 @@ def test_recompute_matches_plain_and_stock_float64(device, norm, act, residual, 
             model.zero_grad()
         results.append(outs)
     for outs in results:
-        ref_y, ref_dx, ref_grads = outs[2]
-        for y, dx, grads in outs[:2]:
+        ref_y, ref_dx, ref_grads = outs[-1]
+        for y, dx, grads in outs[:-1]:
             torch.testing.assert_close(y, ref_y)
             torch.testing.assert_close(dx, ref_dx)
             for n, g in grads.items():
@@ -104,6 +105,26 @@ def test_recompute_matches_plain_and_stock_float64(device, norm, act, residual, 
                 torch.testing.assert_close(buf, ref, msg=n)
     if norm == "batch":
         assert int(blocks[0].unit1.norm.num_batches_tracked) == 3
+
+
+def test_keep_output_recomputes_one_convolution_and_saves_no_more_in_a_stack(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 12, 12, 12, requires_grad=True)
+    stacks = {keep: torch.nn.Sequential(*[RecomputeBlock3d(4, 4, keep_output=keep)
+                                          for _ in range(3)]) for keep in (False, True)}
+    stacks[True].load_state_dict(stacks[False].state_dict())
+    # the kept outputs are the next blocks' inputs: only the last block's output is extra
+    extra = x.numel() * 4
+    assert saved_bytes(lambda: stacks[True](x)) == saved_bytes(lambda: stacks[False](x)) + extra
+    convs = []
+    real = torch.nn.functional.conv3d
+    monkeypatch.setattr(torch.nn.functional, "conv3d",
+                        lambda *a, **k: convs.append(1) or real(*a, **k))
+    for keep, recomputed in ((False, 6), (True, 3)):
+        out = stacks[keep](x)
+        convs.clear()
+        out.sum().backward()
+        assert len(convs) == recomputed, (keep, len(convs))
 
 
 def test_eval_mode_with_grad_uses_running_stats():

@@ -7,6 +7,12 @@ statistics per unit; backward recomputes the inside by replaying those statistic
 (`torch.no_grad()`, inference) the block runs its units directly: no recompute machinery.
 With `recompute=False` it is an ordinary stack of ConvNormAct3d units (in-place norms: each
 unit keeps its output).
+
+`keep_output=True` also keeps the block's output, so backward recomputes only the first unit
+(about one convolution less per block). That costs no memory where the consumer of the output
+keeps it anyway (another block, a convolution, a concatenation), which is the usual case inside
+a network; it has no effect with `residual` or act="relu" (the output does not determine the
+second unit's pre-activation there).
 """
 from __future__ import annotations
 
@@ -38,12 +44,13 @@ class RecomputeBlock3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, norm: Spec = "batch",
                  act: Spec = ("leaky_relu", {"negative_slope": 0.01}), residual: bool = False,
-                 recompute: bool = True) -> None:
+                 recompute: bool = True, keep_output: bool = False) -> None:
         super().__init__()
         self.unit1 = ConvNormAct3d(in_channels, out_channels, kernel_size, stride, norm, act)
         self.unit2 = ConvNormAct3d(out_channels, out_channels, kernel_size, 1, norm, act)
         self.residual = residual
         self.recompute = recompute
+        self.keep_output = keep_output
         self.skip = None
         if residual and (in_channels != out_channels or _triple(stride) != (1, 1, 1)):
             self.skip = nn.Conv3d(in_channels, out_channels, 1, stride, bias=False)
@@ -85,11 +92,12 @@ class RecomputeBlock3d(nn.Module):
             return out
         spec = BlockSpec((self._unit(self.unit1), self._unit(self.unit2)), self.residual,
                          _triple(self.skip.stride) if self.skip is not None else (1, 1, 1),
-                         _compute_dtype(x))
+                         _compute_dtype(x), self.keep_output)
         n1, n2 = self.unit1.norm, self.unit2.norm
         return RecomputeBlockFunction.apply(
             x, spec, self.unit1.conv.weight, n1.weight, n1.bias, self.unit2.conv.weight,
             n2.weight, n2.bias, None if self.skip is None else self.skip.weight)
 
     def extra_repr(self) -> str:
-        return f"residual={self.residual}, recompute={self.recompute}"
+        return (f"residual={self.residual}, recompute={self.recompute}, "
+                f"keep_output={self.keep_output}")

@@ -51,6 +51,14 @@ class BlockSpec:
     residual: bool
     skip_stride: tuple[int, int, int]
     compute_dtype: torch.dtype
+    # Keep the block output (the second unit's output) for backward, so that only the first
+    # unit is recomputed. Only where the output is that unit's output (no residual) and it
+    # determines the pre-activation (not ReLU).
+    keep_output: bool = False
+
+    @property
+    def keeps_output(self) -> bool:
+        return self.keep_output and not self.residual and self.units[1].activation != "relu"
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -89,14 +97,16 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-def block_forward(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip, stats=None):
+def block_forward(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip, stats=None, units=2):
     """The block's forward without autograd. With `stats` (recompute) the given statistics are
     replayed; otherwise they are computed (and running statistics updated). Returns the output,
-    the statistics, and each unit's (pre-activation, output) pair."""
+    the statistics, and each unit's (pre-activation, output) pair. `units=1` stops after the
+    first unit (recompute with a kept output)."""
     cd = spec.compute_dtype
     h = x.to(cd)
     units_out, used = [], []
-    for i, (u, w, g, b) in enumerate(zip(spec.units, (w1, w2), (g1, g2), (b1, b2))):
+    params = list(zip(spec.units, (w1, w2), (g1, g2), (b1, b2)))[:units]
+    for i, (u, w, g, b) in enumerate(params):
         z = _conv(h, w.to(cd), u)
         st = stats[i] if stats is not None else _unit_stats(z, u)
         pre, h = _norm_act_(z, u, st, g, b)
@@ -149,20 +159,23 @@ class RecomputeBlockFunction(torch.autograd.Function):
         # Statistics are copied (O(C)) so that later updates of running buffers (eval-mode
         # units normalize with them) cannot change what backward replays.
         ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, w_skip, m1.clone(), v1.clone(),
-                              m2.clone(), v2.clone())
+                              m2.clone(), v2.clone(), out if spec.keeps_output else None)
         ctx.spec = spec
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w1, g1, b1, w2, g2, b2, w_skip, m1, v1, m2, v2 = ctx.saved_tensors
+        x, w1, g1, b1, w2, g2, b2, w_skip, m1, v1, m2, v2, kept = ctx.saved_tensors
         spec = ctx.spec
         cd = spec.compute_dtype
         u1, u2 = spec.units
         with torch.no_grad():
-            _, _, ((pre1, y1), (pre2, y2)) = block_forward(
-                x, spec, w1, g1, b1, w2, g2, b2, w_skip, stats=((m1, v1), (m2, v2)))
-            del y2
+            _, _, recomputed = block_forward(x, spec, w1, g1, b1, w2, g2, b2, w_skip,
+                                             stats=((m1, v1), (m2, v2)),
+                                             units=1 if kept is not None else 2)
+            pre1, y1 = recomputed[0]
+            pre2 = kept if kept is not None else recomputed[1][0]
+            del recomputed
             dz2, dg2, db2 = _norm_act_backward(pre2, grad_out.to(cd), u2, (m2, v2), g2,
                                                b2, owned=False)
             del pre2

@@ -1,6 +1,7 @@
 """Modules to import into your own networks."""
 from .blocks import RecomputeBlock3d
 from .conv_norm_act import ConvNormAct3d
+from .decoder import DecoderBlock3d
 from .norm_act import InPlaceABN, InPlaceAIN
 
-__all__ = ["ConvNormAct3d", "InPlaceABN", "InPlaceAIN", "RecomputeBlock3d"]
+__all__ = ["ConvNormAct3d", "DecoderBlock3d", "InPlaceABN", "InPlaceAIN", "RecomputeBlock3d"]

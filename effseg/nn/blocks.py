@@ -27,6 +27,14 @@ def _triple(v) -> tuple[int, int, int]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
 
 
+def unit_spec(norm, conv: nn.Conv3d, act_name: str) -> Unit:
+    """How a recomputing Function runs one conv -> norm -> act unit (counts one norm call)."""
+    s = norm.step()
+    return Unit(_triple(conv.stride), _triple(conv.padding), _triple(conv.dilation), conv.groups,
+                s.per_sample, s.use_batch_stats, s.running_mean, s.running_var, s.momentum,
+                s.eps, act_name, norm.activation_param)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -63,13 +71,6 @@ class RecomputeBlock3d(nn.Module):
     def out_channels(self) -> int:
         return self.unit2.conv.out_channels
 
-    def _unit(self, m: ConvNormAct3d) -> Unit:
-        s = m.norm.step()
-        c = m.conv
-        return Unit(_triple(c.stride), _triple(c.padding), _triple(c.dilation), c.groups,
-                    s.per_sample, s.use_batch_stats, s.running_mean, s.running_var, s.momentum,
-                    s.eps, m.act_name, m.norm.activation_param)
-
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 5:
             raise ValueError(f"effseg: RecomputeBlock3d expects a 5-D input (N, C, D, H, W), "
@@ -90,7 +91,9 @@ class RecomputeBlock3d(nn.Module):
             if self.residual:
                 out = out + (x if self.skip is None else self.skip(x)).to(out.dtype)
             return out
-        spec = BlockSpec((self._unit(self.unit1), self._unit(self.unit2)), self.residual,
+        spec = BlockSpec((unit_spec(self.unit1.norm, self.unit1.conv, self.unit1.act_name),
+                          unit_spec(self.unit2.norm, self.unit2.conv, self.unit2.act_name)),
+                         self.residual,
                          _triple(self.skip.stride) if self.skip is not None else (1, 1, 1),
                          _compute_dtype(x), self.keep_output)
         n1, n2 = self.unit1.norm, self.unit2.norm

@@ -93,10 +93,6 @@ def _unit_stats(z, u: Unit):
     return mean, var
 
 
-def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
-
-
 def block_forward(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip, stats=None, units=2):
     """The block's forward without autograd. With `stats` (recompute) the given statistics are
     replayed; otherwise they are computed (and running statistics updated). Returns the output,

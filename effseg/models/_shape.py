@@ -1,0 +1,43 @@
+"""Whole volumes of any size through a network whose levels downsample: pad the input to a
+multiple of the total stride, crop the output back."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def as_strides(strides: Sequence, levels: int) -> list[tuple[int, int, int]]:
+    """Per-level strides as (d, h, w) triples; an int means the same on every axis."""
+    if len(strides) != levels:
+        raise ValueError(f"effseg: strides has {len(strides)} entries but channels has {levels}")
+    out = []
+    for s in strides:
+        t = tuple(s) if isinstance(s, (tuple, list)) else (s, s, s)
+        if len(t) != 3 or not all(isinstance(v, int) and v >= 1 for v in t):
+            raise ValueError(f"effseg: a stride must be a positive int or 3 of them, got {s!r}")
+        out.append(t)
+    return out
+
+
+def total_stride(strides: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
+    return tuple(math.prod(s[a] for s in strides) for a in range(3))
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> tuple[torch.Tensor, tuple]:
+    """Zero-pads the spatial end of each axis up to a multiple; returns the padded input and the
+    original spatial shape."""
+    shape = tuple(x.shape[2:])
+    extra = [(-n) % m for n, m in zip(shape, multiple)]
+    if any(extra):
+        # F.pad lists the last axis first
+        x = F.pad(x, (0, extra[2], 0, extra[1], 0, extra[0]))
+    return x, shape
+
+
+def crop(y: torch.Tensor, shape: Sequence[int], factor: Sequence[int] = (1, 1, 1)) -> torch.Tensor:
+    """The part of `y` (on a grid `factor` times coarser than the input) covering `shape`."""
+    d, h, w = (math.ceil(n / f) for n, f in zip(shape, factor))
+    return y[:, :, :d, :h, :w]

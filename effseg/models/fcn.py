@@ -1,0 +1,115 @@
+"""FullVolumeFCN: a U-Net for whole volumes built from effseg's recomputing blocks.
+
+Encoder level i: RecomputeBlock3d(channels[i-1] -> channels[i], first conv strided by
+strides[i]); decoder level i: DecoderBlock3d (transposed-conv upsampling, concatenation-free
+skip fusion, two units); a 1x1x1 head. A training step keeps, per level, little more than the
+level's encoder output and the decoder's low-resolution input: every block keeps only its
+inputs, and keeps its output only where the next layer keeps it anyway (`keep_output`), which
+spares recomputing its second unit.
+
+Inputs of any spatial size: padded with zeros to a multiple of the total stride and the output
+cropped back, so the output has the input's spatial shape. Constructor names follow MONAI's
+UNet/DynUNet.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..nn.blocks import RecomputeBlock3d
+from ..nn.conv_norm_act import Spec
+from ..nn.decoder import DecoderBlock3d
+from ._shape import as_strides, crop, pad_to_multiple, total_stride
+
+DEFAULT_CHANNELS = (16, 32, 64, 128, 160)
+DEFAULT_STRIDES = (1, 2, 2, 2, 2)
+
+
+class FullVolumeFCN(nn.Module):
+    """U-Net of effseg blocks for whole-volume training.
+
+    Args: spatial_dims (3 only), in_channels, out_channels (classes), channels (per level),
+    strides (per level; the first is usually 1; an int or a (d, h, w) triple), kernel_size,
+    norm ("batch", "instance" or a (name, kwargs) tuple), act (MONAI-style), recompute (False:
+    the same network keeping every unit's output, for comparison), deep_supervision (training
+    returns [full resolution, then each coarser decoder level] logits; eval returns the full
+    resolution only).
+    """
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2,
+                 channels: Sequence[int] = DEFAULT_CHANNELS,
+                 strides: Sequence = DEFAULT_STRIDES, kernel_size: int = 3,
+                 norm: Spec = "batch", act: Spec = ("leaky_relu", {"negative_slope": 0.01}),
+                 recompute: bool = True, deep_supervision: bool = False) -> None:
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError(f"effseg: FullVolumeFCN is 3D only, got spatial_dims={spatial_dims}")
+        if len(channels) < 2:
+            raise ValueError("effseg: FullVolumeFCN needs at least 2 levels (channels)")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.channels = tuple(channels)
+        self.strides = as_strides(strides, len(channels))
+        self.total_stride = total_stride(self.strides)
+        self.deep_supervision = deep_supervision
+        self.recompute = recompute
+        cins = (in_channels,) + self.channels[:-1]
+        self.encoder = nn.ModuleList(
+            RecomputeBlock3d(ci, co, kernel_size, s, norm, act, recompute=recompute,
+                             keep_output=True)
+            for ci, co, s in zip(cins, self.channels, self.strides))
+        self.decoder = nn.ModuleList(
+            DecoderBlock3d(self.channels[i + 1], self.channels[i], self.channels[i],
+                           self.strides[i + 1], kernel_size, norm, act, recompute=recompute,
+                           keep_output=True)
+            for i in reversed(range(len(self.channels) - 1)))
+        self.head = nn.Conv3d(self.channels[0], out_channels, 1)
+        self.ds_heads = nn.ModuleList(
+            nn.Conv3d(self.channels[i], out_channels, 1)
+            for i in reversed(range(1, len(self.channels) - 1))) if deep_supervision else None
+
+    def forward(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() != 5:
+            raise ValueError(f"effseg: FullVolumeFCN expects (N, C, D, H, W), got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"effseg: FullVolumeFCN expects {self.in_channels} input channels, "
+                             f"got {x.shape[1]}")
+        x, shape = pad_to_multiple(x, self.total_stride)
+        skips = []
+        h = x
+        for block in self.encoder:
+            h = block(h)
+            skips.append(h)
+        coarse = []
+        for i, block in enumerate(self.decoder):
+            h = block(h, skips[-2 - i])
+            if self.ds_heads is not None and i < len(self.ds_heads):
+                coarse.append(h)
+        out = crop(self.head(h), shape)
+        if not (self.deep_supervision and self.training):
+            return out
+        outs = [out]
+        # decoder step i produced level L-2-i; return the finest first
+        for i in reversed(range(len(coarse))):
+            level = len(self.channels) - 2 - i
+            factor = total_stride(self.strides[: level + 1])
+            outs.append(crop(self.ds_heads[i](coarse[i]), shape, factor))
+        return outs
+
+    def to_stock(self):
+        """The same network (same weights and statistics) built from stock layers."""
+        from .stock import StockUNet3d
+        ref = next(self.parameters())
+        stock = StockUNet3d._like(self).to(device=ref.device, dtype=ref.dtype)
+        state = {}
+        for key, value in self.state_dict().items():
+            if ".conv_skip." in key:
+                up_key = key.replace(".conv_skip.", ".conv_up.")
+                state[key.replace(".conv_skip.", ".conv.")] = torch.cat(
+                    [value, self.state_dict()[up_key]], dim=1)
+            elif ".conv_up." not in key:
+                state[key] = value
+        stock.load_state_dict(state)
+        return stock

@@ -1,0 +1,88 @@
+"""The U-Net decoder level: upsample, fuse the skip connection without concatenating, two
+Conv -> norm-act units.
+
+    up  = ConvTranspose3d(low)                       (kernel = stride = up_stride, no bias)
+    out = unit2(norm_act(conv_skip(skip) + conv_up(up)))
+
+`conv_skip(skip) + conv_up(up)` is exactly `conv(cat(skip, up))` with the concatenating conv's
+weight split along its input channels (`concat_weight()` gives that weight back), but the
+concatenated tensor never exists. With `recompute=True` a training step keeps only `low`, `skip`
+and O(C) statistics (`effseg.ops.recompute_decoder`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.recompute_decoder import DecoderBlockFunction, DecoderSpec
+from .blocks import _compute_dtype, _triple, unit_spec
+from .conv_norm_act import ConvNormAct3d, Spec, parse_act, parse_norm
+
+
+class DecoderBlock3d(nn.Module):
+    def __init__(self, low_channels: int, skip_channels: int, out_channels: int,
+                 up_stride=2, kernel_size: int = 3, norm: Spec = "batch",
+                 act: Spec = ("leaky_relu", {"negative_slope": 0.01}), recompute: bool = True,
+                 keep_output: bool = False) -> None:
+        super().__init__()
+        self.up_stride = _triple(up_stride)
+        self.up = nn.ConvTranspose3d(low_channels, out_channels, self.up_stride, self.up_stride,
+                                     bias=False)
+        pad = (kernel_size - 1) // 2
+        self.conv_skip = nn.Conv3d(skip_channels, out_channels, kernel_size, padding=pad,
+                                   bias=False)
+        self.conv_up = nn.Conv3d(out_channels, out_channels, kernel_size, padding=pad,
+                                 bias=False)
+        self.act_name, param = parse_act(act)
+        norm_cls, norm_kwargs = parse_norm(norm)
+        fused = "identity" if self.act_name == "relu" else self.act_name
+        self.norm1 = norm_cls(out_channels, activation=fused, activation_param=param,
+                              **norm_kwargs)
+        self.unit2 = ConvNormAct3d(out_channels, out_channels, kernel_size, 1, norm, act)
+        self.recompute = recompute
+        self.keep_output = keep_output
+
+    def concat_weight(self) -> torch.Tensor:
+        """The weight of the equivalent conv over cat(skip, up) (skip channels first)."""
+        return torch.cat([self.conv_skip.weight, self.conv_up.weight], dim=1)
+
+    def _check(self, low: torch.Tensor, skip: torch.Tensor) -> None:
+        for name, t, c in (("low", low, self.up.in_channels),
+                           ("skip", skip, self.conv_skip.in_channels)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 5:
+                raise ValueError(f"effseg: DecoderBlock3d expects a 5-D {name} input, got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
+            if not t.is_floating_point():
+                raise TypeError(f"effseg: DecoderBlock3d {name} must be floating point, got "
+                                f"{t.dtype}")
+            if t.shape[1] != c:
+                raise ValueError(f"effseg: DecoderBlock3d expects {c} {name} channels, got "
+                                 f"{t.shape[1]}")
+        want = tuple(s * f for s, f in zip(low.shape[2:], self.up_stride))
+        if tuple(skip.shape[2:]) != want:
+            raise ValueError(f"effseg: DecoderBlock3d: skip has spatial shape "
+                             f"{tuple(skip.shape[2:])} but upsampling low gives {want}; pad the "
+                             "network input to a multiple of the total stride")
+
+    def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        self._check(low, skip)
+        params = [p for p in self.parameters() if p.requires_grad]
+        grad = torch.is_grad_enabled() and (low.requires_grad or skip.requires_grad or params)
+        if not (self.recompute and grad):
+            z = self.conv_skip(skip) + self.conv_up(self.up(low).to(skip.dtype))
+            h = self.norm1(z)
+            if self.act_name == "relu":
+                h = torch.relu(h)
+            return self.unit2(h)
+        conv = self.conv_skip
+        unit1 = unit_spec(self.norm1, conv, self.act_name)
+        unit2 = unit_spec(self.unit2.norm, self.unit2.conv, self.unit2.act_name)
+        spec = DecoderSpec(self.up_stride, (unit1, unit2), _compute_dtype(skip),
+                           self.keep_output)
+        return DecoderBlockFunction.apply(
+            low, skip, spec, self.up.weight, self.conv_skip.weight, self.conv_up.weight,
+            self.norm1.weight, self.norm1.bias, self.unit2.conv.weight, self.unit2.norm.weight,
+            self.unit2.norm.bias)
+
+    def extra_repr(self) -> str:
+        return f"recompute={self.recompute}, keep_output={self.keep_output}"

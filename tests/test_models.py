@@ -1,0 +1,120 @@
+"""FullVolumeFCN against itself without recompute and against its stock twin."""
+import pytest
+import torch
+
+from effseg.memory import saved_bytes
+from effseg.models import FullVolumeFCN, StockUNet3d
+from effseg.nn import DecoderBlock3d
+
+SMALL = dict(channels=(4, 8, 12), strides=(1, 2, 2))
+
+
+def randomize(model):
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif "norm" in name and name.endswith("bias"):
+                p.uniform_(-0.3, 0.3)
+    return model
+
+
+def run(model, x, grad_seed=0):
+    x = x.clone().requires_grad_()
+    y = model(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed),
+                    dtype=y.dtype)
+    y.backward(g)
+    return y.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 21, 18, 13), (2, 1, 8, 9, 16), (1, 1, 6, 5, 7)])
+def test_any_volume_size_is_padded_and_cropped_back(shape):
+    model = FullVolumeFCN(out_channels=3, **SMALL)
+    with torch.no_grad():
+        assert model(torch.randn(shape)).shape == (shape[0], 3) + shape[2:]
+    aniso = FullVolumeFCN(out_channels=2, channels=(4, 8, 8), strides=(1, (1, 2, 2), 2))
+    assert aniso.total_stride == (2, 4, 4)
+    with torch.no_grad():
+        assert aniso(torch.randn(shape)).shape == (shape[0], 2) + shape[2:]
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+@pytest.mark.parametrize("act", [("leaky_relu", {"negative_slope": 0.05}), "relu", "elu"])
+def test_recompute_on_off_and_stock_twin_agree_float64(norm, act):
+    torch.manual_seed(0)
+    models = []
+    for recompute in (True, False):
+        m = FullVolumeFCN(in_channels=2, out_channels=3, norm=norm, act=act, recompute=recompute,
+                          **SMALL).double()
+        models.append(randomize(m))
+    models[1].load_state_dict(models[0].state_dict())
+    stock = models[0].to_stock()
+    assert isinstance(stock, StockUNet3d)
+    x = torch.randn(2, 2, 9, 10, 11, dtype=torch.float64)
+    results = [run(m, x) for m in models + [stock]]
+    ref_y, ref_dx, ref_g = results[2]
+    for y, dx, grads in results[:2]:
+        torch.testing.assert_close(y, ref_y)
+        torch.testing.assert_close(dx, ref_dx)
+        for name, g in grads.items():
+            if ".conv_skip." in name or ".conv_up." in name:
+                continue  # compared through the concatenated weight below
+            torch.testing.assert_close(g, ref_g[name], msg=name)
+        for i, dec in enumerate(models[0].decoder):
+            split = torch.cat([grads[f"decoder.{i}.conv_skip.weight"],
+                               grads[f"decoder.{i}.conv_up.weight"]], dim=1)
+            torch.testing.assert_close(split, ref_g[f"decoder.{i}.conv.weight"])
+    for (name, b), ref in zip(models[0].named_buffers(), stock.buffers()):
+        torch.testing.assert_close(b, ref, msg=name)
+
+
+def test_skip_fusion_equals_concatenation():
+    torch.manual_seed(0)
+    dec = randomize(DecoderBlock3d(6, 3, 4, recompute=False)).double().eval()
+    low = torch.randn(1, 6, 3, 4, 5, dtype=torch.float64)
+    skip = torch.randn(1, 3, 6, 8, 10, dtype=torch.float64)
+    fused = dec.conv_skip(skip) + dec.conv_up(dec.up(low))
+    concat = torch.nn.functional.conv3d(torch.cat([skip, dec.up(low)], 1), dec.concat_weight(),
+                                        padding=1)
+    torch.testing.assert_close(fused, concat)
+
+
+def test_deep_supervision_outputs():
+    model = FullVolumeFCN(out_channels=2, channels=(4, 8, 8, 8), strides=(1, 2, 2, 2),
+                          deep_supervision=True)
+    x = torch.randn(1, 1, 17, 16, 16)
+    outs = model(x)
+    assert [tuple(o.shape[2:]) for o in outs] == [(17, 16, 16), (9, 8, 8), (5, 4, 4)]
+    sum(o.sum() for o in outs).backward()
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (1, 2, 17, 16, 16)
+
+
+def test_parameters_at_most_30_percent_of_classic():
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+    ratio = count(FullVolumeFCN()) / count(StockUNet3d.classic())
+    assert ratio <= 0.30, ratio
+
+
+def test_saved_for_backward_at_most_25_percent_of_stock_at_ct_size():
+    torch.manual_seed(0)
+    fcn = FullVolumeFCN(in_channels=1, out_channels=3)  # 16 base channels
+    stock = fcn.to_stock()
+    x = torch.randn(1, 1, 96, 96, 96)
+    ours = saved_bytes(lambda: fcn(x))
+    theirs = saved_bytes(lambda: stock(x))
+    assert ours / theirs <= 0.25, (ours, theirs, ours / theirs)
+
+
+def test_bad_model_input():
+    model = FullVolumeFCN(**SMALL)
+    with pytest.raises(ValueError, match="input channels"):
+        model(torch.randn(1, 2, 8, 8, 8))
+    with pytest.raises(ValueError, match="D, H, W"):
+        model(torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="strides"):
+        FullVolumeFCN(channels=(4, 8), strides=(1, 2, 2))

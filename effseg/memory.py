@@ -1,11 +1,16 @@
 """Measuring memory honestly.
 
-`saved_bytes` counts the bytes of the tensors autograd keeps for backward, each storage once:
-exact and device-independent, so it can be tested like a result. `peak_rss_bytes` is the
-process's peak resident memory, and `cuda_peak_bytes` the CUDA caching allocator's peak.
+- `saved_bytes(model, input)` (or `saved_bytes(fn)`): the bytes of the tensors autograd keeps for
+  backward, each storage once: exact and device-independent, so it is tested like a result.
+- `step_peak(model, input)`: the peak memory of one training step (forward, loss, backward,
+  optimizer step) above what was allocated before it: CUDA's peak allocated bytes on a GPU, the
+  peak resident set size on a CPU (Linux, with glibc told to return freed tensors' memory).
+- `peak_rss_bytes`, `reset_peak_rss`, `rss_bytes`: the process's resident memory.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 from contextlib import contextmanager
@@ -43,13 +48,73 @@ def count_saved() -> Iterator[SavedTensorCounter]:
         yield counter
 
 
-def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes saved for backward by `fn()` (a forward pass returning the loss or output), each
-    storage counted once. The graph is released afterwards."""
+def saved_bytes(model_or_fn: Callable, *inputs) -> int:
+    """Bytes saved for backward by `model(*inputs)`, or by `fn()` when no inputs are given (a
+    forward pass returning the output or the loss), each storage counted once. The graph is
+    released afterwards."""
     with count_saved() as counter:
-        out = fn()
+        out = model_or_fn(*inputs)
     del out
     return counter.bytes
+
+
+def _default_loss(out) -> torch.Tensor:
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return sum(o.float().square().mean() for o in outs)
+
+
+_MALLOC_SET = False
+
+
+def _return_freed_memory() -> None:
+    """Makes glibc serve every allocation above 64 KiB with mmap, so that freeing a tensor gives
+    its memory back and the RSS follows what is alive (by default glibc keeps freed memory)."""
+    global _MALLOC_SET
+    if _MALLOC_SET or not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    if name:
+        libc = ctypes.CDLL(name)
+        m_mmap_threshold = -3
+        if hasattr(libc, "mallopt") and libc.mallopt(m_mmap_threshold, 65536) == 1:
+            _MALLOC_SET = True
+
+
+def step_peak(model: torch.nn.Module, input: torch.Tensor, target=None,
+              loss_fn: Callable | None = None,
+              optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Peak bytes of one training step above the memory held before it.
+
+    The step is forward, `loss_fn(output, target)` (default: mean of squared outputs),
+    backward and `optimizer.step()` (default: SGD, which keeps no state). On CUDA the peak is
+    `torch.cuda.max_memory_allocated`; on CPU the peak RSS (Linux), which also counts
+    allocations outside torch (oneDNN scratch space).
+    """
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=1e-3)
+    cuda = input.device.type == "cuda"
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(input)
+        loss = loss_fn(out, target) if loss_fn is not None else _default_loss(out)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if cuda:
+        torch.cuda.synchronize(input.device)
+        torch.cuda.reset_peak_memory_stats(input.device)
+        base = torch.cuda.memory_allocated(input.device)
+        step()
+        torch.cuda.synchronize(input.device)
+        return torch.cuda.max_memory_allocated(input.device) - base
+    _return_freed_memory()
+    if not reset_peak_rss():
+        raise RuntimeError("effseg: cannot reset the peak RSS on this system (needs Linux "
+                           "/proc/self/clear_refs); measure on CUDA or use saved_bytes")
+    base = rss_bytes()
+    step()
+    return peak_rss_bytes() - base
 
 
 def _status_kb(field: str) -> int | None:

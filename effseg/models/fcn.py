@@ -32,8 +32,10 @@ class FullVolumeFCN(nn.Module):
 
     Args: spatial_dims (3 only), in_channels, out_channels (classes), channels (per level),
     strides (per level; the first is usually 1; an int or a (d, h, w) triple), kernel_size,
-    norm ("batch", "instance" or a (name, kwargs) tuple), act (MONAI-style), recompute (False:
-    the same network keeping every unit's output, for comparison), deep_supervision (training
+    norm ("batch", "instance" or a (name, kwargs) tuple), act (MONAI-style), recompute (True:
+    every block recomputes; False: the same network keeping every unit's output; or one bool per
+    level, for the encoder block and the decoder block of that resolution: `effseg plan` picks
+    the cheapest setting that fits a memory budget), deep_supervision (training
     returns [full resolution, then each coarser decoder level] logits; eval returns the full
     resolution only).
     """
@@ -42,7 +44,8 @@ class FullVolumeFCN(nn.Module):
                  channels: Sequence[int] = DEFAULT_CHANNELS,
                  strides: Sequence = DEFAULT_STRIDES, kernel_size: int = 3,
                  norm: Spec = "batch", act: Spec = ("leaky_relu", {"negative_slope": 0.01}),
-                 recompute: bool = True, deep_supervision: bool = False) -> None:
+                 recompute: bool | Sequence[bool] = True,
+                 deep_supervision: bool = False) -> None:
         super().__init__()
         if spatial_dims != 3:
             raise ValueError(f"effseg: FullVolumeFCN is 3D only, got spatial_dims={spatial_dims}")
@@ -53,17 +56,22 @@ class FullVolumeFCN(nn.Module):
         self.strides = as_strides(strides, len(channels))
         self.total_stride = total_stride(self.strides)
         self.deep_supervision = deep_supervision
-        self.recompute = recompute
+        levels = len(self.channels)
+        per_level = [bool(recompute)] * levels if isinstance(recompute, bool) else [
+            bool(r) for r in recompute]
+        if len(per_level) != levels:
+            raise ValueError(f"effseg: recompute has {len(per_level)} entries but there are "
+                             f"{levels} levels")
+        self.recompute = tuple(per_level)
         cins = (in_channels,) + self.channels[:-1]
         self.encoder = nn.ModuleList(
-            RecomputeBlock3d(ci, co, kernel_size, s, norm, act, recompute=recompute,
-                             keep_output=True)
-            for ci, co, s in zip(cins, self.channels, self.strides))
+            RecomputeBlock3d(ci, co, kernel_size, s, norm, act, recompute=r, keep_output=True)
+            for ci, co, s, r in zip(cins, self.channels, self.strides, per_level))
         self.decoder = nn.ModuleList(
             DecoderBlock3d(self.channels[i + 1], self.channels[i], self.channels[i],
-                           self.strides[i + 1], kernel_size, norm, act, recompute=recompute,
+                           self.strides[i + 1], kernel_size, norm, act, recompute=per_level[i],
                            keep_output=True)
-            for i in reversed(range(len(self.channels) - 1)))
+            for i in reversed(range(levels - 1)))
         self.head = nn.Conv3d(self.channels[0], out_channels, 1)
         self.ds_heads = nn.ModuleList(
             nn.Conv3d(self.channels[i], out_channels, 1)

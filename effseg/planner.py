@@ -1,0 +1,173 @@
+"""Memory planning for whole-volume training: from a short calibration on small inputs, predict
+the peak memory of a training step at a target volume, the largest volume that trains within a
+budget, and which levels of a FullVolumeFCN must recompute to fit.
+
+The peak of a step grows linearly with the number of voxels for a fixed network (every
+activation, workspace and gradient is proportional to the volume; parameters and optimizer
+state are the constant). The planner measures `effseg.memory.step_peak` at three volumes with
+the target's aspect ratio, fits peak = a + b * voxels by least squares and extrapolates.
+Calibration volumes are the target's half and its 0.75 and 0.5 multiples, capped (`cap_voxels`)
+so that calibration stays short. Caveat, seen on CPUs: convolution libraries switch algorithms
+with size (oneDNN's small-volume path keeps large scratch buffers), so the line holds only
+among volumes on the same side of such a switch; calibrate close to the target there.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .memory import step_peak
+from .models.fcn import DEFAULT_CHANNELS, DEFAULT_STRIDES, FullVolumeFCN
+from .models._shape import as_strides, total_stride
+
+UNITS = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB', '512 MB', '1.5GB' or a plain number of bytes (binary units: 1 GB = 2**30)."""
+    t = str(text).strip().upper().replace(" ", "").replace("IB", "B")
+    for unit in sorted(UNITS, key=len, reverse=True):
+        if t.endswith(unit):
+            number = t[: -len(unit)]
+            break
+    else:
+        unit, number = "B", t
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"effseg: cannot read a memory size from {text!r} (e.g. '80GB')")
+    if value <= 0:
+        raise ValueError(f"effseg: a memory budget must be positive, got {text!r}")
+    return int(value * UNITS[unit])
+
+
+@dataclass
+class Fit:
+    """peak(voxels) = intercept + slope * voxels, from (voxels, peak bytes) points."""
+
+    intercept: float
+    slope: float
+    points: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, points: Sequence[tuple[int, int]]) -> "Fit":
+        n = len(points)
+        mx = sum(v for v, _ in points) / n
+        my = sum(p for _, p in points) / n
+        sxx = sum((v - mx) ** 2 for v, _ in points)
+        slope = sum((v - mx) * (p - my) for v, p in points) / sxx
+        return cls(my - slope * mx, slope, list(points))
+
+    @property
+    def linear(self) -> bool:
+        """Whether the measured peaks grow with the volume, as a line through them assumes; not
+        so when a convolution library switched algorithms between the calibration volumes."""
+        peaks = [p for _, p in sorted(self.points)]
+        return self.slope > 0 and all(b >= a for a, b in zip(peaks, peaks[1:]))
+
+    def predict(self, voxels: int) -> float:
+        return self.intercept + self.slope * voxels
+
+    def max_voxels(self, budget: int) -> int:
+        return max(0, int((budget - self.intercept) / self.slope)) if self.slope > 0 else 0
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 1
+    out_channels: int = 2
+    channels: tuple[int, ...] = DEFAULT_CHANNELS
+    strides: tuple = DEFAULT_STRIDES
+    norm: str = "batch"
+    act: object = ("leaky_relu", {"negative_slope": 0.01})
+
+    def build(self, recompute) -> FullVolumeFCN:
+        return FullVolumeFCN(3, self.in_channels, self.out_channels, self.channels, self.strides,
+                             norm=self.norm, act=self.act, recompute=recompute)
+
+
+def scaled_shape(shape: Sequence[int], voxels: float, multiple: Sequence[int]) -> tuple:
+    """`shape` scaled uniformly to about `voxels`, rounded down to multiples (at least one)."""
+    f = (voxels / math.prod(shape)) ** (1 / 3)
+    return tuple(max(m, int(n * f) // m * m) for n, m in zip(shape, multiple))
+
+
+@dataclass
+class Option:
+    recompute: tuple[bool, ...]
+    fit: Fit
+    predicted: float
+
+    @property
+    def label(self) -> str:
+        if all(self.recompute):
+            return "recompute all levels"
+        if not any(self.recompute):
+            return "recompute none"
+        k = sum(self.recompute)
+        return f"recompute levels 0-{k - 1} (finest {k})"
+
+
+@dataclass
+class Plan:
+    shape: tuple[int, int, int]
+    budget: int
+    options: list[Option] = field(default_factory=list)
+    chosen: Option | None = None
+    largest_shape: tuple[int, int, int] | None = None
+    largest_predicted: float | None = None
+
+
+def calibrate(config: ModelConfig, recompute, shape: Sequence[int], device: torch.device,
+              amp: torch.dtype | None = None, cap_voxels: int | None = None,
+              batch: int = 1) -> Fit:
+    """Fits peak(voxels) for one configuration from three small training steps."""
+    multiple = total_stride(as_strides(config.strides, len(config.channels)))
+    target = math.prod(shape)
+    cap = cap_voxels or (160 ** 3 if device.type == "cuda" else 96 ** 3)
+    top = min(target / 2, cap)
+    torch.manual_seed(0)
+    model = config.build(recompute).to(device)
+    points = []
+    shapes = sorted({scaled_shape(shape, top * frac, multiple) for frac in (0.5, 0.75, 1.0)})
+    if len(shapes) < 2:
+        raise ValueError(f"effseg: {tuple(shape)} is too small to calibrate on smaller volumes "
+                         f"(multiples of the total stride {multiple})")
+    for s in shapes:
+        x = torch.randn((batch, config.in_channels) + s, device=device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            step_peak(model, x)  # warm-up: algorithm choice, allocator
+            points.append((math.prod(s), step_peak(model, x)))
+        del x
+    return Fit.of(points)
+
+
+def choose(options: Sequence[Option], budget: int) -> Option | None:
+    """The first option (least recomputation) whose calibration is linear and whose prediction
+    fits, or None."""
+    return next((o for o in options if o.fit.linear and o.predicted <= budget), None)
+
+
+def plan(config: ModelConfig, budget: int, shape: Sequence[int], device: torch.device,
+         amp: torch.dtype | None = None, cap_voxels: int | None = None) -> Plan:
+    """(See the module docstring.) Options whose calibration is not linear are never chosen."""
+    """Predicts the peak at `shape` with 0, 1, ..., all levels recomputing (finest first: they
+    hold the most voxels), picks the first that fits `budget`, and the largest volume of the
+    target's aspect ratio that trains with every level recomputing."""
+    levels = len(config.channels)
+    shape = tuple(int(n) for n in shape)
+    result = Plan(shape, budget)
+    voxels = math.prod(shape)
+    for k in range(levels + 1):
+        recompute = tuple(i < k for i in range(levels))
+        fit = calibrate(config, recompute, shape, device, amp, cap_voxels)
+        result.options.append(Option(recompute, fit, fit.predict(voxels)))
+    result.chosen = choose(result.options, budget)
+    full = result.options[-1].fit
+    multiple = total_stride(as_strides(config.strides, levels))
+    result.largest_shape = scaled_shape(shape, full.max_voxels(budget), multiple)
+    result.largest_predicted = full.predict(math.prod(result.largest_shape))
+    return result

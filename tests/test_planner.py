@@ -1,0 +1,57 @@
+"""The memory planner's prediction against a measured training step (CPU, peak RSS)."""
+import math
+import sys
+
+import pytest
+import torch
+
+from effseg.memory import step_peak
+from effseg.planner import (Fit, ModelConfig, calibrate, choose, parse_bytes, plan,
+                            scaled_shape)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="CPU peak memory is measured through Linux /proc")
+
+CONFIG = ModelConfig(channels=(8, 16, 32), strides=(1, 2, 2))
+
+
+def test_prediction_within_15_percent_of_a_measured_step():
+    shape = (96, 96, 96)
+    fit = calibrate(CONFIG, True, shape, torch.device("cpu"))
+    assert all(v < math.prod(shape) for v, _ in fit.points), "calibration must be smaller"
+    model = CONFIG.build(True)
+    x = torch.randn(1, 1, *shape)
+    step_peak(model, x)
+    measured = step_peak(model, x)
+    predicted = fit.predict(math.prod(shape))
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured, fit.points)
+
+
+def test_plan_picks_the_first_recompute_setting_that_fits():
+    shape = (48, 48, 40)
+    cpu = torch.device("cpu")
+    roomy = plan(CONFIG, 2**40, shape, cpu, cap_voxels=32 ** 3)
+    assert [sum(o.recompute) for o in roomy.options] == [0, 1, 2, 3]
+    assert roomy.chosen is roomy.options[0]
+    for option in roomy.options:
+        assert len({v for v, _ in option.fit.points}) == 3
+    # a budget that only some settings meet: the first of them (least recompute) is chosen
+    assert math.prod(roomy.largest_shape) > math.prod(shape)
+    assert all(n % 4 == 0 for n in roomy.largest_shape)
+    preds = sorted(o.predicted for o in roomy.options)
+    budget = int((preds[0] + preds[-1]) / 2)
+    chosen = choose(roomy.options, budget)
+    fitting = [o for o in roomy.options if o.predicted <= budget]
+    assert fitting and chosen is fitting[0]
+    assert all(o.predicted > budget for o in roomy.options[:roomy.options.index(chosen)])
+    assert choose(roomy.options, 1024) is None
+
+
+def test_fit_and_units():
+    f = Fit.of([(100, 1100), (200, 2100), (300, 3100)])
+    assert f.predict(1000) == pytest.approx(10100)
+    assert f.max_voxels(5100) == 500
+    assert parse_bytes("80GB") == 80 * 2**30 and parse_bytes("512 MiB") == 512 * 2**20
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+    assert scaled_shape((100, 100, 50), 100 * 100 * 50 / 8, (4, 4, 4)) == (48, 48, 24)

@@ -2,10 +2,16 @@
 # The GPU check, for a bare machine with a CUDA GPU and a CUDA build of torch (the device tool's
 # machines): build effseg from source against that torch, run the test suite (CUDA cases
 # included), run compute-sanitizer memcheck and racecheck over every kernel on small inputs, run
-# the op benchmark, and print a short table last. Logs and JSON go to $OUT. Under 8 minutes.
+# the op, block and model benchmarks (with the largest trainable cube), and print a short table
+# last. Logs and JSON go to $OUT. Under 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh            # OUT defaults to benchmarks/out/gpu
-# Missing Python packages (nibabel, expecttest) travel as wheels in .whl/ (device README).
+# Missing Python packages travel as wheels in .whl/ (ignored by git), fetched here beforehand:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+#     -d .whl nibabel expecttest importlib-resources
+# then run with carry [".whl"]. Without them the data tests skip (nibabel missing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
@@ -42,6 +48,8 @@ unset PYTORCH_NO_CUDA_MEMORY_CACHING
 step bench_ops_fp32 60 $PY benchmarks/bench_ops.py --device cuda --out "$OUT/bench_ops_fp32.json"
 step bench_ops_bf16 60 $PY benchmarks/bench_ops.py --device cuda --dtype bfloat16 --out "$OUT/bench_ops_bf16.json"
 step bench_ops_fp32_cl 60 $PY benchmarks/bench_ops.py --device cuda --channels-last --out "$OUT/bench_ops_fp32_cl.json"
+step bench_blocks 60 $PY benchmarks/bench_blocks.py --device cuda --out "$OUT/bench_blocks.json"
+step bench_model 150 $PY benchmarks/bench_model.py --device cuda --amp bf16 --quick --bisect 40 --out "$OUT/bench_model.json"
 
 $PY - "$OUT" <<'PYEOF'
 import json, os, sys
@@ -60,4 +68,15 @@ for tag in ("fp32", "bf16", "fp32_cl"):
             print(f"{tag:<8} {str(tuple(r['shape'])):<22} {r['variant']:<20} "
                   f"time x{r['time_vs_stock']:.2f} saved x{r['saved_vs_stock']:.2f} "
                   f"{r['gbps']:.0f} GB/s" + (f" ({100 * frac:.0f}% of copy)" if frac else ""))
+for name in ("bench_blocks", "bench_model"):
+    path = os.path.join(out, f"{name}.json")
+    if not os.path.exists(path):
+        continue
+    data = json.load(open(path))
+    for r in data["rows"]:
+        size = r.get("shape") or r.get("edge")
+        print(f"{name:<13} {str(size):<22} {r['variant']:<24} saved x{r['saved_vs_stock']:.2f} "
+              f"peak x{r['peak_vs_stock']:.2f} time x{r['seconds_vs_stock']:.2f}")
+    for variant, edge in data.get("largest_cube", {}).items():
+        print(f"largest cube that trains (bf16), {variant}: {edge}^3")
 PYEOF

@@ -12,9 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
+
+nib = pytest.importorskip("nibabel", reason="the data layer needs nibabel (pip install nibabel)")
 
 from effseg.data import (
     PHANTOM_LABELS,

@@ -1,0 +1,215 @@
+"""Model-level benchmark: one training step (forward, Dice + CE loss, backward, Adam step) on
+whole volumes of several sizes, in one run:
+
+- effseg FullVolumeFCN (recomputing blocks, concatenation-free skips, in-place norms)
+- StockUNet3d with the same topology and weights (`FullVolumeFCN.to_stock()`)
+- the same stock network with every block under torch.utils.checkpoint
+- MONAI DynUNet with the same widths and strides, when MONAI is installed
+
+Rows: bytes saved for backward, peak memory of the step (CUDA max_memory_allocated; on CPU the
+peak RSS above the RSS before the step, each variant in its own process), step time,
+parameters; ratios to stock. With --bisect on a GPU, also the largest cubic volume that trains
+for effseg and stock. Prints a table, writes JSON and a PNG of peak memory against volume size.
+
+    python benchmarks/bench_model.py [--quick] [--device cuda] [--amp bf16] [--bisect]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, time_it, write_json  # noqa: E402
+
+from effseg.memory import saved_bytes, step_peak  # noqa: E402
+from effseg.models import FullVolumeFCN  # noqa: E402
+
+VARIANTS = ["effseg FullVolumeFCN", "StockUNet3d", "stock + checkpoint", "MONAI DynUNet"]
+
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)
+
+
+def build(variant: str, classes: int):
+    torch.manual_seed(0)
+    fcn = FullVolumeFCN(in_channels=1, out_channels=classes)
+    if variant.startswith("effseg"):
+        return fcn
+    if variant == "MONAI DynUNet":
+        from monai.networks.nets import DynUNet
+        k = [[3, 3, 3]] * len(fcn.channels)
+        return DynUNet(3, 1, classes, k, [list(s) for s in fcn.strides],
+                       [list(s) for s in fcn.strides[1:]], filters=list(fcn.channels),
+                       norm_name="batch", act_name=("leakyrelu", {"negative_slope": 0.01}))
+    stock = fcn.to_stock()
+    if variant == "stock + checkpoint":
+        stock.encoder = torch.nn.ModuleList(_Checkpointed(b) for b in stock.encoder)
+        stock.decoder = torch.nn.ModuleList(_Checkpointed(b) for b in stock.decoder)
+    return stock
+
+
+def loss_fn(classes: int):
+    from effseg.losses import DiceCELoss
+    loss = DiceCELoss()
+    return lambda out, target: loss(out.float(), target)
+
+
+def measure(variant, edge, device, amp, reps, classes=3):
+    model = build(variant, classes).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(1, 1, edge, edge, edge, device=device)
+    target = torch.randint(0, classes, (1, edge, edge, edge), device=device)
+    lf = loss_fn(classes)
+    ctx = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+    def run_step():
+        with ctx:
+            step_peak(model, x, target, lf, opt)
+
+    def forward_loss():
+        with ctx:
+            return lf(model(x), target)
+
+    run_step()  # warm-up: algorithm choice, Adam state
+    row = {"variant": variant, "edge": edge, "voxels": edge ** 3,
+           "parameters": sum(p.numel() for p in model.parameters()),
+           "saved_bytes": saved_bytes(forward_loss)}
+    with ctx:
+        row["peak_bytes"] = step_peak(model, x, target, lf, opt)
+
+    def timed():
+        opt.zero_grad(set_to_none=True)
+        forward_loss().backward()
+        opt.step()
+
+    row["seconds"] = time_it(timed, device, reps, warmup=0)
+    return row
+
+
+def fits(variant, edge, device, amp, classes=3) -> bool:
+    try:
+        measure(variant, edge, device, amp, 1, classes)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def largest_cube(variant, device, amp, lo=64, hi=1024, step=32, seconds=150.0):
+    """Largest edge (multiple of `step`) whose training step fits, by bisection."""
+    start = time.time()
+    while hi - lo > step and time.time() - start < seconds:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(variant, mid, device, amp) else (lo, mid)
+    return lo
+
+
+def available(variant: str) -> bool:
+    if variant != "MONAI DynUNet":
+        return True
+    try:
+        import monai  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        pts = sorted((r["voxels"], r["peak_bytes"] / 2**30) for r in rows
+                     if r["variant"] == variant)
+        ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], "o-", label=variant)
+    ax.set_xlabel("volume (million voxels)")
+    ax.set_ylabel("peak memory of a training step (GiB)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--edges", type=int, nargs="+")
+    parser.add_argument("--bisect", type=float, default=0.0, metavar="SECONDS",
+                        help="on a GPU, spend up to SECONDS per variant finding the largest "
+                             "cube that trains")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--out", default="benchmarks/out/bench_model.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--edge", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    reps = args.reps or (5 if device.type == "cuda" else 2)
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.edge, device, amp, reps)))
+        return
+    if args.edges:
+        edges = args.edges
+    elif device.type == "cuda":
+        edges = [96, 128] if args.quick else [128, 192, 256]
+    else:
+        edges = [48] if args.quick else [64, 96]
+    rows = []
+    for edge in edges:
+        for variant in filter(available, VARIANTS):
+            if device.type == "cpu":
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--edge",
+                       str(edge), "--device", "cpu", "--amp", args.amp, "--reps", str(reps)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            else:
+                rows.append(measure(variant, edge, device, amp, reps))
+                torch.cuda.empty_cache()
+    for r in rows:
+        ref = next(s for s in rows if s["edge"] == r["edge"] and s["variant"] == "StockUNet3d")
+        for k in ("saved_bytes", "peak_bytes", "seconds", "parameters"):
+            r[k.split("_")[0] + "_vs_stock"] = r[k] / ref[k]
+    largest = {}
+    if args.bisect and device.type == "cuda":
+        for variant in ("effseg FullVolumeFCN", "StockUNet3d"):
+            largest[variant] = largest_cube(variant, device, amp, seconds=args.bisect)
+    peak_name = "peak alloc" if device.type == "cuda" else "peak RSS"
+    print(f"\nOne training step (forward, Dice+CE, backward, Adam), batch 1, amp={args.amp}, "
+          f"{device.type}")
+    print(f"{'volume':<10} {'variant':<22} {'params M':>8} {'saved MB':>9} {'x':>5} "
+          f"{peak_name + ' MB':>14} {'x':>5} {'step s':>8} {'x':>5}")
+    for r in rows:
+        print(f"{r['edge']:>4}^3     {r['variant']:<22} {r['parameters'] / 1e6:8.2f} "
+              f"{r['saved_bytes'] / 2**20:9.1f} {r['saved_vs_stock']:5.2f} "
+              f"{r['peak_bytes'] / 2**20:14.1f} {r['peak_vs_stock']:5.2f} {r['seconds']:8.3f} "
+              f"{r['seconds_vs_stock']:5.2f}")
+    for variant, edge in largest.items():
+        print(f"largest cube that trains, {variant}: {edge}^3")
+    write_json(args.out, {"machine": machine(), "device": device.type, "amp": args.amp,
+                          "rows": rows, "largest_cube": largest})
+    plot(rows, os.path.splitext(args.out)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()

@@ -70,11 +70,14 @@ def write_build_config(with_cuda, archs, version):
 
 def extension(with_cuda):
     # -fno-trapping-math lets the compiler turn the activations' selects into vector blends (it
-    # changes no result: effseg installs no floating-point trap handlers).
-    cxx = ["-O3", "-fno-trapping-math"]
+    # changes no result: effseg installs no floating-point trap handlers). -fopenmp: ATen's
+    # at::parallel_for is inline OpenMP code, compiled into the extension; without the flag it
+    # silently runs every CPU kernel on one thread.
+    cxx = ["-O3", "-fno-trapping-math", "-fopenmp"]
+    link = ["-fopenmp"]
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "effseg._C", sources(False), extra_compile_args={"cxx": cxx}
+            "effseg._C", sources(False), extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     return cpp_extension.CUDAExtension(
         "effseg._C",
@@ -82,6 +85,7 @@ def extension(with_cuda):
         include_dirs=cuda_library_includes(),
         define_macros=[("EFFSEG_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link,
     )
 
 

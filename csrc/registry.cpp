@@ -29,6 +29,20 @@ TORCH_LIBRARY(effseg, m) {
       "norm_act_backward_input_(Tensor output, Tensor(a!) grad_output, Tensor var, "
       "Tensor? weight, Tensor? bias, Tensor? sum_dz, Tensor? sum_dz_xhat, int? count, float eps, "
       "str activation, float activation_param) -> ()");
+  // Fused softmax + cross-entropy + soft-Dice loss on contiguous logits (N, K, *spatial) and
+  // integer labels (N, *spatial); voxels labelled ignore_index are left out of every sum.
+  // stats (N, K, 3) holds, per sample and class, I = sum p_k [y == k], P = sum p_k and
+  // G = sum [y == k]; ce holds (sum w_y * -log p_y, sum w_y). Both are float32 (float64 for
+  // float64 logits). A label outside [0, K) that is not ignore_index is an error.
+  m.def(
+      "dice_ce_forward(Tensor logits, Tensor labels, Tensor? weight, int ignore_index) -> "
+      "(Tensor stats, Tensor ce)");
+  // dLoss/dlogits, recomputing the softmax: grad * (coef_ce * w_y * (p_k - [y == k]) +
+  // p_k * (c_k - sum_j c_j p_j)) with c_k = beta + [y == k] * alpha, (alpha, beta) =
+  // coef_dice[n, k]; zero where the label is ignore_index (or, unchecked here, invalid).
+  m.def(
+      "dice_ce_backward(Tensor grad, Tensor logits, Tensor labels, Tensor? weight, "
+      "int ignore_index, Tensor coef_dice, Tensor coef_ce) -> Tensor");
 }
 
 // `import effseg._C` loads this library, which registers the ops above with the dispatcher. The

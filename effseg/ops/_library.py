@@ -49,6 +49,8 @@ OP_NAMES = (
     "norm_act_backward_reduce",
     "norm_act_backward_input",
     "norm_act_backward_input_",
+    "dice_ce_forward",
+    "dice_ce_backward",
 )
 
 _warned: set[str] = set()
@@ -147,3 +149,16 @@ if HAVE_EXTENSION:
         _check_devices(output, grad_output=grad_output, var=var, weight=weight, bias=bias,
                        sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
         return None
+
+    @torch.library.register_fake("effseg::dice_ce_forward")
+    def _dice_ce_forward_fake(logits, labels, weight, ignore_index):
+        _check_devices(logits, labels=labels, weight=weight)
+        acc = _acc_dtype(logits)
+        return (logits.new_empty((logits.shape[0], logits.shape[1], 3), dtype=acc),
+                logits.new_empty((2,), dtype=acc))
+
+    @torch.library.register_fake("effseg::dice_ce_backward")
+    def _dice_ce_backward_fake(grad, logits, labels, weight, ignore_index, coef_dice, coef_ce):
+        _check_devices(logits, grad=grad, labels=labels, weight=weight, coef_dice=coef_dice,
+                       coef_ce=coef_ce)
+        return logits.new_empty(logits.shape)

@@ -121,3 +121,58 @@ def norm_act_backward_input_(output, grad_output, var, weight, bias, sum_dz, sum
                                               activation_param))
 
 
+
+
+def _dice_ce_view(logits, labels, ignore_index):
+    """Logits as (N, K, S) in the accumulation type, each voxel's class (0 where it is not a
+    class), and masks of the voxels that count and of those whose label is invalid."""
+    N, K = logits.shape[:2]
+    z = logits.reshape(N, K, -1).to(_acc(logits))
+    y = labels.reshape(N, -1).long()
+    ignored = y == ignore_index
+    valid = (y >= 0) & (y < K) & ~ignored
+    return z, torch.where(valid, y, 0), valid, ~(valid | ignored)
+
+
+def _class_weight(weight, z):
+    if weight is None:
+        return torch.ones(z.shape[1], dtype=z.dtype, device=z.device)
+    return weight.to(z.dtype)
+
+
+def dice_ce_forward(logits, labels, weight, ignore_index):
+    z, cls, valid, invalid = _dice_ce_view(logits, labels, ignore_index)
+    bad = int(invalid.sum())
+    if bad:
+        raise ValueError(
+            f"effseg: labels: {bad} voxel(s) have a label outside [0, {z.shape[1]}) that is not "
+            f"ignore_index ({ignore_index})"
+        )
+    p = torch.softmax(z, dim=1)
+    onehot = (cls.unsqueeze(1) == torch.arange(z.shape[1], device=z.device).view(1, -1, 1)) & (
+        valid.unsqueeze(1))
+    zero = p.new_zeros(())
+    stats = torch.stack([
+        torch.where(onehot, p, zero).sum(2),
+        torch.where(valid.unsqueeze(1), p, zero).sum(2),
+        onehot.sum(2).to(p.dtype),
+    ], dim=-1)
+    w_y = torch.where(valid, _class_weight(weight, z)[cls], zero)
+    nll = -torch.log_softmax(z, dim=1).gather(1, cls.unsqueeze(1)).squeeze(1)
+    ce = torch.stack([torch.where(valid, w_y * nll, zero).sum(), w_y.sum()])
+    return stats, ce
+
+
+def dice_ce_backward(grad, logits, labels, weight, ignore_index, coef_dice, coef_ce):
+    z, cls, valid, _ = _dice_ce_view(logits, labels, ignore_index)
+    p = torch.softmax(z, dim=1)
+    onehot = (cls.unsqueeze(1) == torch.arange(z.shape[1], device=z.device).view(1, -1, 1)) & (
+        valid.unsqueeze(1))
+    g = grad.to(z.dtype).reshape(())
+    alpha, beta = coef_dice.to(z.dtype).unbind(-1)
+    c = g * (beta.unsqueeze(-1) + onehot * alpha.unsqueeze(-1))
+    cbar = (c * p).sum(1, keepdim=True)
+    ce_w = g * coef_ce.to(z.dtype).reshape(()) * _class_weight(weight, z)[cls]
+    dz = ce_w.unsqueeze(1) * (p - onehot.to(p.dtype)) + p * (c - cbar)
+    dz = torch.where(valid.unsqueeze(1), dz, dz.new_zeros(()))
+    return dz.to(logits.dtype).reshape(logits.shape)

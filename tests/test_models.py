@@ -118,3 +118,46 @@ def test_bad_model_input():
         model(torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="strides"):
         FullVolumeFCN(channels=(4, 8), strides=(1, 2, 2))
+
+
+def _two_shapes(seed, n=32):
+    """A noisy volume with a bright sphere (class 1) and a dark box (class 2)."""
+    g = torch.Generator().manual_seed(seed)
+    d, h, w = torch.meshgrid(*[torch.arange(n, dtype=torch.float32)] * 3, indexing="ij")
+    c = torch.randint(10, 22, (3,), generator=g).float()
+    sphere = (d - c[0]) ** 2 + (h - c[1]) ** 2 + (w - c[2]) ** 2 < 36
+    box = (d > 3) & (d < 12) & (h > 20) & (h < 29) & (w > 2) & (w < 10) & ~sphere
+    label = torch.zeros(n, n, n, dtype=torch.int64)
+    label[sphere], label[box] = 1, 2
+    image = label.float().mul(1.5).neg().add(sphere.float() * 4.5)
+    image = image + 0.5 * torch.randn(n, n, n, generator=g)
+    return image[None], label
+
+
+def _dice(pred, label, k):
+    p, t = pred == k, label == k
+    return (2 * (p & t).sum() / (p.sum() + t.sum())).item()
+
+
+@pytest.mark.parametrize("kind", ["effseg", "stock"])
+def test_short_training_segments_two_shapes(kind):
+    from effseg.losses import DiceCELoss
+    torch.manual_seed(0)
+    fcn = FullVolumeFCN(in_channels=1, out_channels=3, channels=(8, 16, 32), strides=(1, 2, 2),
+                        norm="instance")
+    model = fcn if kind == "effseg" else fcn.to_stock()
+    data = [_two_shapes(s) for s in range(4)]
+    x = torch.stack([d[0] for d in data])
+    y = torch.stack([d[1] for d in data])
+    loss_fn = DiceCELoss()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    model.eval()
+    xt, yt = _two_shapes(99)
+    with torch.no_grad():
+        pred = model(xt[None]).argmax(1)[0]
+    assert _dice(pred, yt, 1) > 0.9 and _dice(pred, yt, 2) > 0.9, (
+        _dice(pred, yt, 1), _dice(pred, yt, 2))

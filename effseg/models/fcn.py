@@ -16,18 +16,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ..nn.blocks import RecomputeBlock3d
 from ..nn.conv_norm_act import Spec
 from ..nn.decoder import DecoderBlock3d
-from ._shape import as_strides, crop, pad_to_multiple, total_stride
+from ._unet import UNetBase
 
 DEFAULT_CHANNELS = (16, 32, 64, 128, 160)
 DEFAULT_STRIDES = (1, 2, 2, 2, 2)
 
 
-class FullVolumeFCN(nn.Module):
+class FullVolumeFCN(UNetBase):
     """U-Net of effseg blocks for whole-volume training.
 
     Args: spatial_dims (3 only), in_channels, out_channels (classes), channels (per level),
@@ -46,16 +45,8 @@ class FullVolumeFCN(nn.Module):
                  norm: Spec = "batch", act: Spec = ("leaky_relu", {"negative_slope": 0.01}),
                  recompute: bool | Sequence[bool] = True,
                  deep_supervision: bool = False) -> None:
-        super().__init__()
-        if spatial_dims != 3:
-            raise ValueError(f"effseg: FullVolumeFCN is 3D only, got spatial_dims={spatial_dims}")
-        if len(channels) < 2:
-            raise ValueError("effseg: FullVolumeFCN needs at least 2 levels (channels)")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.channels = tuple(channels)
-        self.strides = as_strides(strides, len(channels))
-        self.total_stride = total_stride(self.strides)
-        self.deep_supervision = deep_supervision
+        super().__init__("FullVolumeFCN", spatial_dims, in_channels, out_channels, channels,
+                         strides, deep_supervision)
         levels = len(self.channels)
         per_level = [bool(recompute)] * levels if isinstance(recompute, bool) else [
             bool(r) for r in recompute]
@@ -63,48 +54,12 @@ class FullVolumeFCN(nn.Module):
             raise ValueError(f"effseg: recompute has {len(per_level)} entries but there are "
                              f"{levels} levels")
         self.recompute = tuple(per_level)
-        cins = (in_channels,) + self.channels[:-1]
-        self.encoder = nn.ModuleList(
-            RecomputeBlock3d(ci, co, kernel_size, s, norm, act, recompute=r, keep_output=True)
-            for ci, co, s, r in zip(cins, self.channels, self.strides, per_level))
-        self.decoder = nn.ModuleList(
-            DecoderBlock3d(self.channels[i + 1], self.channels[i], self.channels[i],
-                           self.strides[i + 1], kernel_size, norm, act, recompute=per_level[i],
-                           keep_output=True)
-            for i in reversed(range(levels - 1)))
-        self.head = nn.Conv3d(self.channels[0], out_channels, 1)
-        self.ds_heads = nn.ModuleList(
-            nn.Conv3d(self.channels[i], out_channels, 1)
-            for i in reversed(range(1, len(self.channels) - 1))) if deep_supervision else None
-
-    def forward(self, x: torch.Tensor):
-        if not isinstance(x, torch.Tensor) or x.dim() != 5:
-            raise ValueError(f"effseg: FullVolumeFCN expects (N, C, D, H, W), got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"effseg: FullVolumeFCN expects {self.in_channels} input channels, "
-                             f"got {x.shape[1]}")
-        x, shape = pad_to_multiple(x, self.total_stride)
-        skips = []
-        h = x
-        for block in self.encoder:
-            h = block(h)
-            skips.append(h)
-        coarse = []
-        for i, block in enumerate(self.decoder):
-            h = block(h, skips[-2 - i])
-            if self.ds_heads is not None and i < len(self.ds_heads):
-                coarse.append(h)
-        out = crop(self.head(h), shape)
-        if not (self.deep_supervision and self.training):
-            return out
-        outs = [out]
-        # decoder step i produced level L-2-i; return the finest first
-        for i in reversed(range(len(coarse))):
-            level = len(self.channels) - 2 - i
-            factor = total_stride(self.strides[: level + 1])
-            outs.append(crop(self.ds_heads[i](coarse[i]), shape, factor))
-        return outs
+        self._build(
+            lambda ci, co, s, i: RecomputeBlock3d(ci, co, kernel_size, s, norm, act,
+                                                  recompute=per_level[i], keep_output=True),
+            lambda low, skip, co, s, i: DecoderBlock3d(low, skip, co, s, kernel_size, norm, act,
+                                                       recompute=per_level[i],
+                                                       keep_output=True))
 
     def to_stock(self):
         """The same network (same weights and statistics) built from stock layers."""

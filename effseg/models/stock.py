@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..nn.conv_norm_act import Spec, parse_act
-from ._shape import as_strides, crop, pad_to_multiple, total_stride
+from ._unet import UNetBase
 
 CLASSIC_CHANNELS = (32, 64, 128, 256, 320)
 CLASSIC_STRIDES = (1, 2, 2, 2, 2)
@@ -78,7 +78,7 @@ class StockDecoder(nn.Module):
         return self.unit2(self.act1(self.norm1(h)))
 
 
-class StockUNet3d(nn.Module):
+class StockUNet3d(UNetBase):
     """Args as FullVolumeFCN (no `recompute`)."""
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2,
@@ -86,26 +86,11 @@ class StockUNet3d(nn.Module):
                  strides: Sequence = CLASSIC_STRIDES, kernel_size: int = 3,
                  norm: Spec = "batch", act: Spec = ("leaky_relu", {"negative_slope": 0.01}),
                  deep_supervision: bool = False) -> None:
-        super().__init__()
-        if spatial_dims != 3:
-            raise ValueError(f"effseg: StockUNet3d is 3D only, got spatial_dims={spatial_dims}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.channels = tuple(channels)
-        self.strides = as_strides(strides, len(channels))
-        self.total_stride = total_stride(self.strides)
-        self.deep_supervision = deep_supervision
-        cins = (in_channels,) + self.channels[:-1]
-        self.encoder = nn.ModuleList(
-            StockBlock(ci, co, kernel_size, s, norm, act)
-            for ci, co, s in zip(cins, self.channels, self.strides))
-        self.decoder = nn.ModuleList(
-            StockDecoder(self.channels[i + 1], self.channels[i], self.channels[i],
-                         self.strides[i + 1], kernel_size, norm, act)
-            for i in reversed(range(len(self.channels) - 1)))
-        self.head = nn.Conv3d(self.channels[0], out_channels, 1)
-        self.ds_heads = nn.ModuleList(
-            nn.Conv3d(self.channels[i], out_channels, 1)
-            for i in reversed(range(1, len(self.channels) - 1))) if deep_supervision else None
+        super().__init__("StockUNet3d", spatial_dims, in_channels, out_channels, channels,
+                         strides, deep_supervision)
+        self._build(
+            lambda ci, co, s, i: StockBlock(ci, co, kernel_size, s, norm, act),
+            lambda low, skip, co, s, i: StockDecoder(low, skip, co, s, kernel_size, norm, act))
 
     @classmethod
     def classic(cls, in_channels: int = 1, out_channels: int = 2, norm: Spec = "instance",
@@ -127,25 +112,3 @@ class StockUNet3d(nn.Module):
         return cls(3, fcn.in_channels, fcn.out_channels, fcn.channels, fcn.strides,
                    enc.unit1.conv.kernel_size[0], (norm_name, norm_kwargs), act,
                    fcn.deep_supervision)
-
-    def forward(self, x: torch.Tensor):
-        x, shape = pad_to_multiple(x, self.total_stride)
-        skips = []
-        h = x
-        for block in self.encoder:
-            h = block(h)
-            skips.append(h)
-        coarse = []
-        for i, block in enumerate(self.decoder):
-            h = block(h, skips[-2 - i])
-            if self.ds_heads is not None and i < len(self.ds_heads):
-                coarse.append(h)
-        out = crop(self.head(h), shape)
-        if not (self.deep_supervision and self.training):
-            return out
-        outs = [out]
-        for i in reversed(range(len(coarse))):
-            level = len(self.channels) - 2 - i
-            outs.append(crop(self.ds_heads[i](coarse[i]), shape,
-                             total_stride(self.strides[: level + 1])))
-        return outs

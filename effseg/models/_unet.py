@@ -1,0 +1,73 @@
+"""What FullVolumeFCN and StockUNet3d share: the U-Net's levels, heads and traversal. Subclasses
+supply the encoder and decoder blocks; the traversal (pad to the total stride, encode, decode with
+skips, heads, crop back) is written once."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ._shape import as_strides, crop, pad_to_multiple, total_stride
+
+
+class UNetBase(nn.Module):
+    def __init__(self, name: str, spatial_dims: int, in_channels: int, out_channels: int,
+                 channels: Sequence[int], strides: Sequence, deep_supervision: bool) -> None:
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError(f"effseg: {name} is 3D only, got spatial_dims={spatial_dims}")
+        if len(channels) < 2:
+            raise ValueError(f"effseg: {name} needs at least 2 levels (channels)")
+        self._name = name
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.channels = tuple(channels)
+        self.strides = as_strides(strides, len(channels))
+        self.total_stride = total_stride(self.strides)
+        self.deep_supervision = deep_supervision
+
+    def _build(self, encoder: Callable[[int, int, tuple, int], nn.Module],
+               decoder: Callable[[int, int, int, tuple, int], nn.Module]) -> None:
+        """encoder(cin, cout, stride, level); decoder(low, skip, cout, up_stride, level)."""
+        cins = (self.in_channels,) + self.channels[:-1]
+        self.encoder = nn.ModuleList(
+            encoder(ci, co, s, i)
+            for i, (ci, co, s) in enumerate(zip(cins, self.channels, self.strides)))
+        self.decoder = nn.ModuleList(
+            decoder(self.channels[i + 1], self.channels[i], self.channels[i],
+                    self.strides[i + 1], i)
+            for i in reversed(range(len(self.channels) - 1)))
+        self.head = nn.Conv3d(self.channels[0], self.out_channels, 1)
+        self.ds_heads = nn.ModuleList(
+            nn.Conv3d(self.channels[i], self.out_channels, 1)
+            for i in reversed(range(1, len(self.channels) - 1))
+        ) if self.deep_supervision else None
+
+    def forward(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() != 5:
+            raise ValueError(f"effseg: {self._name} expects (N, C, D, H, W), got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"effseg: {self._name} expects {self.in_channels} input channels, "
+                             f"got {x.shape[1]}")
+        x, shape = pad_to_multiple(x, self.total_stride)
+        skips = []
+        h = x
+        for block in self.encoder:
+            h = block(h)
+            skips.append(h)
+        coarse = []
+        for i, block in enumerate(self.decoder):
+            h = block(h, skips[-2 - i])
+            if self.ds_heads is not None and i < len(self.ds_heads):
+                coarse.append(h)
+        out = crop(self.head(h), shape)
+        if not (self.deep_supervision and self.training):
+            return out
+        outs = [out]
+        # decoder step i produced level L-2-i; return the finest first
+        for i in reversed(range(len(coarse))):
+            level = len(self.channels) - 2 - i
+            factor = total_stride(self.strides[: level + 1])
+            outs.append(crop(self.ds_heads[i](coarse[i]), shape, factor))
+        return outs

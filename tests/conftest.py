@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -18,3 +22,10 @@ def device_params():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def run_python(code: str, env: dict | None = None, timeout: int = 120):
+    """Runs `code` in a fresh interpreter: a crash fails the calling test instead of killing
+    pytest, and environment variables (EFFSEG_NO_EXTENSION) act from the start."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})))

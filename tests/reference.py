@@ -1,6 +1,5 @@
 """The test oracle: stock PyTorch layers (batch_norm / instance_norm + activation), evaluated
 with autograd in float64."""
-import torch
 import torch.nn.functional as F
 
 

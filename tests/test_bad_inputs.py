@@ -1,14 +1,10 @@
 """Bad input gets a Python exception naming the problem: never a crash, a hang or a silently
 wrong result (DESIGN.md, "What every op must survive")."""
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import effseg.functional as EF
-from conftest import needs_extension
+from conftest import needs_extension, run_python
 from effseg.nn import InPlaceABN, InPlaceAIN
 
 
@@ -121,8 +117,7 @@ print("ALL RAISED", len(cases))
 @needs_extension
 def test_direct_op_calls_with_bad_arguments_raise_and_never_crash():
     # In a subprocess, so that a crash would fail this test instead of killing pytest.
-    proc = subprocess.run([sys.executable, "-c", DIRECT_CALLS], capture_output=True, text=True,
-                          timeout=120)
+    proc = run_python(DIRECT_CALLS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL RAISED 18" in proc.stdout, proc.stdout + proc.stderr
 
@@ -156,9 +151,6 @@ print("FALLBACK OK", msgs[0])
 
 
 def test_without_extension_falls_back_to_reference_with_one_warning():
-    import os
-    env = dict(os.environ, EFFSEG_NO_EXTENSION="1")
-    proc = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True,
-                          timeout=120, env=env)
+    proc = run_python(FALLBACK, env={"EFFSEG_NO_EXTENSION": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FALLBACK OK" in proc.stdout and "EFFSEG_NO_EXTENSION" in proc.stdout

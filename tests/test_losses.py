@@ -1,14 +1,11 @@
 """The fused softmax + cross-entropy + soft-Dice loss (effseg.losses) against the unfused stock
 loss (F.softmax, F.one_hot, F.cross_entropy) in float64, its ops against their references,
 gradcheck, opcheck, low precision, saved-for-backward memory and bad inputs."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import device_params, needs_extension
+from conftest import device_params, needs_extension, run_python
 from effseg.losses import DiceCELoss, dice_ce_loss, dice_ce_reference
 from effseg.memory import count_saved, saved_bytes
 from effseg.ops import op, reference
@@ -389,8 +386,7 @@ print("ALL RAISED", len(cases))
 @needs_extension
 def test_direct_op_calls_with_bad_arguments_raise_and_never_crash():
     # In a subprocess, so that a crash would fail this test instead of killing pytest.
-    proc = subprocess.run([sys.executable, "-c", DIRECT_CALLS], capture_output=True, text=True,
-                          timeout=120)
+    proc = run_python(DIRECT_CALLS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL RAISED 19" in proc.stdout, proc.stdout + proc.stderr
 
@@ -423,8 +419,6 @@ print("FALLBACK OK")
 
 
 def test_without_extension_falls_back_to_reference_ops():
-    env = dict(os.environ, EFFSEG_NO_EXTENSION="1")
-    proc = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True,
-                          timeout=120, env=env)
+    proc = run_python(FALLBACK, env={"EFFSEG_NO_EXTENSION": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FALLBACK OK" in proc.stdout

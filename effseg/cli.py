@@ -4,6 +4,13 @@
 - `plan`: from a short calibration on small volumes, the peak memory of a FullVolumeFCN training
   step on a whole volume, which levels must recompute to fit a budget, and the largest volume
   that fits.
+- `train`: whole-volume training on an nnU-Net/Decathlon dataset (default: the built-in CT
+  phantom), with checkpoints, metrics and curves in the run folder (`effseg.train`).
+- `predict`: label maps from a checkpoint, in the source images' geometry (`effseg.predict`).
+- `evaluate`: Dice and HD95 (mm) of predictions against references (`effseg.evaluate`).
+
+Errors a user can fix (a bad dataset file, a bad checkpoint, a run folder in use) print one line
+and exit with status 2; an interrupted training exits with 130 after saving its state.
 """
 from __future__ import annotations
 
@@ -103,6 +110,141 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if result.chosen is not None else 1
 
 
+def _fail(command: str, exc: Exception) -> int:
+    print(f"effseg {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .data import DataError
+    from .run_checkpoint import CheckpointError
+    from .train import RunError, TrainConfig, train
+
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+               if getattr(args, f.name) is not None}
+    if args.resume:
+        fixed = sorted(k for k in options if k not in ("out", "device"))
+        if fixed:
+            flags = " ".join("--" + k.replace("_", "-") for k in fixed)
+            return _fail("train", ValueError(f"--resume continues the run with the settings in "
+                                             f"its checkpoint; drop {flags}"))
+    try:
+        result = train(TrainConfig(**options), resume=args.resume)
+    except (DataError, RunError, CheckpointError) as exc:
+        return _fail("train", exc)
+    except KeyboardInterrupt:
+        print(f"effseg train: aborted; {args.out}/last.pt holds the last saved state",
+              file=sys.stderr)
+        return 130
+    return 130 if result.interrupted else 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .predict import predict_paths
+    from .run_checkpoint import CheckpointError
+
+    try:
+        written = predict_paths(args.model, args.input, args.out, args.device, args.amp,
+                                args.probabilities)
+    except (DataError, CheckpointError) as exc:
+        return _fail("predict", exc)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data import DataError
+    from .evaluate import dataset_labels, evaluate_files, find_pairs, format_table, write_csv
+
+    if args.labels and not args.dataset:
+        return _fail("evaluate", ValueError("--labels picks labels by name: give --dataset (the "
+                                            "dataset.json that declares them) too"))
+    try:
+        labels = dataset_labels(args.dataset, args.labels) if args.dataset else None
+        rows = evaluate_files(find_pairs(args.pred, args.ref), labels)
+    except DataError as exc:
+        return _fail("evaluate", exc)
+    csv_path = write_csv(rows, args.csv or Path(args.pred) / "evaluation.csv")
+    print(format_table(rows))
+    print(f"per-case scores: {csv_path}")
+    return 0
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="train on whole CT volumes (default: the built-in phantom)")
+    t.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="run folder: plans.json, preprocessed/, last.pt, best.pt, metrics.jsonl, "
+                   "metrics.csv, curves.png, validation/")
+    t.add_argument("--data", metavar="DIR", help="nnU-Net v2 or Decathlon dataset folder "
+                   "(default: the built-in CT phantom, generated once into ~/.cache/effseg)")
+    t.add_argument("--labels", nargs="+", metavar="NAME",
+                   help="train on these labels only (names from dataset.json; default: all)")
+    t.add_argument("--spacing", nargs="+", type=float, metavar="MM",
+                   help="target spacing, one or three values (default: the training cases' "
+                   "median)")
+    t.add_argument("--epochs", type=int, help="default 50")
+    t.add_argument("--lr", type=float, help="initial learning rate (default 1e-3 for adamw, "
+                   "1e-2 for sgd), decayed by a poly schedule")
+    t.add_argument("--optimizer", choices=["adamw", "sgd"], help="default adamw")
+    t.add_argument("--batch-size", type=int, help="whole volumes per step (default 1)")
+    t.add_argument("--model", choices=["tiny", "small", "default"],
+                   help="width preset: tiny (4, 8, 16: smoke tests only), small (16, 32, 64, "
+                   "128; the default), default (16, 32, 64, 128, 160)")
+    t.add_argument("--arch", choices=["fcn", "stock"], help="fcn: effseg's FullVolumeFCN "
+                   "(default); stock: its StockUNet3d twin, the memory baseline")
+    t.add_argument("--channels", nargs="+", type=int, help="widths per level (overrides the "
+                   "preset)")
+    t.add_argument("--strides", nargs="+", type=int, help="stride per level (default 1, 2, 2, "
+                   "...)")
+    t.add_argument("--norm", choices=["instance", "batch"], help="default instance")
+    t.add_argument("--amp", choices=["bf16", "fp16", "off"],
+                   help="mixed precision (default bf16 on GPUs that support it, else off)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    t.add_argument("--val-fraction", type=float, help="share of cases held out for validation "
+                   "(default 0.2, at least one case when there are two or more)")
+    t.add_argument("--val-cases", nargs="+", metavar="CASE", help="validation cases by name "
+                   "(instead of --val-fraction)")
+    t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt exactly "
+                   "(only --device may be given with it)")
+    t.set_defaults(func=cmd_train)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="label maps from a checkpoint, in the source geometry")
+    p.add_argument("--model", required=True, metavar="CHECKPOINT", help="RUN_DIR/best.pt")
+    p.add_argument("--input", required=True, metavar="CT.nii.gz|DIR",
+                   help="a NIfTI file or a folder of them")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the label maps go")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write {case}_probabilities.nii.gz (X, Y, Z, classes) and "
+                   "classes.json")
+    p.add_argument("--device", help="default: cuda when available")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"],
+                   help="default bf16 on GPUs that support it, else off")
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_evaluate(sub) -> None:
+    e = sub.add_parser("evaluate", help="Dice and HD95 (mm) of predictions against references")
+    e.add_argument("--pred", required=True, metavar="DIR", help="predicted label maps")
+    e.add_argument("--ref", required=True, metavar="DIR",
+                   help="reference label maps (same file names)")
+    e.add_argument("--dataset", metavar="DATASET_JSON|DIR",
+                   help="name the labels after this dataset.json and score all of them "
+                   "(default: every id found, named label_<id>)")
+    e.add_argument("--labels", nargs="+", metavar="NAME", help="only these labels (needs "
+                   "--dataset)")
+    e.add_argument("--csv", metavar="PATH", help="per-case CSV (default: PRED/evaluation.csv)")
+    e.set_defaults(func=cmd_evaluate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="effseg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                    "cube (default 160 on GPU, 96 on CPU; at most half the target's voxels)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

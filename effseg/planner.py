@@ -13,9 +13,12 @@ among volumes on the same side of such a switch; calibrate close to the target t
 """
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -129,20 +132,50 @@ def calibrate(config: ModelConfig, recompute, shape: Sequence[int], device: torc
     target = math.prod(shape)
     cap = cap_voxels or (160 ** 3 if device.type == "cuda" else 96 ** 3)
     top = min(target / 2, cap)
-    torch.manual_seed(0)
-    model = config.build(recompute).to(device)
-    points = []
     shapes = sorted({scaled_shape(shape, top * frac, multiple) for frac in (0.5, 0.75, 1.0)})
     if len(shapes) < 2:
         raise ValueError(f"effseg: {tuple(shape)} is too small to calibrate on smaller volumes "
                          f"(multiples of the total stride {multiple})")
-    for s in shapes:
-        x = torch.randn((batch, config.in_channels) + s, device=device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            step_peak(model, x)  # warm-up: algorithm choice, allocator
-            points.append((math.prod(s), step_peak(model, x)))
-        del x
+    points = [(math.prod(s), measure_step(config, recompute, s, device, amp, batch))
+              for s in shapes]
     return Fit.of(points)
+
+
+def measure_step(config: ModelConfig, recompute, shape: Sequence[int], device: torch.device,
+                 amp: torch.dtype | None = None, batch: int = 1) -> int:
+    """Peak bytes of one training step (after a warm-up step) at `shape`. On CPU it runs in a
+    fresh process: the RSS of a long-lived process depends on what it freed before (memory glibc
+    kept is reused without growing the RSS), which would make small steps look cheaper."""
+    if device.type == "cpu":
+        job = {"config": asdict(config), "recompute": recompute, "shape": list(shape),
+               "amp": None if amp is None else str(amp).split(".")[-1], "batch": batch}
+        code = "import sys; from effseg.planner import _worker; _worker(sys.argv[1])"
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(job)], check=True,
+                             capture_output=True, text=True)
+        return int(out.stdout.strip().splitlines()[-1])
+    return _measure_here(config, recompute, shape, device, amp, batch)
+
+
+def _measure_here(config, recompute, shape, device, amp, batch) -> int:
+    torch.manual_seed(0)
+    model = config.build(recompute).to(device)
+    x = torch.randn((batch, config.in_channels) + tuple(shape), device=device)
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        step_peak(model, x)  # warm-up: algorithm choice, allocator
+        return step_peak(model, x)
+
+
+def _worker(job_json: str) -> None:
+    job = json.loads(job_json)
+    cfg = job["config"]
+    cfg["channels"] = tuple(cfg["channels"])
+    cfg["strides"] = tuple(tuple(s) if isinstance(s, list) else s for s in cfg["strides"])
+    cfg["act"] = tuple(cfg["act"]) if isinstance(cfg["act"], list) else cfg["act"]
+    recompute = job["recompute"]
+    recompute = tuple(recompute) if isinstance(recompute, list) else recompute
+    amp = getattr(torch, job["amp"]) if job["amp"] else None
+    print(_measure_here(ModelConfig(**cfg), recompute, job["shape"], torch.device("cpu"), amp,
+                        job["batch"]))
 
 
 def choose(options: Sequence[Option], budget: int) -> Option | None:

@@ -5,9 +5,8 @@ import sys
 import pytest
 import torch
 
-from effseg.memory import step_peak
-from effseg.planner import (Fit, ModelConfig, calibrate, choose, parse_bytes, plan,
-                            scaled_shape)
+from effseg.planner import (Fit, ModelConfig, calibrate, choose, measure_step, parse_bytes,
+                            plan, scaled_shape)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="CPU peak memory is measured through Linux /proc")
@@ -19,10 +18,7 @@ def test_prediction_within_15_percent_of_a_measured_step():
     shape = (96, 96, 96)
     fit = calibrate(CONFIG, True, shape, torch.device("cpu"))
     assert all(v < math.prod(shape) for v, _ in fit.points), "calibration must be smaller"
-    model = CONFIG.build(True)
-    x = torch.randn(1, 1, *shape)
-    step_peak(model, x)
-    measured = step_peak(model, x)
+    measured = measure_step(CONFIG, True, shape, torch.device("cpu"))
     predicted = fit.predict(math.prod(shape))
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured, fit.points)
 

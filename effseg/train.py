@@ -1,0 +1,493 @@
+"""Whole-volume training (`python -m effseg train`): every case goes through the network in one
+piece, no patches, no sliding window.
+
+A new run, in RUN_DIR (`--out`):
+1. opens the dataset and validates every file (`NiftiDataset.validate`) before anything else, so
+   a bad file stops the run before it starts, never half-way;
+2. splits the cases: validation cases named explicitly, or a seeded fraction; with a single case
+   there is nothing to hold out and the Dice is measured on the training case (logged as such);
+3. writes `plans.json` (target spacing: given, or the training cases' median; CT normalization
+   fitted on the training cases; classes and their dataset ids) and caches every case on the
+   network grid in `preprocessed/` (`effseg.preprocess`);
+4. trains: each epoch visits the training cases in an order drawn from (seed, epoch); a batch of
+   several volumes is padded to the largest (image at the normalized lower clip value, i.e. air;
+   labels at the loss's ignore index); fused Dice (foreground classes, as nnU-Net) + CE loss
+   (`DiceCELoss`); AdamW or SGD (momentum 0.99, Nesterov) with a poly schedule,
+   lr * (1 - step / steps)^0.9, stepped per batch; gradient norm clipped at 12; autocast in bf16
+   or fp16 (fp16 with a gradient scaler);
+5. after each epoch: Dice per class on the validation cases (network grid), the training loss and
+   the peak memory of the epoch's training steps (CUDA max allocated, or the process's peak RSS)
+   go to `metrics.jsonl`, `metrics.csv` and `curves.png` (`effseg.train_log`); `last.pt` is
+   written every epoch and `best.pt` when the mean Dice improves (the first epoch always);
+6. when the last epoch is done, `best.pt` predicts the validation cases from their source files
+   into `validation/{case}.nii.gz` (source geometry and label ids) and `effseg.evaluate` scores
+   them there (Dice and HD95 in mm, `validation/evaluation.csv`).
+
+`--resume` continues RUN_DIR/last.pt exactly where it stopped, mid-epoch included: model,
+optimizer, gradient scaler, schedule, the position in the epoch, and the python, numpy and torch
+random states are restored, so with deterministic kernels (a CPU run at a fixed thread count;
+cuDNN may pick other algorithms) the weights equal those of an uninterrupted run bit for bit.
+The run's settings come from the checkpoint; only the device may change. Ctrl-C finishes the
+current step, writes `last.pt` and returns (`interrupted`); a second Ctrl-C aborts at once,
+leaving the last written `last.pt`.
+
+Checkpoints hold tensors and primitives only (read with `weights_only=True`): the model's state,
+its configuration, and the plans predict needs (classes, dataset label ids, target spacing,
+normalization). Refused, as `RunError`: a RUN_DIR that already holds a run (without `--resume`),
+`--resume` without `last.pt`, unknown validation case names, no case left to train on, a loss that
+is not finite (the run stops at the step where it diverged). Dataset problems raise the data
+layer's `DataError`.
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import NiftiDataset, normalization_from_plans, normalization_to_plans, save_plans
+from .losses import DiceCELoss
+from .memory import cuda_peak_bytes, peak_rss_bytes, reset_peak_rss
+from .metrics import class_dice
+from .model_config import build_model, describe, model_config
+from .phantom_cache import phantom_dataset
+from .precision import AMP_DTYPES, default_amp, default_device
+from .preprocess import cache_paths, median_spacing, preprocess_cases
+from .run_checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .train_log import write_log
+
+LAST, BEST, PLANS = "last.pt", "best.pt", "plans.json"
+CACHE, VALIDATION = "preprocessed", "validation"
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
+WEIGHT_DECAY = 3e-5
+CLIP_NORM = 12.0
+POLY_POWER = 0.9
+
+
+class RunError(ValueError):
+    """A training run cannot start or go on as asked; the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a run (primitives only: they are stored in its checkpoints)."""
+
+    out: str
+    data: str | None = None
+    labels: list[str] | None = None
+    spacing: list[float] | None = None
+    epochs: int = 50
+    lr: float | None = None
+    optimizer: str = "adamw"
+    batch_size: int = 1
+    model: str = "small"
+    arch: str = "fcn"
+    channels: list[int] | None = None
+    strides: list[int] | None = None
+    norm: str = "instance"
+    amp: str | None = None
+    device: str | None = None
+    val_fraction: float = 0.2
+    val_cases: list[str] | None = None
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    """What a call of `train` did."""
+
+    run_dir: Path
+    epochs_done: int
+    interrupted: bool
+    best_epoch: int | None
+    best_dice: float | None
+    history: list[dict] = field(default_factory=list)
+
+
+def _say(message: str) -> None:
+    tqdm.write(message)
+
+
+def _checked(config: TrainConfig) -> TrainConfig:
+    if config.epochs < 1:
+        raise RunError(f"--epochs must be at least 1, got {config.epochs}")
+    if config.batch_size < 1:
+        raise RunError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.optimizer not in DEFAULT_LR:
+        raise RunError(f"--optimizer must be one of {sorted(DEFAULT_LR)}, got "
+                       f"{config.optimizer!r}")
+    if config.amp is not None and config.amp not in AMP_DTYPES:
+        raise RunError(f"--amp must be one of {sorted(AMP_DTYPES)}, got {config.amp!r}")
+    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
+        raise RunError(f"--lr must be a positive number, got {config.lr}")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise RunError(f"--val-fraction must lie in [0, 1), got {config.val_fraction}")
+    if config.seed < 0:
+        raise RunError(f"--seed must be non-negative, got {config.seed}")
+    if config.spacing is not None:
+        spacing = list(config.spacing) * 3 if len(config.spacing) == 1 else list(config.spacing)
+        if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise RunError(f"--spacing must be one or three positive numbers, got "
+                           f"{config.spacing}")
+        config = replace(config, spacing=[float(s) for s in spacing])
+    return config
+
+
+def split_cases(cases: Sequence[str], val_fraction: float, val_cases: Sequence[str] | None,
+                seed: int) -> tuple[list[str], list[str]]:
+    """(training cases, validation cases): the named ones, or a seeded fraction (at least one
+    when there are two cases or more and the fraction is not 0)."""
+    cases = sorted(cases)
+    if val_cases is not None:
+        unknown = sorted(set(val_cases) - set(cases))
+        if unknown:
+            raise RunError(f"validation cases {unknown} are not training cases of the dataset "
+                           f"({len(cases)} cases, e.g. {cases[:3]})")
+        val = sorted(set(val_cases))
+    else:
+        count = round(val_fraction * len(cases))
+        if val_fraction > 0 and len(cases) >= 2:
+            count = min(max(count, 1), len(cases) - 1)
+        order = np.random.default_rng(seed).permutation(len(cases))
+        val = sorted(cases[i] for i in order[:count])
+    train = [c for c in cases if c not in set(val)]
+    if not train:
+        raise RunError("no case is left for training once the validation cases are taken out")
+    return train, val
+
+
+def epoch_order(cases: Sequence[str], seed: int, epoch: int) -> list[str]:
+    """The training cases in the order epoch `epoch` visits them (a function of seed and epoch
+    alone, so a resumed epoch sees the same order)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(cases))
+    return [cases[i] for i in order]
+
+
+def load_batch(cache: Path, names: Sequence[str], fill: Sequence[float], ignore_index: int,
+               label_dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole volumes of `names` from the cache, padded at their far end to the largest extent of
+    the batch: images with `fill` (one value per channel), labels with `ignore_index`."""
+    images, labels = [], []
+    for name in names:
+        image_path, label_path = cache_paths(cache, name)
+        images.append(np.load(image_path, mmap_mode="r"))
+        labels.append(np.load(label_path, mmap_mode="r"))
+    shape = tuple(max(a.shape[axis] for a in labels) for axis in range(3))
+    image_batch = np.empty((len(names), len(fill), *shape), dtype=np.float32)
+    image_batch[...] = np.asarray(fill, dtype=np.float32)[None, :, None, None, None]
+    label_batch = np.full((len(names), *shape), ignore_index, dtype=label_dtype)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x, y, z = label.shape
+        image_batch[i, :, :x, :y, :z] = image
+        label_batch[i, :x, :y, :z] = label
+    return torch.from_numpy(image_batch), torch.from_numpy(label_batch)
+
+
+def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
+               loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None) -> float:
+    """One optimizer step on one batch; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(image)
+    # The fused loss takes low-precision logits and accumulates in float32 itself; the model
+    # crops its padded output, which leaves a strided view.
+    loss = loss_fn(logits.contiguous(), label)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise RunError(f"the loss is {value}: training diverged; lower --lr, or use --amp "
+                       "bf16 or off")
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+    scaler.step(optimizer)
+    scaler.update()
+    return value
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, cache: Path, cases: Sequence[str], num_classes: int,
+             device: torch.device, amp_dtype: torch.dtype | None, stop) -> np.ndarray | None:
+    """(cases, classes) Dice of the argmax on the network grid; None if a stop was requested."""
+    model.eval()
+    scores = []
+    try:
+        for name in cases:
+            if stop.requested:
+                return None
+            image_path, label_path = cache_paths(cache, name)
+            image = torch.from_numpy(np.load(image_path))[None].to(device)
+            label = torch.from_numpy(np.load(label_path).astype(np.int64)).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(image)
+            scores.append(class_dice(logits.argmax(1)[0], label, num_classes).numpy())
+    finally:
+        model.train()
+    return np.stack(scores)
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextmanager
+def _graceful_interrupt():
+    """First Ctrl-C: set the flag (the loop stops after the current step and saves); second
+    Ctrl-C: KeyboardInterrupt at once. Signal handlers exist only in the main thread."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        _say("\ninterrupted: finishing the current step, then saving last.pt "
+             "(Ctrl-C again aborts without saving)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _prepare(config: TrainConfig, run_dir: Path) -> dict:
+    """Validate the dataset, split it, fit the plans and fill the cache; returns the plans."""
+    dataset = NiftiDataset(config.data, classes=config.labels)
+    _say(f"validating {len(dataset)} training case(s) of {dataset.root} ...")
+    dataset.validate()
+    train_cases, val_cases = split_cases(dataset.cases, config.val_fraction, config.val_cases,
+                                         config.seed)
+    spacing = config.spacing or list(median_spacing(dataset, train_cases))
+    (run_dir / PLANS).unlink(missing_ok=True)
+    stats, shapes = preprocess_cases(dataset, train_cases, val_cases, spacing,
+                                     run_dir / CACHE, config.seed)
+    plans = normalization_to_plans({
+        "dataset": str(dataset.root.resolve()), "channels": list(dataset.channels),
+        "classes": list(dataset.classes), "label_ids": dataset.labels.source_ids.tolist(),
+        "target_spacing": [float(s) for s in spacing], "train_cases": train_cases,
+        "val_cases": val_cases, "network_shapes": shapes}, stats)
+    save_plans(plans, run_dir / PLANS)
+    return plans
+
+
+def _new_run(config: TrainConfig) -> tuple[TrainConfig, dict]:
+    run_dir = Path(config.out)
+    if (run_dir / LAST).exists():
+        raise RunError(f"{run_dir} already holds a run ({LAST}); pass --resume to continue it, "
+                       "or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.data is None:
+        data = phantom_dataset()
+        _say(f"no --data given: training on the built-in phantom dataset at {data}")
+        config = replace(config, data=str(data))
+    config = replace(config, data=str(Path(config.data).resolve()), out=str(run_dir.resolve()))
+    return config, _prepare(config, run_dir)
+
+
+def train(config: TrainConfig, resume: bool = False) -> RunResult:
+    """Run (or, with `resume`, continue) a training run; see the module docstring."""
+    config = _checked(config)
+    run_dir = Path(config.out)
+    state = None
+    if resume:
+        if not (run_dir / LAST).is_file():
+            raise RunError(f"nothing to resume: {run_dir / LAST} does not exist")
+        state = load_checkpoint(run_dir / LAST)
+        stored = {f.name: state["config"][f.name] for f in fields(TrainConfig)}
+        config = replace(TrainConfig(**stored), device=config.device or stored["device"])
+        plans = state["plans"]
+    else:
+        config, plans = _new_run(config)
+
+    device = torch.device(config.device) if config.device else default_device()
+    amp = config.amp or default_amp(device)
+    config = replace(config, amp=amp)
+    amp_dtype = AMP_DTYPES[amp]
+    lr = config.lr or DEFAULT_LR[config.optimizer]
+    classes = plans["classes"]
+    num_classes = len(classes)
+    train_cases, val_cases = plans["train_cases"], plans["val_cases"]
+    cache = run_dir / CACHE
+    stats = normalization_from_plans(plans, run_dir / PLANS)
+    fill = [(s.lower - s.mean) / max(s.std, 1e-8) for s in stats]
+    ignore_index = 255 if num_classes < 255 else -1
+    label_dtype = np.dtype(np.uint8 if num_classes < 255 else np.int32)
+
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    try:
+        arch = model_config(config.model, config.arch, len(plans["channels"]), num_classes,
+                            config.channels, config.strides, config.norm)
+    except ValueError as exc:
+        raise RunError(str(exc)) from exc
+    model = build_model(arch).to(device)
+    optimizer = _optimizer(config.optimizer, model, lr)
+    steps_per_epoch = math.ceil(len(train_cases) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    loss_fn = DiceCELoss(include_background=False, ignore_index=ignore_index).to(device)
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0,
+                "loss_count": 0, "best_epoch": None, "best_dice": None, "history": []}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        progress = state["progress"]
+        set_rng_state(state["rng"])
+
+    def snapshot(best: bool = False) -> dict:
+        common = {"model": model.state_dict(), "model_config": arch, "plans": plans}
+        if best:
+            record = progress["history"][-1]
+            return {**common, "epoch": record["epoch"], "dice": record["dice"],
+                    "mean_dice": record["mean_dice"]}
+        return {**common, "config": asdict(config), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "progress": progress, "rng": rng_state()}
+
+    def result(interrupted: bool) -> RunResult:
+        return RunResult(run_dir, progress["epoch"], interrupted, progress["best_epoch"],
+                         progress["best_dice"], progress["history"])
+
+    if progress["epoch"] >= config.epochs:
+        _say(f"{run_dir} finished all {config.epochs} epochs already")
+        return result(False)
+    memory_kind = "cuda_max_allocated" if device.type == "cuda" else "peak_rss"
+    _say(f"{describe(arch)} on {device}, amp {amp}, {config.optimizer} lr {lr:g}, batch "
+         f"{config.batch_size}; {len(train_cases)} training / {len(val_cases)} validation "
+         f"case(s); classes {classes[1:]}; spacing {plans['target_spacing']} mm; run {run_dir}")
+    if not val_cases:
+        _say("no validation cases: the Dice is measured on the training cases")
+    if resume:
+        _say(f"resuming at epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']}")
+
+    with _graceful_interrupt() as stop:
+        for epoch in range(progress["epoch"], config.epochs):
+            order = epoch_order(train_cases, config.seed, epoch)
+            batches = [order[i:i + config.batch_size]
+                       for i in range(0, len(order), config.batch_size)]
+            started = time.perf_counter()
+            _reset_peak_memory(device)
+            bar = tqdm(total=len(batches), initial=progress["step_in_epoch"], disable=None,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
+            for names in batches[progress["step_in_epoch"]:]:
+                image, label = load_batch(cache, names, fill, ignore_index, label_dtype)
+                loss = train_step(model, image.to(device), label.to(device), loss_fn,
+                                  optimizer, scaler, amp_dtype)
+                scheduler.step()
+                progress["loss_sum"] += loss
+                progress["loss_count"] += 1
+                progress["step_in_epoch"] += 1
+                progress["global_step"] += 1
+                bar.set_postfix(loss=f"{loss:.4f}",
+                                mem=f"{_peak_memory(device) / 2**30:.2f}GiB")
+                bar.update()
+                if stop.requested:
+                    break
+            bar.close()
+            peak = _peak_memory(device)
+            scores = None if stop.requested else validate(
+                model, cache, val_cases or train_cases, num_classes, device, amp_dtype, stop)
+            if scores is None:
+                save_checkpoint(snapshot(), run_dir / LAST)
+                _say(f"stopped at epoch {epoch + 1}, step {progress['step_in_epoch']}; saved "
+                     f"{run_dir / LAST}; continue with: train --out {run_dir} --resume")
+                return result(True)
+            dice = {name: _nanmean(scores[:, k]) for k, name in enumerate(classes) if k}
+            record = {
+                "epoch": epoch + 1, "step": progress["global_step"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": progress["loss_sum"] / max(progress["loss_count"], 1),
+                "dice": dice, "mean_dice": _nanmean(list(dice.values())),
+                "val_source": "validation" if val_cases else "train",
+                "peak_memory_bytes": int(peak), "memory": memory_kind,
+                "seconds": time.perf_counter() - started}
+            progress["history"].append(record)
+            progress.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_count=0)
+            best = progress["best_dice"]
+            mean = record["mean_dice"]
+            if progress["best_epoch"] is None or (
+                    not math.isnan(mean) and (best is None or math.isnan(best) or mean > best)):
+                progress.update(best_epoch=epoch + 1, best_dice=mean)
+                save_checkpoint(snapshot(best=True), run_dir / BEST)
+            save_checkpoint(snapshot(), run_dir / LAST)
+            write_log(run_dir, progress["history"], classes)
+            _say(_epoch_line(record, config.epochs))
+            if stop.requested:
+                _say(f"stopped after epoch {epoch + 1}; saved {run_dir / LAST}; continue with: "
+                     f"train --out {run_dir} --resume")
+                return result(True)
+    _say(f"done: best mean Dice {progress['best_dice']:.4f} at epoch {progress['best_epoch']} "
+         f"({run_dir / BEST}); log in {run_dir / 'metrics.csv'} and {run_dir / 'curves.png'}")
+    if val_cases:
+        _predict_validation(run_dir, plans, device, amp)
+    return result(False)
+
+
+def _optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr, weight_decay=WEIGHT_DECAY)
+    # nnU-Net's SGD: heavy Nesterov momentum.
+    return torch.optim.SGD(model.parameters(), lr, momentum=0.99, nesterov=True,
+                           weight_decay=WEIGHT_DECAY)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak bytes since `_reset_peak_memory`: CUDA allocated, or the process's resident set."""
+    return cuda_peak_bytes(device) if device.type == "cuda" else peak_rss_bytes()
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    dice = " ".join(f"{name} {value:.3f}" for name, value in record["dice"].items())
+    return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
+            f"Dice ({record['val_source']}) {dice}  mean {record['mean_dice']:.3f}  "
+            f"peak {record['peak_memory_bytes'] / 2**30:.2f} GiB ({record['memory']})  "
+            f"{record['seconds']:.1f} s")
+
+
+def _predict_validation(run_dir: Path, plans: dict, device: torch.device, amp: str) -> None:
+    """best.pt on the validation cases' source files, scored against their label files."""
+    from .evaluate import evaluate_files, format_table, write_csv
+    from .predict import Predictor
+
+    dataset = NiftiDataset(plans["dataset"], classes=plans["classes"][1:])
+    predictor = Predictor.from_checkpoint(run_dir / BEST, device, amp)
+    out = run_dir / VALIDATION
+    pairs = []
+    for name in plans["val_cases"]:
+        written = predictor.predict_case(dataset.image_paths(name), out / f"{name}.nii.gz")
+        pairs.append((name, written, dataset.label_path(name)))
+    labels = dict(zip(plans["classes"][1:], plans["label_ids"][1:]))
+    rows = evaluate_files(pairs, labels)
+    write_csv(rows, out / "evaluation.csv")
+    _say(f"validation cases predicted into {out} (source geometry), scored in "
+         f"{out / 'evaluation.csv'}:\n{format_table(rows)}")

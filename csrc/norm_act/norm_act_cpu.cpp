@@ -201,16 +201,19 @@ void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Red
   Partials<acc_t> part(bl);
   bl.run(
       [&](int64_t n, int64_t c, int64_t k, int64_t off, int64_t len) {
+        // Values, not references into shared state, inside the element loops: then the
+        // compiler can keep them in registers and vectorize.
         const Affine<acc_t> a = af[c];
+        const ActParam<acc_t> p = prm;
         const scalar_t *yb = yp + off, *db = dyp + off;
         const int64_t idx = part.index(bl, n, k, c);
         // Two passes over a cache-resident block: each sum vectorizes on its own.
-        part.a[idx] = lane_sum<acc_t>(len, [&](int64_t i) {
-          return acc_t(db[i]) * Activation<A, acc_t>::derivative(acc_t(yb[i]), prm);
+        part.a[idx] = lane_sum<acc_t>(len, [=](int64_t i) {
+          return acc_t(db[i]) * Activation<A, acc_t>::derivative(acc_t(yb[i]), p);
         });
-        part.b[idx] = lane_sum<acc_t>(len, [&](int64_t i) {
+        part.b[idx] = lane_sum<acc_t>(len, [=](int64_t i) {
           acc_t dz, xhat;
-          recover<A>(acc_t(yb[i]), acc_t(db[i]), a, prm, dz, xhat);
+          recover<A>(acc_t(yb[i]), acc_t(db[i]), a, p, dz, xhat);
           return dz * xhat;
         });
       },
@@ -221,10 +224,11 @@ void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Red
         const int64_t C = g.C;
         std::fill(s1, s1 + C, acc_t(0));
         std::fill(s2, s2 + C, acc_t(0));
+        const ActParam<acc_t> p = prm;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < C; ++c) {
             acc_t dz, xhat;
-            recover<A>(acc_t(yb[r * C + c]), acc_t(db[r * C + c]), af[c], prm, dz, xhat);
+            recover<A>(acc_t(yb[r * C + c]), acc_t(db[r * C + c]), af[c], p, dz, xhat);
             s1[c] += dz;
             s2[c] += dz * xhat;
           }
@@ -263,20 +267,22 @@ void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, const at::
       [&](int64_t n, int64_t c, int64_t, int64_t off, int64_t len) {
         const InputGradCoef<acc_t> k = coef[ps ? n * g.C + c : c];
         const Affine<acc_t> aff = af[c];
+        const ActParam<acc_t> p = prm;
         for (int64_t i = off; i < off + len; ++i) {
           acc_t dz, xhat;
-          recover<A>(acc_t(yp[i]), acc_t(dyp[i]), aff, prm, dz, xhat);
+          recover<A>(acc_t(yp[i]), acc_t(dyp[i]), aff, p, dz, xhat);
           dxp[i] = scalar_t(input_grad_value(dz, xhat, k));
         }
       },
       [&](int64_t n, int64_t, int64_t off, int64_t rows) {
         const InputGradCoef<acc_t>* k = coef.data() + (ps ? n * g.C : 0);
         const int64_t C = g.C;
+        const ActParam<acc_t> p = prm;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < C; ++c) {
             const int64_t i = off + r * C + c;
             acc_t dz, xhat;
-            recover<A>(acc_t(yp[i]), acc_t(dyp[i]), af[c], prm, dz, xhat);
+            recover<A>(acc_t(yp[i]), acc_t(dyp[i]), af[c], p, dz, xhat);
             dxp[i] = scalar_t(input_grad_value(dz, xhat, k[c]));
           }
       });

@@ -33,7 +33,7 @@ from .data import (
     resample,
     target_shape,
 )
-from .data.normalization import foreground_samples
+from .data.normalization import fit_pooled, foreground_samples
 
 SAMPLES_PER_CASE = 10_000
 
@@ -108,19 +108,9 @@ def preprocess_cases(dataset: NiftiDataset, train_cases: Sequence[str],
         np.save(image_path, image)
         np.save(label_path, label)
         shapes[name] = list(image.shape[1:])
-    stats = _fit(dataset, samples)
+    stats = fit_pooled(dataset, samples)
     for name in cases:
         image_path, _ = cache_paths(folder, name)
         np.save(image_path, normalize(np.load(image_path), stats))
     return stats, shapes
 
-
-def _fit(dataset: NiftiDataset, samples: list[list[np.ndarray]]) -> list[CTNormalization]:
-    stats = []
-    for parts in samples:
-        values = np.concatenate(parts) if parts else np.empty(0)
-        if values.size == 0:
-            raise DataError(dataset.root, f"no foreground voxels (label > 0) in the training "
-                                          f"cases; classes {dataset.classes[1:]}")
-        stats.append(CTNormalization.fit(values))
-    return stats

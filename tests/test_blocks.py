@@ -18,6 +18,19 @@ ACTS = {
 }
 
 
+@pytest.fixture
+def norm_stats_calls(monkeypatch):
+    """A list that gets one entry per call of the compiled CPU norm_stats op."""
+    from effseg.ops import _library
+    calls = []
+    real = _library._COMPILED.get(("norm_stats", "cpu"))
+    if real is None:
+        pytest.skip("compiled ops not loaded")
+    monkeypatch.setitem(_library._COMPILED, ("norm_stats", "cpu"),
+                        lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def stock_block(block, x, act_fn):
     """The same block from stock functional layers, with the block's parameters and buffers
     (buffers are updated in place, like stock modules do)."""
@@ -144,14 +157,8 @@ def test_eval_mode_with_grad_uses_running_stats():
     torch.testing.assert_close(b.unit1.conv.weight.grad, plain.unit1.conv.weight.grad)
 
 
-def test_backward_replays_statistics_instead_of_reducing_again(monkeypatch):
-    from effseg.ops import _library
-    calls = []
-    real = _library._COMPILED.get(("norm_stats", "cpu"))
-    if real is None:
-        pytest.skip("compiled ops not loaded")
-    monkeypatch.setitem(_library._COMPILED, ("norm_stats", "cpu"),
-                        lambda *a: calls.append(1) or real(*a))
+def test_backward_replays_statistics_instead_of_reducing_again(norm_stats_calls):
+    calls = norm_stats_calls
     b = RecomputeBlock3d(3, 4)
     x = torch.randn(2, 3, 6, 6, 6, requires_grad=True)
     out = b(x)
@@ -232,14 +239,8 @@ def test_stock_checkpoint_updates_running_stats_twice_and_effseg_once():
         torch.testing.assert_close(p.grad, ref_p.grad, msg=n)
 
 
-def test_checkpoint_replays_effseg_stats_and_wraps_recompute_blocks(monkeypatch):
-    from effseg.ops import _library
-    calls = []
-    real = _library._COMPILED.get(("norm_stats", "cpu"))
-    if real is None:
-        pytest.skip("compiled ops not loaded")
-    monkeypatch.setitem(_library._COMPILED, ("norm_stats", "cpu"),
-                        lambda *a: calls.append(1) or real(*a))
+def test_checkpoint_replays_effseg_stats_and_wraps_recompute_blocks(norm_stats_calls):
+    calls = norm_stats_calls
     torch.manual_seed(0)
     m = torch.nn.Sequential(ConvNormAct3d(2, 3), RecomputeBlock3d(3, 3))
     ref = torch.nn.Sequential(ConvNormAct3d(2, 3), RecomputeBlock3d(3, 3))

@@ -98,8 +98,14 @@ def fit_ct_normalization(dataset: NiftiDataset, samples_per_case: int | None = 1
     for case in dataset:
         for channel, image in enumerate(case.image):
             pooled[channel].append(foreground_samples(image, case.label, samples_per_case, rng))
+    return fit_pooled(dataset, pooled)
+
+
+def fit_pooled(dataset: NiftiDataset, pooled) -> list[CTNormalization]:
+    """One CTNormalization per channel from foreground samples pooled over the cases
+    (`pooled[channel]` is a list of sample arrays)."""
     stats = []
-    for channel, parts in enumerate(pooled):
+    for parts in pooled:
         values = np.concatenate(parts) if parts else np.empty(0)
         if values.size == 0:
             raise DataError(dataset.root, f"no foreground voxels (label > 0) in the training "

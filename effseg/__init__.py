@@ -3,11 +3,14 @@
 - `effseg.nn`: in-place activated normalization modules (`InPlaceABN`, `InPlaceAIN`), the
   `ConvNormAct3d` unit and the recomputing `RecomputeBlock3d`;
 - `effseg.checkpoint`: activation checkpointing that is safe with batch norm;
+- `effseg.convert`: fuses the norm + activation pairs of an existing network (MONAI's included)
+  into the in-place modules; `effseg.monai.register()`: effseg norms in MONAI's Norm factory;
 - `effseg.functional`: the same as functions;
 - `effseg.ops`: the autograd binding of `torch.ops.effseg.*` and the pure-PyTorch references.
 """
-from . import functional, nn, ops
+from . import functional, monai, nn, ops
 from .checkpoint import checkpoint
+from .convert import convert
 from .ops import HAVE_EXTENSION
 
 try:
@@ -15,4 +18,5 @@ try:
 except ImportError:  # an unbuilt source tree
     __version__ = "0.1.0"
 
-__all__ = ["HAVE_EXTENSION", "checkpoint", "functional", "nn", "ops", "__version__"]
+__all__ = ["HAVE_EXTENSION", "checkpoint", "convert", "functional", "monai", "nn", "ops",
+           "__version__"]

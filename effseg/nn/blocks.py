@@ -85,7 +85,8 @@ class RecomputeBlock3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         params = [p for p in self.parameters() if p.requires_grad]
-        if not (self.recompute and torch.is_grad_enabled()
+        # Exporting records the plain units (stock ops, see InPlaceABN), never the Function.
+        if not (self.recompute and torch.is_grad_enabled() and not torch.compiler.is_exporting()
                 and (x.requires_grad or params)):
             out = self.unit2(self.unit1(x))
             if self.residual:

@@ -68,6 +68,7 @@ class DecoderBlock3d(nn.Module):
         self._check(low, skip)
         params = [p for p in self.parameters() if p.requires_grad]
         grad = torch.is_grad_enabled() and (low.requires_grad or skip.requires_grad or params)
+        grad = grad and not torch.compiler.is_exporting()  # export records the plain units
         if not (self.recompute and grad):
             z = self.conv_skip(skip) + self.conv_up(self.up(low).to(skip.dtype))
             h = self.norm1(z)

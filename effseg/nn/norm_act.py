@@ -5,15 +5,23 @@
 buffers have exactly the names, shapes and meaning of the stock norms, so state dicts load both
 ways. The forward overwrites its input; for backward only the output (in the input's storage),
 O(C) statistics and weight/bias are kept. See `effseg.functional` for what they refuse.
+
+Under `torch.export` (and so `torch.onnx.export(..., dynamo=True)`) the modules compute the
+stock ops instead, out of place: `F.batch_norm` / `F.instance_norm` with the same statistics and
+the same clamped weight, then the activation. The exported graph then holds only standard ATen
+ops, which ONNX and other runtimes understand; eager mode (training, eval and inference) keeps
+the in-place op.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as TF
 from torch.nn.modules.batchnorm import _NormBase
 
 from .. import functional as F
+from ..ops.reference import clamp_gamma
 
 
 @dataclass
@@ -65,9 +73,26 @@ class _InPlaceNormAct(_NormBase):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         s = self.step()
+        if torch.compiler.is_exporting():
+            return self._decomposed(input, s)
         fn = F.inplace_ain if self.per_sample else F.inplace_abn
         return fn(input, s.running_mean, s.running_var, s.weight, s.bias, s.use_batch_stats,
                   s.momentum, s.eps, self.activation, self.activation_param)
+
+    def _decomposed(self, x: torch.Tensor, s: NormStep) -> torch.Tensor:
+        """The same result from stock ops, out of place (what torch.export records)."""
+        weight = None if s.weight is None else clamp_gamma(s.weight)
+        if self.per_sample:
+            y = TF.instance_norm(x, s.running_mean, s.running_var, weight, s.bias,
+                                 s.use_batch_stats, s.momentum, s.eps)
+        else:
+            y = TF.batch_norm(x, s.running_mean, s.running_var, weight, s.bias,
+                              s.use_batch_stats, s.momentum, s.eps)
+        if self.activation == "leaky_relu":
+            return TF.leaky_relu(y, self.activation_param)
+        if self.activation == "elu":
+            return TF.elu(y, self.activation_param)
+        return y
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, activation={self.activation}, "
@@ -111,3 +136,8 @@ class InPlaceAIN(_InPlaceNormAct):
 
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
+
+    def _momentum_factor(self) -> float:
+        # As nn.InstanceNorm: num_batches_tracked is never counted, and momentum=None leaves the
+        # running statistics as they are (no cumulative average).
+        return 0.0 if self.momentum is None else self.momentum

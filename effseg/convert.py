@@ -11,16 +11,18 @@ stay those of the stock model.
 
 What it guarantees. The fused module overwrites its input and keeps its output for backward, so
 a pair is fused only where the data flow proves that both are harmless. The data flow comes from
-`torch.fx` symbolic tracing of a deep copy of the model (nn.Sequential, MONAI's ADN and custom
-forwards alike; a forward that cannot be traced is skipped and its children are traced one by
-one). A norm is fused only if, at every place it is called:
+`torch.fx` symbolic tracing of deep copies of the model in training and in eval mode
+(nn.Sequential, MONAI's ADN and custom forwards alike; a forward that cannot be traced is
+skipped and its children are traced one by one). A norm is fused only if, at every place it is
+called:
 - its input is the output of a convolution (Conv/ConvTranspose 1-3d) or a Linear layer that
   nothing else reads (those layers do not need their output for backward), so overwriting it
   is invisible;
 - its output goes only to the activation, possibly through Dropout with p=0 (dropout with p > 0
   between the two changes what the activation sees in training);
 - the activation's output (and any view of it) is never modified in place afterwards within the
-  traced forward (the fused module needs it for backward);
+  traced forward (the fused module needs it for backward), nor returned to a forward that
+  could not be traced;
 - the activation module is called nowhere else where it cannot be fused, since it becomes
   nn.Identity;
 - the norm, the activation and the producing layer have no hooks.
@@ -156,8 +158,10 @@ def _name(node: fx.Node) -> str:
         node.op in ("call_function", "call_method")) else ""
 
 
-def _modified_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """A user that modifies `node`'s tensor (or a view of it) in place, if any."""
+def _modified_in_place(node: fx.Node, modules: dict[str, nn.Module],
+                       caller_unknown: bool) -> fx.Node | None:
+    """A user that modifies `node`'s tensor (or a view of it) in place, if any; with
+    `caller_unknown`, the graph's output counts as one (an untraceable caller receives it)."""
     todo, seen = [node], set()
     while todo:
         n = todo.pop()
@@ -172,6 +176,8 @@ def _modified_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node 
                 if isinstance(m, _ALIASING_MODULES):
                     todo.append(u)
                 continue
+            if u.op == "output" and caller_unknown:
+                return u
             if u.op not in ("call_function", "call_method"):
                 continue
             target = getattr(u.target, "__name__", str(u.target))
@@ -273,7 +279,12 @@ def _site(norm_node: fx.Node, modules: dict[str, nn.Module], prefix: str,
         return _Site(reason=f"the activation {prefix}{nxt.target} has hooks")
     if nxt.args[0] is not cur or len(nxt.args) != 1 or nxt.kwargs:
         return _Site(reason=f"the activation {prefix}{nxt.target} is called with other arguments")
-    writer = _modified_in_place(nxt, modules)
+    writer = _modified_in_place(nxt, modules, caller_unknown=prefix != "")
+    if writer is not None and writer.op == "output":
+        return _Site(reason=(f"the activation's output is returned to the forward of "
+                             f"'{prefix.rpartition('.')[0].rpartition('.')[0] or 'the model'}', "
+                             "which cannot be traced and might modify it in place; the fused "
+                             "norm keeps that output for backward"))
     if writer is not None:
         return _Site(reason=(f"the activation's output is modified in place by "
                              f"{_describe(writer, modules, prefix)}; the fused norm keeps that "
@@ -376,10 +387,12 @@ def convert(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, Convers
     if not isinstance(inplace, bool):
         raise TypeError(f"effseg.convert: inplace must be a bool, got {type(inplace).__name__}")
     target = model if inplace else copy.deepcopy(model)
-    # Tracing runs the forwards' Python code, which may store proxies on the modules: trace a copy.
+    # Tracing runs the forwards' Python code, which may store proxies on the modules: trace
+    # copies. Forwards may branch on self.training: a pair must be safe in both modes.
     graphs: list[tuple[str, nn.Module, fx.Graph]] = []
     failed: dict[str, str] = {}
-    _trace(copy.deepcopy(target), "", graphs, failed)
+    for training in (True, False):
+        _trace(copy.deepcopy(target).train(training), "", graphs, failed)
 
     paths: dict[int, list[str]] = {}
     for path, m in target.named_modules(remove_duplicate=False):

@@ -21,7 +21,7 @@ fi
 if ! python -c "import torch" 2>/dev/null; then
   pip install -q "$TORCH_SPEC"
 fi
-pip install -q numpy pytest expecttest ninja "cmake==3.31.10" nibabel scipy matplotlib tqdm
+pip install -q numpy pytest expecttest ninja "cmake==3.31.10" nibabel scipy matplotlib tqdm monai onnx onnxscript onnxruntime
 
 # CUDA toolkit location (torch's own guess stops at /usr/local when nvcc there is a wrapper),
 # architectures (needed when no GPU is visible) and parallel jobs (each nvcc job takes ~1.5 GB).

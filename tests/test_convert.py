@@ -156,10 +156,15 @@ def test_dropout_between_norm_and_activation():
     # p = 0 is the identity; after the activation any p is fine
     for seq in (nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.Dropout(0.0),
                               nn.LeakyReLU()),
+                nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4),
+                              nn.Dropout(0.0, inplace=True), nn.LeakyReLU()),
                 nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.LeakyReLU(),
                               nn.Dropout(0.5))):
+        seq = seq.to(D)
         converted, report = effseg.convert(seq)
         assert [r.path for r in report.replaced] == ["1"]
+        if isinstance(seq[2], nn.Dropout):
+            _assert_same_training_step(seq, converted, (2, 2, 5, 5, 5))
 
 
 def test_norm_without_activation_is_left_stock():
@@ -236,6 +241,20 @@ def test_norm_input_read_elsewhere_is_left_stock(cls, norm_path, act_path):
     assert not torch.allclose(gn, gs)
 
 
+class _ResidualInTrainingOnly(_ResidualAfterNorm):
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.act(self.bn(y))
+        return z + y if self.training else z
+
+
+def test_data_flow_of_both_modes_is_checked():
+    stock = _ResidualInTrainingOnly().to(D).eval()
+    converted, report = effseg.convert(stock)
+    assert "is also read by add()" in _reason(report, "bn")
+    _assert_same_training_step(stock, converted, (2, 3, 4, 4, 4))
+
+
 class _ModifiedAfter(nn.Module):
     def __init__(self):
         super().__init__()
@@ -289,6 +308,7 @@ class _Untraceable(nn.Module):
         self.bn = nn.BatchNorm3d(3)
         self.act = nn.LeakyReLU(0.1)
         self.body = nn.Sequential(nn.Conv3d(3, 3, 3, padding=1), nn.BatchNorm3d(3),
+                                  nn.LeakyReLU(0.1), nn.Conv3d(3, 3, 1), nn.BatchNorm3d(3),
                                   nn.LeakyReLU(0.1))
 
     def forward(self, x):
@@ -302,6 +322,8 @@ def test_untraceable_forward_leaves_its_own_norms_stock():
     stock = _Untraceable().to(D)
     converted, report = effseg.convert(stock)
     assert "cannot be traced by torch.fx" in _reason(report, "bn")
+    # body's output goes back to the untraceable forward, which might change it in place
+    assert "returned to the forward of 'the model'" in _reason(report, "body.4")
     assert [r.path for r in report.replaced] == ["body.1"]
     assert type(converted.bn) is nn.BatchNorm3d and type(converted.body[1]) is InPlaceABN
     _assert_same_training_step(stock, converted, (2, 2, 5, 5, 5))

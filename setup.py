@@ -64,6 +64,9 @@ def write_build_config(with_cuda, archs, version):
         f.write(f"VERSION = {version!r}\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n")
+        # The CUDA of the torch it was compiled against (None: a CPU build of torch), which the
+        # running torch must share even when the extension itself has no CUDA kernels.
+        f.write(f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
         f.write(f"CUDA_ARCHS = {archs!r}\n")
 

@@ -35,8 +35,11 @@ def build_report() -> dict:
         "gpus": devices,
         "extension_loaded": load_error() is None,
         "extension_error": load_error(),
+        "built_version": getattr(build, "VERSION", None),
         "built_with_torch": getattr(build, "TORCH_VERSION", None),
+        "built_with_torch_cuda": getattr(build, "TORCH_CUDA_VERSION", None),
         "built_with_cuda": getattr(build, "CUDA_VERSION", None),
+        "cpu_only": None if build is None else not build.WITH_CUDA,
         "cuda_archs": getattr(build, "CUDA_ARCHS", None),
         "ops": {name: {"cpu": has_kernel(name, "cpu"), "cuda": has_kernel(name, "cuda")}
                 for name in OP_NAMES},
@@ -51,10 +54,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"effseg {report['effseg']}")
     print(f"torch {report['torch']} (CUDA {report['torch_cuda'] or 'none'}), "
           f"GPUs: {', '.join(report['gpus']) or 'none visible'}")
+    if report["built_with_torch"] is not None:
+        print(f"effseg._C {report['built_version']}: compiled against torch "
+              f"{report['built_with_torch']}, "
+              + (f"CUDA {report['built_with_cuda']}, architectures {report['cuda_archs']}"
+                 if not report["cpu_only"] else "CPU-only build"))
     if report["extension_loaded"]:
-        print(f"effseg._C: compiled against torch {report['built_with_torch']}, CUDA "
-              f"{report['built_with_cuda'] or 'none (CPU-only build)'}"
-              + (f", architectures {report['cuda_archs']}" if report["cuda_archs"] else ""))
+        print("effseg._C: loaded")
     else:
         print(f"effseg._C: not in use ({report['extension_error']}); ops run the pure-PyTorch "
               "reference")

@@ -1,9 +1,10 @@
 """Loading of the compiled ops and the choice, per call, between them and the reference.
 
 `effseg._C` registers the `torch.ops.effseg.*` ops (schemas in csrc/registry.cpp). When it cannot
-be loaded (not built, or built against another torch), or when it has no kernel for a device (a
-CPU-only build given CUDA tensors), effseg runs the pure-PyTorch reference of the op instead and
-says so once.
+be loaded (not built; built against another torch minor version or another CUDA, which is
+refused before loading; or failing to load, e.g. with an undefined symbol), or when it has no
+kernel for a device (a CPU-only build given CUDA tensors), effseg runs the pure-PyTorch reference
+of the op instead and says so once. `python -m effseg info` shows why.
 """
 from __future__ import annotations
 
@@ -15,11 +16,52 @@ import torch
 
 from . import reference
 
-_LOAD_ERROR: str | None = None
-
 
 def _torch_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _flavour(cuda: str | None) -> str:
+    return f"CUDA {cuda}" if cuda else "CPU-only"
+
+
+def _fix(running_torch: str, running_cuda: str | None) -> str:
+    tag = ("cu" + running_cuda.replace(".", "") if running_cuda else "cpu") + "torch" + \
+        _torch_minor(running_torch)
+    return ("rebuild effseg against the running torch (pip install --no-build-isolation -e . in a "
+            f"checkout, or scripts/build_wheels.sh) or install the effseg wheel built for it "
+            f"(version ending in +{tag})")
+
+
+def build_mismatch(built_torch: str, built_cuda: str | None, running_torch: str,
+                   running_cuda: str | None) -> str | None:
+    """Why an effseg._C compiled against torch `built_torch` whose CUDA was `built_cuda` (None: a
+    CPU build of torch) must not be loaded under torch `running_torch` with CUDA `running_cuda`,
+    or None when it may. torch's C++ ABI changes between minor versions; the extension links the
+    CUDA runtime and the CUDA libraries of the torch it was compiled against (a CPU build of
+    torch has none, and a CPU-torch build lacks what a CUDA torch's headers declare)."""
+    if _torch_minor(built_torch) != _torch_minor(running_torch):
+        return (f"effseg._C was built against torch {built_torch} but torch {running_torch} is "
+                f"running; {_fix(running_torch, running_cuda)}")
+    if built_cuda != running_cuda:
+        return (f"effseg._C was built against a {_flavour(built_cuda)} build of torch "
+                f"({built_torch}) but the running torch {running_torch} is a "
+                f"{_flavour(running_cuda)} build; {_fix(running_torch, running_cuda)}")
+    return None
+
+
+def _explain_import_error(exc: ImportError) -> str:
+    text = str(exc)
+    built = f"torch {BUILD.TORCH_VERSION}" if BUILD is not None else "another torch"
+    if "undefined symbol" in text:
+        # A library whose symbols differ from the headers it was compiled with: another torch
+        # (or a torch of the same version built differently) than the one running.
+        return (f"effseg._C does not fit the running torch {torch.__version__}: it was built "
+                f"against {built} ({text}); {_fix(torch.__version__, torch.version.cuda)}")
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "effseg._C":
+        return ("effseg._C is not built (pip install --no-build-isolation -e . in a checkout, or "
+                "install an effseg wheel)")
+    return f"effseg._C could not be loaded ({text})"
 
 
 try:
@@ -27,20 +69,26 @@ try:
 except ImportError:  # a source tree that was never built
     BUILD = None
 
-if os.environ.get("EFFSEG_NO_EXTENSION", "0") == "1":
-    _LOAD_ERROR = "EFFSEG_NO_EXTENSION=1 is set"
-elif BUILD is not None and _torch_minor(BUILD.TORCH_VERSION) != _torch_minor(torch.__version__):
-    _LOAD_ERROR = (
-        f"effseg._C was built against torch {BUILD.TORCH_VERSION} but torch {torch.__version__} "
-        "is running; rebuild effseg (pip install --no-build-isolation -e .) or install the wheel "
-        "built for this torch"
-    )
-else:
+
+def _load_extension() -> str | None:
+    """Loads effseg._C (registering its ops); returns why it was not loaded, or None."""
+    if os.environ.get("EFFSEG_NO_EXTENSION", "0") == "1":
+        return "EFFSEG_NO_EXTENSION=1 is set"
+    if BUILD is not None:
+        # Build records written before TORCH_CUDA_VERSION existed came from CUDA builds only.
+        built_cuda = getattr(BUILD, "TORCH_CUDA_VERSION", BUILD.CUDA_VERSION)
+        mismatch = build_mismatch(BUILD.TORCH_VERSION, built_cuda, torch.__version__,
+                                  torch.version.cuda)
+        if mismatch is not None:
+            return mismatch
     try:
         from effseg import _C  # noqa: F401  (importing registers the ops)
     except ImportError as exc:
-        _LOAD_ERROR = f"effseg._C could not be loaded ({exc})"
+        return _explain_import_error(exc)
+    return None
 
+
+_LOAD_ERROR: str | None = _load_extension()
 HAVE_EXTENSION = _LOAD_ERROR is None
 
 OP_NAMES = (

@@ -137,7 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             return _fail("train", ValueError(f"--resume continues the run with the settings in "
                                              f"its checkpoint; drop {flags}"))
     try:
-        result = train(TrainConfig(**options), resume=args.resume)
+        result = train(TrainConfig(**options), resume=args.resume,
+                       dist_timeout=args.dist_timeout)
     except (DataError, RunError, CheckpointError) as exc:
         return _fail("train", exc)
     except KeyboardInterrupt:
@@ -219,6 +220,9 @@ def _add_train(sub) -> None:
     t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt exactly "
                    "(only --device may be given with it)")
+    t.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for the other ranks "
+                   "before the run fails (default 600; rank 0 prepares the data meanwhile)")
     t.set_defaults(func=cmd_train)
 
 

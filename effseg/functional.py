@@ -101,7 +101,7 @@ def check_input(x, name: str = "input") -> None:
 
 
 def _norm_act(x, running_mean, running_var, weight, bias, use_batch_stats, per_sample, momentum,
-              eps, activation, activation_param):
+              eps, activation, activation_param, sync=None):
     check_input(x)
     activation, activation_param = resolve_activation(activation, activation_param)
     C = x.shape[1]
@@ -129,7 +129,16 @@ def _norm_act(x, running_mean, running_var, weight, bias, use_batch_stats, per_s
     if not float(eps) > 0:
         raise ValueError(f"effseg: eps must be > 0, got {eps}")
     return norm_act(x, weight, bias, running_mean, running_var, bool(use_batch_stats),
-                    per_sample, float(momentum), float(eps), activation, activation_param)
+                    per_sample, float(momentum), float(eps), activation, activation_param,
+                    sync if use_batch_stats else None)
+
+
+def norm_act_step(input: torch.Tensor, step, activation: str,
+                  activation_param: float | None) -> torch.Tensor:
+    """One forward call of a norm module as described by its `NormStep` (effseg.nn)."""
+    return _norm_act(input, step.running_mean, step.running_var, step.weight, step.bias,
+                     step.use_batch_stats, step.per_sample, step.momentum, step.eps, activation,
+                     activation_param, step.sync)
 
 
 def inplace_abn(input: torch.Tensor, running_mean: torch.Tensor | None,
@@ -145,6 +154,21 @@ def inplace_abn(input: torch.Tensor, running_mean: torch.Tensor | None,
     """
     return _norm_act(input, running_mean, running_var, weight, bias, training, False, momentum,
                      eps, activation, activation_param)
+
+
+def inplace_abn_sync(input: torch.Tensor, running_mean: torch.Tensor | None,
+                     running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None, training: bool = False,
+                     momentum: float = 0.1, eps: float = 1e-5, activation: str = "leaky_relu",
+                     activation_param: float | None = None,
+                     process_group=None) -> torch.Tensor:
+    """`inplace_abn` whose training statistics and backward sums are combined over the ranks of
+    `process_group` (None: the default group); see `effseg.nn.InPlaceABNSync`. Without an
+    initialised torch.distributed it is `inplace_abn` (one warning)."""
+    from .ops.sync import resolve
+
+    return _norm_act(input, running_mean, running_var, weight, bias, training, False, momentum,
+                     eps, activation, activation_param, resolve(process_group, training))
 
 
 def inplace_ain(input: torch.Tensor, running_mean: torch.Tensor | None = None,

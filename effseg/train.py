@@ -31,6 +31,15 @@ The run's settings come from the checkpoint; only the device may change. Ctrl-C 
 current step, writes `last.pt` and returns (`interrupted`); a second Ctrl-C aborts at once,
 leaving the last written `last.pt`.
 
+Several processes (`torchrun --nproc_per_node=N -m effseg train ...`, or several nodes with
+`--nnodes`/`--rdzv_endpoint`): data-parallel training with DDP (`effseg.distributed`). Each epoch's
+case order is split across the ranks (`--batch-size` volumes per rank and step); with
+`--norm batch` the norms are synchronized (`InPlaceABNSync`: statistics of the global batch).
+Rank 0 alone prepares the data, logs, validates (the validation cases are scored by all ranks,
+each its share) and writes checkpoints; a Ctrl-C on any rank stops all of them after the same
+step; `--resume` works the same (mid-epoch only with the same number of processes). Collectives
+time out after `--dist-timeout` seconds, so a dead rank ends the run with an error, not a hang.
+
 Checkpoints hold tensors and primitives only (read with `weights_only=True`): the model's state,
 its configuration, and the plans predict needs (classes, dataset label ids, target spacing,
 normalization). Refused, as `RunError`: a RUN_DIR that already holds a run (without `--resume`),
@@ -52,13 +61,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from . import distributed
 from .data import NiftiDataset, normalization_from_plans, normalization_to_plans, save_plans
 from .losses import DiceCELoss
 from .memory import cuda_peak_bytes, peak_rss_bytes, reset_peak_rss
 from .metrics import class_dice
 from .model_config import build_model, describe, model_config
+from .nn.sync import convert_sync
 from .phantom_cache import phantom_dataset
 from .precision import AMP_DTYPES, default_amp, default_device
 from .preprocess import cache_paths, median_spacing, preprocess_cases
@@ -71,6 +83,7 @@ DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
 WEIGHT_DECAY = 3e-5
 CLIP_NORM = 12.0
 POLY_POWER = 0.9
+DIST_TIMEOUT = 600.0
 
 
 class RunError(ValueError):
@@ -225,7 +238,7 @@ def validate(model: torch.nn.Module, cache: Path, cases: Sequence[str], num_clas
              device: torch.device, amp_dtype: torch.dtype | None, stop) -> np.ndarray | None:
     """(cases, classes) Dice of the argmax on the network grid; None if a stop was requested."""
     model.eval()
-    scores = []
+    scores = [np.zeros((0, num_classes))]
     try:
         for name in cases:
             if stop.requested:
@@ -235,10 +248,10 @@ def validate(model: torch.nn.Module, cache: Path, cases: Sequence[str], num_clas
             label = torch.from_numpy(np.load(label_path).astype(np.int64)).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(image)
-            scores.append(class_dice(logits.argmax(1)[0], label, num_classes).numpy())
+            scores.append(class_dice(logits.argmax(1)[0], label, num_classes).numpy()[None])
     finally:
         model.train()
-    return np.stack(scores)
+    return np.concatenate(scores)
 
 
 class _StopFlag:
@@ -302,22 +315,80 @@ def _new_run(config: TrainConfig) -> tuple[TrainConfig, dict]:
     return config, _prepare(config, run_dir)
 
 
-def train(config: TrainConfig, resume: bool = False) -> RunResult:
-    """Run (or, with `resume`, continue) a training run; see the module docstring."""
-    config = _checked(config)
-    run_dir = Path(config.out)
-    state = None
-    if resume:
-        if not (run_dir / LAST).is_file():
-            raise RunError(f"nothing to resume: {run_dir / LAST} does not exist")
-        state = load_checkpoint(run_dir / LAST)
-        stored = {f.name: state["config"][f.name] for f in fields(TrainConfig)}
-        config = replace(TrainConfig(**stored), device=config.device or stored["device"])
-        plans = state["plans"]
-    else:
-        config, plans = _new_run(config)
+def _validate_shared(net, cache, cases, num_classes, device, amp_dtype, stop, ranks):
+    """`validate` with the cases dealt out to the ranks; every rank gets all scores, in case
+    order, or None when a stop was requested on any rank."""
+    mine = validate(net, cache, list(cases)[ranks.rank::ranks.world_size], num_classes, device,
+                    amp_dtype, stop)
+    parts = distributed.gather(mine, ranks)
+    if any(p is None for p in parts):
+        return None
+    rows = [None] * len(cases)
+    for r, part in enumerate(parts):
+        rows[r::ranks.world_size] = list(part)
+    return np.stack(rows)
 
-    device = torch.device(config.device) if config.device else default_device()
+
+def _start_run(config: TrainConfig, resume: bool, ranks) -> tuple[TrainConfig, dict, dict | None]:
+    """(config, plans, checkpoint state): rank 0 opens or creates the run, the others receive
+    its settings (a failure on rank 0 is raised on every rank)."""
+    outcome = None
+    if ranks.is_main:
+        try:
+            outcome = _open_run(config, resume)
+        except Exception as exc:
+            # The others must not wait for settings that will never come.
+            distributed.broadcast(RunError(f"rank 0 could not open the run: {exc}"), ranks)
+            raise
+    outcome = distributed.broadcast(outcome, ranks)
+    if isinstance(outcome, RunError):
+        raise outcome
+    config, plans, has_state = outcome
+    state = load_checkpoint(Path(config.out) / LAST) if has_state else None
+    return config, plans, state
+
+
+def _open_run(config: TrainConfig, resume: bool) -> tuple[TrainConfig, dict, bool]:
+    run_dir = Path(config.out)
+    if not resume:
+        return (*_new_run(config), False)
+    if not (run_dir / LAST).is_file():
+        raise RunError(f"nothing to resume: {run_dir / LAST} does not exist")
+    state = load_checkpoint(run_dir / LAST)
+    stored = {f.name: state["config"][f.name] for f in fields(TrainConfig)}
+    config = replace(TrainConfig(**stored), out=str(run_dir.resolve()),
+                     device=config.device or stored["device"])
+    return config, state["plans"], True
+
+
+def train(config: TrainConfig, resume: bool = False,
+          dist_timeout: float = DIST_TIMEOUT) -> RunResult:
+    """Run (or, with `resume`, continue) a training run; see the module docstring. Under
+    torchrun each process calls this; `dist_timeout` (seconds) bounds every collective."""
+    config = _checked(config)
+    ranks, device_name = distributed.start(config.device, dist_timeout)
+    try:
+        return _train(config, resume, ranks, device_name)
+    except torch.distributed.DistBackendError as exc:
+        raise RunError(
+            f"rank {ranks.rank}: a collective with the other ranks failed (a rank exited, or "
+            f"did not answer within --dist-timeout {dist_timeout:g} s): {exc}") from exc
+    finally:
+        distributed.finish(ranks)
+
+
+def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) -> RunResult:
+    say = _say if ranks.is_main else (lambda message: None)
+    config, plans, state = _start_run(config, resume, ranks)
+    run_dir = Path(config.out)
+    if state is not None:
+        stored_world = state["progress"].get("world_size", 1)
+        if state["progress"]["step_in_epoch"] and stored_world != ranks.world_size:
+            raise RunError(
+                f"{run_dir / LAST} stopped mid-epoch in a run of {stored_world} process(es); "
+                f"resume it with {stored_world} (now {ranks.world_size}), or from an epoch end")
+
+    device = torch.device(device_name) if device_name else default_device()
     amp = config.amp or default_amp(device)
     config = replace(config, amp=amp)
     amp_dtype = AMP_DTYPES[amp]
@@ -339,9 +410,9 @@ def train(config: TrainConfig, resume: bool = False) -> RunResult:
                             config.channels, config.strides, config.norm)
     except ValueError as exc:
         raise RunError(str(exc)) from exc
-    model = build_model(arch).to(device)
-    optimizer = _optimizer(config.optimizer, model, lr)
-    steps_per_epoch = math.ceil(len(train_cases) / config.batch_size)
+    net = build_model(arch).to(device)
+    optimizer = _optimizer(config.optimizer, net, lr)
+    steps_per_epoch = math.ceil(len(distributed.shard(train_cases, ranks)) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER)
@@ -350,15 +421,26 @@ def train(config: TrainConfig, resume: bool = False) -> RunResult:
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0,
                 "loss_count": 0, "best_epoch": None, "best_dice": None, "history": []}
     if state is not None:
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         progress = state["progress"]
         set_rng_state(state["rng"])
+    progress["world_size"] = ranks.world_size
+    if not ranks.is_main:
+        # A checkpoint holds the loss sums of all ranks; rank 0 carries them on.
+        progress.update(loss_sum=0.0, loss_count=0)
+    model = net
+    if ranks.distributed:
+        if config.norm == "batch":
+            # The same parameter tensors: the optimizer built above keeps working.
+            net = convert_sync(net, fuse=False)
+        model = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
 
     def snapshot(best: bool = False) -> dict:
-        common = {"model": model.state_dict(), "model_config": arch, "plans": plans}
+        common = {"model": net.state_dict(), "model_config": arch, "plans": plans}
         if best:
             record = progress["history"][-1]
             return {**common, "epoch": record["epoch"], "dice": record["dice"],
@@ -367,31 +449,47 @@ def train(config: TrainConfig, resume: bool = False) -> RunResult:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "progress": progress, "rng": rng_state()}
 
+    def save(path: Path, best: bool = False) -> None:
+        if ranks.is_main:
+            save_checkpoint(snapshot(best), path)
+
+    def pool_losses() -> tuple[float, float]:
+        """The epoch's loss sums of all ranks, on rank 0 (zero elsewhere)."""
+        total = distributed.sum_over_ranks(progress["loss_sum"], ranks, device)
+        count = distributed.sum_over_ranks(progress["loss_count"], ranks, device)
+        progress.update(loss_sum=total if ranks.is_main else 0.0,
+                        loss_count=int(count) if ranks.is_main else 0)
+        return total, count
+
     def result(interrupted: bool) -> RunResult:
         return RunResult(run_dir, progress["epoch"], interrupted, progress["best_epoch"],
                          progress["best_dice"], progress["history"])
 
     if progress["epoch"] >= config.epochs:
-        _say(f"{run_dir} finished all {config.epochs} epochs already")
+        say(f"{run_dir} finished all {config.epochs} epochs already")
         return result(False)
     memory_kind = "cuda_max_allocated" if device.type == "cuda" else "peak_rss"
-    _say(f"{describe(arch)} on {device}, amp {amp}, {config.optimizer} lr {lr:g}, batch "
-         f"{config.batch_size}; {len(train_cases)} training / {len(val_cases)} validation "
-         f"case(s); classes {classes[1:]}; spacing {plans['target_spacing']} mm; run {run_dir}")
+    where = f"{ranks.world_size} processes (DDP), " if ranks.distributed else ""
+    say(f"{describe(arch)} on {where}{device}, amp {amp}, {config.optimizer} lr {lr:g}, batch "
+        f"{config.batch_size}; {len(train_cases)} training / {len(val_cases)} validation "
+        f"case(s); classes {classes[1:]}; spacing {plans['target_spacing']} mm; run {run_dir}")
     if not val_cases:
-        _say("no validation cases: the Dice is measured on the training cases")
+        say("no validation cases: the Dice is measured on the training cases")
     if resume:
-        _say(f"resuming at epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']}")
+        say(f"resuming at epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']}")
+    launcher = "torchrun ... -m effseg " if ranks.distributed else ""
 
     with _graceful_interrupt() as stop:
         for epoch in range(progress["epoch"], config.epochs):
-            order = epoch_order(train_cases, config.seed, epoch)
+            order = distributed.shard(epoch_order(train_cases, config.seed, epoch), ranks)
             batches = [order[i:i + config.batch_size]
                        for i in range(0, len(order), config.batch_size)]
             started = time.perf_counter()
             _reset_peak_memory(device)
-            bar = tqdm(total=len(batches), initial=progress["step_in_epoch"], disable=None,
+            bar = tqdm(total=len(batches), initial=progress["step_in_epoch"],
+                       disable=None if ranks.is_main else True,
                        desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
+            stopping = False
             for names in batches[progress["step_in_epoch"]:]:
                 image, label = load_batch(cache, names, fill, ignore_index, label_dtype)
                 loss = train_step(model, image.to(device), label.to(device), loss_fn,
@@ -404,22 +502,26 @@ def train(config: TrainConfig, resume: bool = False) -> RunResult:
                 bar.set_postfix(loss=f"{loss:.4f}",
                                 mem=f"{_peak_memory(device) / 2**30:.2f}GiB")
                 bar.update()
-                if stop.requested:
+                stopping = distributed.any_rank(stop.requested, ranks, device)
+                if stopping:
                     break
             bar.close()
-            peak = _peak_memory(device)
-            scores = None if stop.requested else validate(
-                model, cache, val_cases or train_cases, num_classes, device, amp_dtype, stop)
+            peak = distributed.max_over_ranks(_peak_memory(device), ranks, device)
+            scores = None if stopping else _validate_shared(
+                net, cache, val_cases or train_cases, num_classes, device, amp_dtype, stop,
+                ranks)
             if scores is None:
-                save_checkpoint(snapshot(), run_dir / LAST)
-                _say(f"stopped at epoch {epoch + 1}, step {progress['step_in_epoch']}; saved "
-                     f"{run_dir / LAST}; continue with: train --out {run_dir} --resume")
+                pool_losses()
+                save(run_dir / LAST)
+                say(f"stopped at epoch {epoch + 1}, step {progress['step_in_epoch']}; saved "
+                    f"{run_dir / LAST}; continue with: {launcher}train --out {run_dir} --resume")
                 return result(True)
             dice = {name: _nanmean(scores[:, k]) for k, name in enumerate(classes) if k}
+            loss_sum, loss_count = pool_losses()
             record = {
                 "epoch": epoch + 1, "step": progress["global_step"],
                 "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": progress["loss_sum"] / max(progress["loss_count"], 1),
+                "train_loss": loss_sum / max(loss_count, 1),
                 "dice": dice, "mean_dice": _nanmean(list(dice.values())),
                 "val_source": "validation" if val_cases else "train",
                 "peak_memory_bytes": int(peak), "memory": memory_kind,
@@ -431,17 +533,20 @@ def train(config: TrainConfig, resume: bool = False) -> RunResult:
             if progress["best_epoch"] is None or (
                     not math.isnan(mean) and (best is None or math.isnan(best) or mean > best)):
                 progress.update(best_epoch=epoch + 1, best_dice=mean)
-                save_checkpoint(snapshot(best=True), run_dir / BEST)
-            save_checkpoint(snapshot(), run_dir / LAST)
-            write_log(run_dir, progress["history"], classes)
-            _say(_epoch_line(record, config.epochs))
-            if stop.requested:
-                _say(f"stopped after epoch {epoch + 1}; saved {run_dir / LAST}; continue with: "
-                     f"train --out {run_dir} --resume")
+                save(run_dir / BEST, best=True)
+            save(run_dir / LAST)
+            if ranks.is_main:
+                write_log(run_dir, progress["history"], classes)
+            say(_epoch_line(record, config.epochs))
+            if distributed.any_rank(stop.requested, ranks, device):
+                say(f"stopped after epoch {epoch + 1}; saved {run_dir / LAST}; continue with: "
+                    f"{launcher}train --out {run_dir} --resume")
                 return result(True)
-    _say(f"done: best mean Dice {progress['best_dice']:.4f} at epoch {progress['best_epoch']} "
-         f"({run_dir / BEST}); log in {run_dir / 'metrics.csv'} and {run_dir / 'curves.png'}")
-    if val_cases:
+    say(f"done: best mean Dice {progress['best_dice']:.4f} at epoch {progress['best_epoch']} "
+        f"({run_dir / BEST}); log in {run_dir / 'metrics.csv'} and {run_dir / 'curves.png'}")
+    # Rank 0's best.pt is complete before any rank returns.
+    distributed.barrier(ranks)
+    if val_cases and ranks.is_main:
         _predict_validation(run_dir, plans, device, amp)
     return result(False)
 

@@ -26,6 +26,8 @@ def _norm(norm: Spec, channels: int) -> nn.Module:
     kwargs.pop("activation", None)
     if name == "batch":
         return nn.BatchNorm3d(channels, **kwargs)
+    if name == "sync_batch":
+        return nn.SyncBatchNorm(channels, **kwargs)
     if name == "instance":
         kwargs.setdefault("affine", True)
         return nn.InstanceNorm3d(channels, **kwargs)

@@ -2,6 +2,8 @@
 from .blocks import RecomputeBlock3d
 from .conv_norm_act import ConvNormAct3d
 from .decoder import DecoderBlock3d
-from .norm_act import InPlaceABN, InPlaceAIN
+from .norm_act import InPlaceABN, InPlaceABNSync, InPlaceAIN
+from .sync import convert_sync
 
-__all__ = ["ConvNormAct3d", "DecoderBlock3d", "InPlaceABN", "InPlaceAIN", "RecomputeBlock3d"]
+__all__ = ["ConvNormAct3d", "DecoderBlock3d", "InPlaceABN", "InPlaceABNSync", "InPlaceAIN",
+           "RecomputeBlock3d", "convert_sync"]

@@ -32,7 +32,7 @@ def unit_spec(norm, conv: nn.Conv3d, act_name: str) -> Unit:
     s = norm.step()
     return Unit(_triple(conv.stride), _triple(conv.padding), _triple(conv.dilation), conv.groups,
                 s.per_sample, s.use_batch_stats, s.running_mean, s.running_var, s.momentum,
-                s.eps, act_name, norm.activation_param)
+                s.eps, act_name, norm.activation_param, s.sync)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,8 +1,9 @@
 """Conv3d -> in-place activated norm, the unit every effseg block is built from.
 
 `norm` and `act` take MONAI-style specs: a name or a `(name, kwargs)` tuple.
-- norm: "batch" (InPlaceABN) or "instance" (InPlaceAIN); kwargs go to the norm (eps, momentum,
-  affine, track_running_stats).
+- norm: "batch" (InPlaceABN), "sync_batch" (InPlaceABNSync: statistics over all ranks; kwarg
+  `process_group`) or "instance" (InPlaceAIN); kwargs go to the norm (eps, momentum, affine,
+  track_running_stats).
 - act: "leaky_relu" (kwarg `negative_slope`), "elu" (`alpha`), "identity" (or None), "relu".
   ReLU is not invertible, so a ConvNormAct3d with act="relu" normalizes with identity and applies
   a separate ReLU, which keeps one more tensor for backward; inside a RecomputeBlock3d ReLU is
@@ -15,12 +16,12 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .norm_act import InPlaceABN, InPlaceAIN
+from .norm_act import InPlaceABN, InPlaceABNSync, InPlaceAIN
 
 Spec = Union[str, None, tuple[str, dict[str, Any]]]
 
 _ACT_PARAM = {"leaky_relu": "negative_slope", "elu": "alpha"}
-NORMS = {"batch": InPlaceABN, "instance": InPlaceAIN}
+NORMS = {"batch": InPlaceABN, "sync_batch": InPlaceABNSync, "instance": InPlaceAIN}
 
 
 def _split(spec: Spec, what: str) -> tuple[str, dict[str, Any]]:
@@ -50,7 +51,7 @@ def parse_act(act: Spec) -> tuple[str, float | None]:
 def parse_norm(norm: Spec) -> tuple[type, dict[str, Any]]:
     name, kwargs = _split(norm, "norm")
     if name not in NORMS:
-        raise ValueError(f"effseg: unknown norm {name!r}; expected 'batch' or 'instance'")
+        raise ValueError(f"effseg: unknown norm {name!r}; expected one of {sorted(NORMS)}")
     return NORMS[name], kwargs
 
 

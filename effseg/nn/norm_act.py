@@ -1,10 +1,11 @@
 """In-place activated normalization modules.
 
-`InPlaceABN` replaces `nn.BatchNorm{1,2,3}d` followed by LeakyReLU/ELU/identity, and
-`InPlaceAIN` replaces `nn.InstanceNorm{1,2,3}d` followed by one of them. Their parameters and
-buffers have exactly the names, shapes and meaning of the stock norms, so state dicts load both
-ways. The forward overwrites its input; for backward only the output (in the input's storage),
-O(C) statistics and weight/bias are kept. See `effseg.functional` for what they refuse.
+`InPlaceABN` replaces `nn.BatchNorm{1,2,3}d` followed by LeakyReLU/ELU/identity,
+`InPlaceABNSync` replaces `nn.SyncBatchNorm` followed by one of them (statistics over all ranks
+of a process group), and `InPlaceAIN` replaces `nn.InstanceNorm{1,2,3}d` followed by one of
+them. Their parameters and buffers have exactly the names, shapes and meaning of the stock
+norms, so state dicts load both ways. The forward overwrites its input; for backward only the
+output (in the input's storage), O(C) statistics and weight/bias are kept. See `effseg.functional` for what they refuse.
 
 Under `torch.export` (and so `torch.onnx.export(..., dynamo=True)`) the modules compute the
 stock ops instead, out of place: `F.batch_norm` / `F.instance_norm` with the same statistics and
@@ -22,6 +23,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .. import functional as F
 from ..ops.reference import clamp_gamma
+from ..ops import sync as _sync
 
 
 @dataclass
@@ -37,6 +39,8 @@ class NormStep:
     eps: float
     weight: torch.Tensor | None
     bias: torch.Tensor | None
+    # The process group whose ranks' batches are normalized together (None: this batch only).
+    sync: _sync.SyncGroup | None = None
 
 
 class _InPlaceNormAct(_NormBase):
@@ -69,15 +73,16 @@ class _InPlaceNormAct(_NormBase):
         track = self.running_mean is not None and (not batch or self.track_running_stats)
         return NormStep(self.per_sample, batch, self.running_mean if track else None,
                         self.running_var if track else None, factor, self.eps, self.weight,
-                        self.bias)
+                        self.bias, self._sync_group(batch))
+
+    def _sync_group(self, use_batch_stats: bool) -> _sync.SyncGroup | None:
+        return None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         s = self.step()
         if torch.compiler.is_exporting():
             return self._decomposed(input, s)
-        fn = F.inplace_ain if self.per_sample else F.inplace_abn
-        return fn(input, s.running_mean, s.running_var, s.weight, s.bias, s.use_batch_stats,
-                  s.momentum, s.eps, self.activation, self.activation_param)
+        return F.norm_act_step(input, s, self.activation, self.activation_param)
 
     def _decomposed(self, x: torch.Tensor, s: NormStep) -> torch.Tensor:
         """The same result from stock ops, out of place (what torch.export records)."""
@@ -141,3 +146,30 @@ class InPlaceAIN(_InPlaceNormAct):
         # As nn.InstanceNorm: num_batches_tracked is never counted, and momentum=None leaves the
         # running statistics as they are (no cumulative average).
         return 0.0 if self.momentum is None else self.momentum
+
+
+class InPlaceABNSync(InPlaceABN):
+    """In-place activated batch norm whose training statistics are those of the global batch:
+    the batches of all ranks of `process_group` (None: the default group), like
+    `nn.SyncBatchNorm`.
+
+    Per layer and step: one all-gather of 2C + 1 numbers in forward (uneven per-rank batch sizes
+    are merged exactly), one all-reduce of 2C + 1 numbers in backward. The result equals
+    `InPlaceABN` on the concatenated batch (outputs, running statistics, input gradients; the
+    parameter gradients are this rank's share, summed across ranks by DDP's averaging as for
+    every parameter). Eval mode is the local op (running statistics). Without an initialised
+    torch.distributed it runs as `InPlaceABN` and warns once. All ranks must call it in the same
+    order; a rank that dies makes the others fail with a RuntimeError within the process
+    group's timeout.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 activation: str = "leaky_relu", activation_param: float | None = None,
+                 process_group=None, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation,
+                         activation_param, device, dtype)
+        self.process_group = process_group
+
+    def _sync_group(self, use_batch_stats: bool) -> _sync.SyncGroup | None:
+        return _sync.resolve(self.process_group, use_batch_stats)

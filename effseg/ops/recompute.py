@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import replay
 from ._library import op
-from .norm_act import update_running_stats
+from .norm_act import batch_stats
+from .sync import SyncGroup, input_grad_sums
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Unit:
     eps: float
     activation: str  # "relu" runs the norm with the identity and ReLU after it
     activation_param: float
+    sync: SyncGroup | None = None  # batch statistics and backward sums over a process group
 
     @property
     def fused_activation(self) -> tuple[str, float]:
@@ -85,12 +86,7 @@ def _norm_act_(z, u: Unit, stats, gamma, beta):
 def _unit_stats(z, u: Unit):
     if not u.use_batch_stats:
         return u.running_mean, u.running_var
-    (mean, var), fresh = replay.batch_stats(
-        z, u.per_sample, lambda: op("norm_stats", z.device)(z, u.per_sample))
-    if fresh and u.running_mean is not None:
-        count = z.numel() // z.shape[1] // (z.shape[0] if u.per_sample else 1)
-        update_running_stats(u.running_mean, u.running_var, mean, var, count, u.momentum)
-    return mean, var
+    return batch_stats(z, u.per_sample, u.sync, u.running_mean, u.running_var, u.momentum)
 
 
 def block_forward(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip, stats=None, units=2):
@@ -133,14 +129,14 @@ def _norm_act_backward(pre, dy, u: Unit, stats, gamma, beta, owned: bool):
     per_group = stats[1].dim() == 2
     s_dz, s_dzx = op("norm_act_backward_reduce", pre.device)(pre, dy, gamma, beta, per_group,
                                                              act, param)
-    sums = (s_dz, s_dzx) if u.use_batch_stats else (None, None)
+    sums = input_grad_sums(s_dz, s_dzx, pre, u.sync) if u.use_batch_stats else (None,) * 3
     var = stats[1]
     if owned:
-        op("norm_act_backward_input_", pre.device)(pre, dy, var, gamma, beta, *sums, None, u.eps,
+        op("norm_act_backward_input_", pre.device)(pre, dy, var, gamma, beta, *sums, u.eps,
                                                    act, param)
         dz = dy
     else:
-        dz = op("norm_act_backward_input", pre.device)(pre, dy, var, gamma, beta, *sums, None,
+        dz = op("norm_act_backward_input", pre.device)(pre, dy, var, gamma, beta, *sums,
                                                        u.eps, act, param)
     if per_group:
         s_dz, s_dzx = s_dz.sum(0), s_dzx.sum(0)

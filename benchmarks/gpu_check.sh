@@ -2,7 +2,7 @@
 # The GPU check, for a bare machine with a CUDA GPU and a CUDA build of torch (the device tool's
 # machines): build effseg from source against that torch, run the test suite (CUDA cases
 # included), run compute-sanitizer memcheck and racecheck over every kernel on small inputs, run
-# the op, block and model benchmarks (with the largest trainable cube), and print a short table
+# the op, block, synchronized-norm and model benchmarks (with the largest trainable cube), and print a short table
 # last. Logs and JSON go to $OUT. Under 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh            # OUT defaults to benchmarks/out/gpu
@@ -40,7 +40,8 @@ step() {  # step NAME TIMEOUT CMD...: runs CMD, logs to $OUT/NAME.log, records r
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 step build 240 $PY -m pip install --no-build-isolation --no-deps -e . || { cat "$OUT/build.log"; exit 1; }
 $PY -m effseg info --json > "$OUT/info.json" 2>&1
-step tests 150 $PY -m pytest -q -p no:cacheprovider tests -x --junitxml="$OUT/tests.xml"
+# The CUDA cases of the suite (the CPU cases run in CI on every submission).
+step tests 180 $PY -m pytest -q -p no:cacheprovider tests -m cuda --junitxml="$OUT/tests.xml"
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # memcheck sees every allocation's true bounds
 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/cuda_kernel_check.py
 step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 $PY benchmarks/cuda_kernel_check.py
@@ -49,6 +50,7 @@ step bench_ops_fp32 60 $PY benchmarks/bench_ops.py --device cuda --out "$OUT/ben
 step bench_ops_bf16 60 $PY benchmarks/bench_ops.py --device cuda --dtype bfloat16 --out "$OUT/bench_ops_bf16.json"
 step bench_ops_fp32_cl 60 $PY benchmarks/bench_ops.py --device cuda --channels-last --out "$OUT/bench_ops_fp32_cl.json"
 step bench_blocks 60 $PY benchmarks/bench_blocks.py --device cuda --out "$OUT/bench_blocks.json"
+step bench_sync 60 $PY benchmarks/bench_sync.py --device cuda --out "$OUT/bench_sync.json"
 step bench_model 150 $PY benchmarks/bench_model.py --device cuda --amp bf16 --quick --bisect 40 --out "$OUT/bench_model.json"
 
 $PY - "$OUT" <<'PYEOF'
@@ -68,6 +70,11 @@ for tag in ("fp32", "bf16", "fp32_cl"):
             print(f"{tag:<8} {str(tuple(r['shape'])):<22} {r['variant']:<20} "
                   f"time x{r['time_vs_stock']:.2f} saved x{r['saved_vs_stock']:.2f} "
                   f"{r['gbps']:.0f} GB/s" + (f" ({100 * frac:.0f}% of copy)" if frac else ""))
+path = os.path.join(out, "bench_sync.json")
+if os.path.exists(path):
+    for r in json.load(open(path))["rows"]:
+        print(f"bench_sync    {str(tuple(r['shape'])):<22} {r['what']:<24} sync overhead "
+              f"{100 * r['overhead']:+.1f}% (max |sync - local| {r['max_abs_diff']:.1e})")
 for name in ("bench_blocks", "bench_model"):
     path = os.path.join(out, f"{name}.json")
     if not os.path.exists(path):

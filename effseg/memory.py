@@ -5,6 +5,11 @@
 - `step_peak(model, input)`: the peak memory of one training step (forward, loss, backward,
   optimizer step) above what was allocated before it: CUDA's peak allocated bytes on a GPU, the
   peak resident set size on a CPU (Linux, with glibc told to return freed tensors' memory).
+- `peak_allocated(fn)`: the peak of the bytes held by tensors that `fn()` creates, tracked op by
+  op (a TorchDispatchMode): on any device, deterministic, what `torch.cuda.max_memory_allocated`
+  reports for the same step without its caching and rounding. It does not see scratch memory
+  that a kernel allocates and frees inside itself (cuDNN/oneDNN workspaces, effseg's O(C)
+  partial sums), so on CPU it is the exact, reproducible figure to test against.
 - `peak_rss_bytes`, `reset_peak_rss`, `rss_bytes`: the process's resident memory.
 """
 from __future__ import annotations
@@ -17,6 +22,9 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 class SavedTensorCounter:
@@ -56,6 +64,41 @@ def saved_bytes(model_or_fn: Callable, *inputs) -> int:
         out = model_or_fn(*inputs)
     del out
     return counter.bytes
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Follows every storage created by an op while active, and the peak of their total."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[tuple[str, int], tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        dead = [k for k, (ref, _) in self.live.items() if ref.expired()]
+        for k in dead:
+            self.current -= self.live.pop(k)[1]
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                key = (str(t.device), storage.data_ptr())
+                if storage.nbytes() and key not in self.live:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_allocated(fn: Callable[[], object]) -> int:
+    """Peak bytes held at any moment by the tensors created while `fn()` runs (its forward,
+    backward and optimizer step alike; tensors that existed before are not counted). See the
+    module docstring for what it does not see."""
+    with _LiveBytes() as tracker:
+        result = fn()
+    del result
+    return tracker.peak
 
 
 def _default_loss(out) -> torch.Tensor:

@@ -12,6 +12,9 @@ from ._shape import as_strides, crop, pad_to_multiple, total_stride
 
 
 class UNetBase(nn.Module):
+    # Whether the finest decoder block takes the head (`block(low, skip, head=...)`).
+    fuses_head = False
+
     def __init__(self, name: str, spatial_dims: int, in_channels: int, out_channels: int,
                  channels: Sequence[int], strides: Sequence, deep_supervision: bool) -> None:
         super().__init__()
@@ -57,11 +60,16 @@ class UNetBase(nn.Module):
             h = block(h)
             skips.append(h)
         coarse = []
-        for i, block in enumerate(self.decoder):
+        last = len(self.decoder) - 1
+        for i, block in enumerate(self.decoder[:-1]):
             h = block(h, skips[-2 - i])
             if self.ds_heads is not None and i < len(self.ds_heads):
                 coarse.append(h)
-        out = crop(self.head(h), shape)
+        if self.fuses_head:
+            logits = self.decoder[last](h, skips[-2 - last], head=self.head)
+        else:
+            logits = self.head(self.decoder[last](h, skips[-2 - last]))
+        out = crop(logits, shape)
         if not (self.deep_supervision and self.training):
             return out
         outs = [out]

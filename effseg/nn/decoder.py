@@ -64,9 +64,29 @@ class DecoderBlock3d(nn.Module):
                              f"{tuple(skip.shape[2:])} but upsampling low gives {want}; pad the "
                              "network input to a multiple of the total stride")
 
-    def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def _check_head(self, head) -> None:
+        if not isinstance(head, nn.Conv3d) or head.in_channels != self.out_channels or (
+                _triple(head.kernel_size) != (1, 1, 1) or _triple(head.stride) != (1, 1, 1)
+                or _triple(head.padding) != (0, 0, 0) or head.groups != 1):
+            raise ValueError(f"effseg: DecoderBlock3d head must be a 1x1x1 nn.Conv3d with "
+                             f"{self.out_channels} input channels (stride 1, no padding, one "
+                             f"group), got {head!r}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.unit2.conv.out_channels
+
+    def forward(self, low: torch.Tensor, skip: torch.Tensor,
+                head: nn.Conv3d | None = None) -> torch.Tensor:
+        """The level's output, or `head(output)` when a 1x1x1 `head` is given (recomputing:
+        fused into the block's backward, see DecoderBlockFunction; the output is then never
+        kept)."""
         self._check(low, skip)
+        if head is not None:
+            self._check_head(head)
         params = [p for p in self.parameters() if p.requires_grad]
+        if head is not None:
+            params += [p for p in head.parameters() if p.requires_grad]
         grad = torch.is_grad_enabled() and (low.requires_grad or skip.requires_grad or params)
         grad = grad and not torch.compiler.is_exporting()  # export records the plain units
         if not (self.recompute and grad):
@@ -74,7 +94,8 @@ class DecoderBlock3d(nn.Module):
             h = self.norm1(z)
             if self.act_name == "relu":
                 h = torch.relu(h)
-            return self.unit2(h)
+            out = self.unit2(h)
+            return out if head is None else head(out)
         conv = self.conv_skip
         unit1 = unit_spec(self.norm1, conv, self.act_name)
         unit2 = unit_spec(self.unit2.norm, self.unit2.conv, self.unit2.act_name)
@@ -83,7 +104,8 @@ class DecoderBlock3d(nn.Module):
         return DecoderBlockFunction.apply(
             low, skip, spec, self.up.weight, self.conv_skip.weight, self.conv_up.weight,
             self.norm1.weight, self.norm1.bias, self.unit2.conv.weight, self.unit2.norm.weight,
-            self.unit2.norm.bias)
+            self.unit2.norm.bias, None if head is None else head.weight,
+            None if head is None else head.bias)
 
     def extra_repr(self) -> str:
         return f"recompute={self.recompute}, keep_output={self.keep_output}"

@@ -388,6 +388,8 @@ def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) ->
                 f"{run_dir / LAST} stopped mid-epoch in a run of {stored_world} process(es); "
                 f"resume it with {stored_world} (now {ranks.world_size}), or from an epoch end")
 
+    if not ranks.distributed:
+        device_name = config.device  # a resumed run's stored device, unless given anew
     device = torch.device(device_name) if device_name else default_device()
     amp = config.amp or default_amp(device)
     config = replace(config, amp=amp)

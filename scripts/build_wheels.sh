@@ -47,11 +47,12 @@ no CUDA toolkit was found: set CUDA_HOME to the folder holding bin/nvcc, or EFFS
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;8.6;8.9;9.0+PTX}
   mode=cu${torch_cuda//./}
 fi
-echo "build_wheels.sh: $mode wheel against $("$PYTHON" -c 'import torch; print(torch.__version__)')" \
-     "${TORCH_CUDA_ARCH_LIST:+(architectures $TORCH_CUDA_ARCH_LIST)}"
+torch_version=$("$PYTHON" -c "import torch; print(torch.__version__)")
+echo "build_wheels.sh: $mode wheel against torch $torch_version" \
+     "$([ "$mode" = cpu ] || echo "(architectures $TORCH_CUDA_ARCH_LIST)")"
 
 # A copy of the tracked and unignored files; its build/ (objects) is kept for the next run.
-stage=$repo/build/wheel-$mode
+stage=$repo/build/wheel-$mode-torch${torch_version//+/-}
 mkdir -p "$stage"
 find "$stage" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
 git ls-files -z --cached --others --exclude-standard \

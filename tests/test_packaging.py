@@ -165,7 +165,12 @@ def test_undefined_symbol_becomes_a_message_with_the_fix(tmp_path):
 def test_loaded_build_records_what_it_was_built_against():
     assert build_mismatch(BUILD.TORCH_VERSION, BUILD.TORCH_CUDA_VERSION, torch.__version__,
                           torch.version.cuda) is None
-    device = f"cu{BUILD.CUDA_VERSION.replace('.', '')}" if BUILD.WITH_CUDA else "cpu"
+    torch_mm = ".".join(torch.__version__.split(".")[:2])
+    torch_cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else None
+    if BUILD.WITH_CUDA:
+        local = f"{torch_cuda}torch{torch_mm}"
+    else:
+        local = f"cputorch{torch_mm}" + (f".{torch_cuda}" if torch_cuda else "")
     assert effseg.__version__ == BUILD.VERSION
-    assert BUILD.VERSION.endswith(f"+{device}torch{'.'.join(torch.__version__.split('.')[:2])}")
+    assert BUILD.VERSION.split("+")[1] == local
     assert (BUILD.CUDA_ARCHS is not None) == BUILD.WITH_CUDA

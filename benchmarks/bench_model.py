@@ -7,7 +7,8 @@ whole volumes of several sizes, in one run:
 - MONAI DynUNet with the same widths and strides, when MONAI is installed
 
 Rows: bytes saved for backward, peak memory of the step (CUDA max_memory_allocated; on CPU the
-peak RSS above the RSS before the step, each variant in its own process), step time,
+peak RSS above the RSS before the step, each variant in its own process, and the peak of bytes
+held by tensors tracked op by op, `effseg.memory.peak_allocated`), step time,
 parameters; ratios to stock. With --bisect on a GPU, also the largest cubic volume that trains
 for effseg and stock. Prints a table, writes JSON and a PNG of peak memory against volume size.
 
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, time_it, write_json  # noqa: E402
 
-from effseg.memory import saved_bytes, step_peak  # noqa: E402
+from effseg.memory import peak_allocated, saved_bytes, step_peak  # noqa: E402
 from effseg.models import FullVolumeFCN  # noqa: E402
 
 VARIANTS = ["effseg FullVolumeFCN", "StockUNet3d", "stock + checkpoint", "MONAI DynUNet"]
@@ -88,6 +89,18 @@ def measure(variant, edge, device, amp, reps, classes=3):
            "saved_bytes": saved_bytes(forward_loss)}
     with ctx:
         row["peak_bytes"] = step_peak(model, x, target, lf, opt)
+    # The same step's peak of bytes held by tensors, op by op: on CPU the reproducible figure
+    # (RSS also counts the allocator's and oneDNN's own memory); on CUDA the allocator's peak
+    # above is that already.
+    row["alloc_bytes"] = None
+    if device.type == "cpu":
+        def step():
+            with ctx:
+                loss = lf(model(x), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        row["alloc_bytes"] = peak_allocated(step)
 
     def timed():
         opt.zero_grad(set_to_none=True)
@@ -134,13 +147,18 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    # CPU: the peak of bytes held by tensors (RSS adds the allocator's and oneDNN's own memory);
+    # CUDA: the allocator's peak.
+    key = "alloc_bytes" if rows[0].get("alloc_bytes") is not None else "peak_bytes"
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        pts = sorted((r["voxels"], r["peak_bytes"] / 2**30) for r in rows
-                     if r["variant"] == variant)
-        ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], "o-", label=variant)
+    styles = ["o-", "s--", "^-.", "d:"]
+    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        pts = sorted((r["voxels"], r[key] / 2**30) for r in rows if r["variant"] == variant)
+        ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], styles[i % len(styles)],
+                label=variant)
     ax.set_xlabel("volume (million voxels)")
-    ax.set_ylabel("peak memory of a training step (GiB)")
+    ax.set_ylabel("peak memory of a training step (GiB)" + (
+        ", tensors" if key == "alloc_bytes" else ""))
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -188,8 +206,8 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     for r in rows:
         ref = next(s for s in rows if s["edge"] == r["edge"] and s["variant"] == "StockUNet3d")
-        for k in ("saved_bytes", "peak_bytes", "seconds", "parameters"):
-            r[k.split("_")[0] + "_vs_stock"] = r[k] / ref[k]
+        for k in ("saved_bytes", "peak_bytes", "alloc_bytes", "seconds", "parameters"):
+            r[k.split("_")[0] + "_vs_stock"] = None if r[k] is None else r[k] / ref[k]
     largest = {}
     if args.bisect and device.type == "cuda":
         for variant in ("effseg FullVolumeFCN", "StockUNet3d"):
@@ -197,13 +215,16 @@ def main(argv=None):
     peak_name = "peak alloc" if device.type == "cuda" else "peak RSS"
     print(f"\nOne training step (forward, Dice+CE, backward, Adam), batch 1, amp={args.amp}, "
           f"{device.type}")
+    cpu = device.type == "cpu"
     print(f"{'volume':<10} {'variant':<22} {'params M':>8} {'saved MB':>9} {'x':>5} "
-          f"{peak_name + ' MB':>14} {'x':>5} {'step s':>8} {'x':>5}")
+          f"{peak_name + ' MB':>14} {'x':>5} " + (f"{'tensors MB':>11} {'x':>5} " if cpu else "")
+          + f"{'step s':>8} {'x':>5}")
     for r in rows:
+        alloc = (f"{r['alloc_bytes'] / 2**20:11.1f} {r['alloc_vs_stock']:5.2f} " if cpu else "")
         print(f"{r['edge']:>4}^3     {r['variant']:<22} {r['parameters'] / 1e6:8.2f} "
               f"{r['saved_bytes'] / 2**20:9.1f} {r['saved_vs_stock']:5.2f} "
-              f"{r['peak_bytes'] / 2**20:14.1f} {r['peak_vs_stock']:5.2f} {r['seconds']:8.3f} "
-              f"{r['seconds_vs_stock']:5.2f}")
+              f"{r['peak_bytes'] / 2**20:14.1f} {r['peak_vs_stock']:5.2f} {alloc}"
+              f"{r['seconds']:8.3f} {r['seconds_vs_stock']:5.2f}")
     for variant, edge in largest.items():
         print(f"largest cube that trains, {variant}: {edge}^3")
     write_json(args.out, {"machine": machine(), "device": device.type, "amp": args.amp,

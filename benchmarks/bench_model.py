@@ -130,6 +130,23 @@ def largest_cube(variant, device, amp, lo=64, hi=1024, step=32, seconds=150.0):
     return lo
 
 
+def predict(rows, edge: int) -> dict:
+    """Least-squares line peak = a + b * voxels per variant, evaluated at edge^3."""
+    key = "alloc_bytes" if rows[0].get("alloc_bytes") is not None else "peak_bytes"
+    out = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        pts = [(r["voxels"], r[key]) for r in rows if r["variant"] == variant]
+        if len(pts) < 2:
+            continue
+        n = len(pts)
+        mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+        b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+        out[variant] = {"bytes": my + b * (edge ** 3 - mx), "per_voxel": b,
+                        "edges": [r["edge"] for r in rows if r["variant"] == variant],
+                        "measure": "tensor peak" if key == "alloc_bytes" else "allocator peak"}
+    return out
+
+
 def available(variant: str) -> bool:
     if variant != "MONAI DynUNet":
         return True
@@ -177,6 +194,10 @@ def main(argv=None):
                         help="on a GPU, spend up to SECONDS per variant finding the largest "
                              "cube that trains")
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: all")
+    parser.add_argument("--predict-edge", type=int, metavar="EDGE",
+                        help="also fit peak = a + b * voxels over the measured sizes (per "
+                             "variant, tensor peak on CPU) and extrapolate to EDGE^3")
     parser.add_argument("--out", default="benchmarks/out/bench_model.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--edge", type=int, help=argparse.SUPPRESS)
@@ -195,7 +216,7 @@ def main(argv=None):
         edges = [48] if args.quick else [64, 96]
     rows = []
     for edge in edges:
-        for variant in filter(available, VARIANTS):
+        for variant in filter(available, args.variants or VARIANTS):
             if device.type == "cpu":
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--edge",
                        str(edge), "--device", "cpu", "--amp", args.amp, "--reps", str(reps)]
@@ -205,7 +226,10 @@ def main(argv=None):
                 rows.append(measure(variant, edge, device, amp, reps))
                 torch.cuda.empty_cache()
     for r in rows:
-        ref = next(s for s in rows if s["edge"] == r["edge"] and s["variant"] == "StockUNet3d")
+        ref = next((s for s in rows if s["edge"] == r["edge"] and s["variant"] == "StockUNet3d"),
+                   None)
+        if ref is None:
+            continue
         for k in ("saved_bytes", "peak_bytes", "alloc_bytes", "seconds", "parameters"):
             r[k.split("_")[0] + "_vs_stock"] = None if r[k] is None else r[k] / ref[k]
     largest = {}
@@ -227,8 +251,12 @@ def main(argv=None):
               f"{r['seconds']:8.3f} {r['seconds_vs_stock']:5.2f}")
     for variant, edge in largest.items():
         print(f"largest cube that trains, {variant}: {edge}^3")
+    predicted = predict(rows, args.predict_edge) if args.predict_edge else {}
+    for variant, p in predicted.items():
+        print(f"predicted peak at {args.predict_edge}^3, {variant}: {p['bytes'] / 2**30:.1f} GiB "
+              f"(fit over {p['edges']}, {p['measure']})")
     write_json(args.out, {"machine": machine(), "device": device.type, "amp": args.amp,
-                          "rows": rows, "largest_cube": largest})
+                          "rows": rows, "largest_cube": largest, "predicted": predicted})
     plot(rows, os.path.splitext(args.out)[0] + ".png")
 
 

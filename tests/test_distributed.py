@@ -24,7 +24,7 @@ from effseg.nn import InPlaceABN, InPlaceABNSync, RecomputeBlock3d, convert_sync
 sys.path.insert(0, str(Path(__file__).parent))
 import _dist_worker as worker  # noqa: E402
 
-from conftest import needs_extension  # noqa: E402
+from conftest import needs_cuda, needs_extension, run_python  # noqa: E402
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 pytestmark = [needs_extension,
@@ -301,3 +301,38 @@ def test_convert_sync_fuses_stock_batch_norm_and_activation_pairs_first():
     # synchronized as torch's SyncBatchNorm.
     assert "InPlaceABNSync" in kinds and "SyncBatchNorm" in kinds and "LeakyReLU" not in kinds
     torch.testing.assert_close(synced(x), before, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_sync_norm_over_nccl_on_one_gpu_equals_the_local_norm():
+    """NCCL with one rank: the real collectives on a GPU, nothing to wait for (a subprocess, so
+    the process group does not outlive the test)."""
+    proc = run_python("""
+import socket, torch, torch.distributed as dist
+from effseg.nn import InPlaceABN, InPlaceABNSync, RecomputeBlock3d
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+torch.cuda.set_device(0)
+torch.manual_seed(0)
+x = torch.randn(3, 8, 9, 10, 11, device="cuda")
+g = torch.randn_like(x)
+outs = []
+for cls in (InPlaceABN, InPlaceABNSync):
+    m = cls(8, activation="elu").cuda()
+    xi = x.clone().requires_grad_()
+    y = m(xi * 1.0)
+    y.backward(g)
+    outs.append((y.detach(), xi.grad, m.weight.grad, m.running_var))
+for a, b in zip(*outs):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+torch.manual_seed(1)
+block = RecomputeBlock3d(8, 8, norm="sync_batch").cuda()
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    out = block(x.clone().requires_grad_())
+out.float().sum().backward()
+assert all(torch.isfinite(p.grad).all() for p in block.parameters())
+dist.destroy_process_group()
+print("nccl ok")
+""", timeout=180)
+    assert proc.returncode == 0 and "nccl ok" in proc.stdout, proc.stderr[-3000:]

@@ -7,6 +7,8 @@ from effseg.memory import peak_allocated, saved_bytes
 from effseg.models import FullVolumeFCN, StockUNet3d
 from effseg.nn import DecoderBlock3d
 
+from conftest import device_params
+
 SMALL = dict(channels=(4, 8, 12), strides=(1, 2, 2))
 
 
@@ -69,6 +71,33 @@ def test_recompute_on_off_and_stock_twin_agree_float64(norm, act):
             torch.testing.assert_close(split, ref_g[f"decoder.{i}.conv.weight"])
     for (name, b), ref in zip(models[0].named_buffers(), stock.buffers()):
         torch.testing.assert_close(b, ref, msg=name)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_fcn_training_step_on_each_device_equals_its_stock_twin(device):
+    """The recomputing FCN (fused head, recomputed full-resolution units, cuDNN convolution
+    backward on a GPU) against the stock twin in float64, then a bf16 autocast step."""
+    torch.manual_seed(0)
+    fcn = randomize(FullVolumeFCN(in_channels=1, out_channels=3, channels=(4, 8, 8),
+                                  strides=(1, 2, 2))).double().to(device)
+    stock = fcn.to_stock()
+    x = torch.randn(2, 1, 12, 10, 9, dtype=torch.float64, device=device)
+    g = torch.randn(2, 3, 12, 10, 9, dtype=torch.float64, device=device)
+    results = []
+    for model in (fcn, stock):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.backward(g)
+        results.append((y.detach(), xi.grad, model.head.weight.grad, model.head.bias.grad,
+                        model.encoder[0].unit1.conv.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    fcn.float()
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        y = fcn(x.float())
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    y.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in fcn.parameters())
 
 
 def test_skip_fusion_equals_concatenation():

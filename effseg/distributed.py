@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from .ops.sync import guarded
 from .ops.sync import timeout as _timeout
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -97,7 +98,7 @@ def _reduce(value: float, ranks: Ranks, op, device) -> float:
     if not ranks.distributed:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device(device))
-    dist.all_reduce(t, op=op)
+    guarded("all-reduce between training steps", lambda: dist.all_reduce(t, op=op))
     return float(t.item())
 
 
@@ -124,7 +125,7 @@ def gather(obj: Any, ranks: Ranks) -> list:
     if not ranks.distributed:
         return [obj]
     out = [None] * ranks.world_size
-    dist.all_gather_object(out, obj)
+    guarded("gathering of validation scores", lambda: dist.all_gather_object(out, obj))
     return out
 
 
@@ -133,10 +134,11 @@ def broadcast(obj: Any, ranks: Ranks) -> Any:
     if not ranks.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    guarded("broadcast of the run's settings from rank 0",
+            lambda: dist.broadcast_object_list(box, src=0))
     return box[0]
 
 
 def barrier(ranks: Ranks) -> None:
     if ranks.distributed:
-        dist.barrier()
+        guarded("barrier", dist.barrier)

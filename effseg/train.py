@@ -71,6 +71,7 @@ from .memory import cuda_peak_bytes, peak_rss_bytes, reset_peak_rss
 from .metrics import class_dice
 from .model_config import build_model, describe, model_config
 from .nn.sync import convert_sync
+from .ops.sync import CollectiveError
 from .phantom_cache import phantom_dataset
 from .precision import AMP_DTYPES, default_amp, default_device
 from .preprocess import cache_paths, median_spacing, preprocess_cases
@@ -369,7 +370,7 @@ def train(config: TrainConfig, resume: bool = False,
     ranks, device_name = distributed.start(config.device, dist_timeout)
     try:
         return _train(config, resume, ranks, device_name)
-    except torch.distributed.DistBackendError as exc:
+    except (CollectiveError, torch.distributed.DistBackendError) as exc:
         raise RunError(
             f"rank {ranks.rank}: a collective with the other ranks failed (a rank exited, or "
             f"did not answer within --dist-timeout {dist_timeout:g} s): {exc}") from exc

@@ -165,11 +165,20 @@ def run_dead_rank(out: Path) -> dict:
 
 def run_train(out: Path) -> dict:
     """effseg.train under DDP, as torchrun would start it. argv: data dir, run dir, stop step
-    (0: no stop; else rank 1 gets a real SIGINT after that many steps), resume flag."""
+    (0: no stop; else rank 1 gets a real SIGINT after that many steps), and "new", "resume" or
+    "die" (a new run whose rank 1 exits after its first step)."""
     import effseg.train as train_module
     from effseg.train import TrainConfig, train
 
     data, run, stop_after, resume = sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
+    if resume == "die" and RANK == 1:  # rank 1 dies after its first step
+        real = train_module.train_step
+
+        def step_then_die(*args, **kwargs):
+            real(*args, **kwargs)
+            os._exit(3)
+
+        train_module.train_step = step_then_die
     if stop_after and RANK == 1:
         real = train_module.train_step
         steps = {"n": 0}

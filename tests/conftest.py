@@ -39,3 +39,17 @@ def run_python(code: str, env: dict | None = None, timeout: int = 120):
     pytest, and environment variables (EFFSEG_NO_EXTENSION) act from the start."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+@pytest.fixture(scope="session")
+def monai_nets():
+    """monai.networks.nets, or a skip of the one test that needs it (not of its whole module)."""
+    return pytest.importorskip("monai.networks.nets", reason="MONAI is not installed")
+
+
+@pytest.fixture(scope="session")
+def onnx_export():
+    """onnx, after checking that torch.onnx's dynamo exporter (onnxscript) is there too."""
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed")
+    pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's dynamo exporter) is missing")
+    return onnx

@@ -348,15 +348,12 @@ def test_bad_arguments():
 
 # --------------------------------------------------------------------------- MONAI networks
 
-monai_nets = pytest.importorskip("monai.networks.nets", reason="MONAI is not installed")
-
-
-def _unet(norm="batch"):
+def _unet(monai_nets, norm="batch"):
     return monai_nets.UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1,
                            act=("leakyrelu", {"negative_slope": 0.01}), norm=norm).to(D)
 
 
-def _dynunet(norm="batch", res_block=False):
+def _dynunet(monai_nets, norm="batch", res_block=False):
     return monai_nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2],
                               upsample_kernel_size=[2, 2], filters=[4, 8, 16], norm_name=norm,
                               res_block=res_block).to(D)
@@ -370,8 +367,8 @@ MONAI_CASES = [(_unet, "batch", 6, 0.57), (_unet, ("instance", {"affine": True})
 
 
 @pytest.mark.parametrize("build, norm, replaced, ratio", MONAI_CASES)
-def test_monai_network_converts_exactly(build, norm, replaced, ratio):
-    stock = build(norm)
+def test_monai_network_converts_exactly(build, norm, replaced, ratio, monai_nets):
+    stock = build(monai_nets, norm)
     _randomize_norms(stock)
     converted, report = effseg.convert(stock)
     assert len(report.replaced) == replaced and report.skipped == [], report
@@ -388,8 +385,8 @@ def test_monai_network_converts_exactly(build, norm, replaced, ratio):
     assert saved_bytes(converted, x) <= ratio * saved_bytes(stock, x)
 
 
-def test_dynunet_residual_blocks_are_refused_with_reasons():
-    stock = _dynunet(("instance", {"affine": True}), res_block=True)
+def test_dynunet_residual_blocks_are_refused_with_reasons(monai_nets):
+    stock = _dynunet(monai_nets, ("instance", {"affine": True}), res_block=True)
     converted, report = effseg.convert(stock)
     assert "input_block.norm1" in dict((s.path, s.reason) for s in report.skipped)
     assert "also applied where no norm is fused" in report.reason("input_block.norm1")

@@ -27,6 +27,14 @@ import _dist_worker as worker  # noqa: E402
 from conftest import needs_cuda, needs_extension, run_python  # noqa: E402
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
+
+
+def child_env(**extra: str) -> dict:
+    """Environment for a child process that imports the very effseg this process imported (an
+    in-place build in a checkout that is not installed included), on one thread."""
+    root = str(Path(effseg.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path, **extra)
 pytestmark = [needs_extension,
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="needs torch.distributed with gloo")]
@@ -46,9 +54,8 @@ def spawn(scenario: str, out: Path, *args: str, world: int = 2, timeout: float =
     port = str(free_port())
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
-                   PYTHONUNBUFFERED="1")
+        env = child_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out), *args],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
@@ -283,7 +290,7 @@ def test_a_rank_that_dies_during_training_ends_the_run_with_an_error(phantom, tm
 
 
 def test_torchrun_launches_effseg_train(phantom, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "effseg", "train", "--out", str(tmp_path / "run"), "--data", str(phantom),

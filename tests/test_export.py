@@ -67,10 +67,7 @@ def test_full_volume_fcn_exports_and_matches_eager():
         torch.testing.assert_close(ep.module()(x), m(x))
 
 
-monai_nets = pytest.importorskip("monai.networks.nets", reason="MONAI is not installed")
-
-
-def _converted_unet():
+def _converted_unet(monai_nets):
     stock = monai_nets.UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1,
                             act=("leakyrelu", {"negative_slope": 0.01}), norm="batch")
     model, report = effseg.convert(stock)
@@ -78,8 +75,8 @@ def _converted_unet():
     return stock, model
 
 
-def test_converted_monai_unet_exports_and_matches_stock():
-    stock, model = _converted_unet()
+def test_converted_monai_unet_exports_and_matches_stock(monai_nets):
+    stock, model = _converted_unet(monai_nets)
     stock, model = stock.to(D), model.to(D)
     x = torch.randn(1, 1, 16, 16, 16, dtype=D)
     _trained_eval(stock, x)
@@ -91,17 +88,14 @@ def test_converted_monai_unet_exports_and_matches_stock():
         torch.testing.assert_close(ep.module()(x), stock(x))
 
 
-onnx = pytest.importorskip("onnx", reason="onnx is not installed")
-pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's dynamo exporter) is missing")
-
-
 @pytest.mark.parametrize("which", ["fcn", "monai_unet"])
-def test_onnx_export(which, tmp_path):
+def test_onnx_export(which, tmp_path, onnx_export, request):
+    onnx = onnx_export
     x = torch.randn(1, 1, 16, 16, 16)
     if which == "fcn":
         model = _trained_eval(FullVolumeFCN(channels=(4, 8), strides=(1, 2)), x)
     else:
-        stock, model = _converted_unet()
+        stock, model = _converted_unet(request.getfixturevalue("monai_nets"))
         _trained_eval(stock, x)
         model.load_state_dict(stock.state_dict())
         model.eval()

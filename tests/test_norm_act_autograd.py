@@ -97,8 +97,12 @@ def test_torch_compile_fullgraph_matches_eager(norm):
         torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
         ye.square().sum().backward()
         yc.square().sum().backward()
+        # A conv bias before a batch norm has a true gradient of 0: what eager and compiled give
+        # for it is float32 cancellation noise, so absolute errors are judged against the
+        # largest gradient of the model (about 1e3 here), not against 1.
+        scale = max(p.grad.abs().max().item() for p in eager.parameters())
         for (name, pe), pc in zip(eager.named_parameters(), compiled_model.parameters()):
-            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-4, msg=name)
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=2e-6 * scale, msg=name)
     for be, bc in zip(eager.buffers(), compiled_model.buffers()):
         torch.testing.assert_close(bc, be)
 

@@ -80,8 +80,9 @@ def extension(with_cuda):
     # -fno-trapping-math lets the compiler turn the activations' selects into vector blends (it
     # changes no result: effseg installs no floating-point trap handlers). -fopenmp: ATen's
     # at::parallel_for is inline OpenMP code, compiled into the extension; without the flag it
-    # silently runs every CPU kernel on one thread.
-    cxx = ["-O3", "-fno-trapping-math", "-fopenmp"]
+    # silently runs every CPU kernel on one thread. C++20 (templated lambdas in the dispatch)
+    # named here: torch before 2.14 would otherwise add -std=c++17.
+    cxx = ["-O3", "-std=c++20", "-fno-trapping-math", "-fopenmp"]
     link = ["-fopenmp"]
     if not with_cuda:
         return cpp_extension.CppExtension(
@@ -92,7 +93,7 @@ def extension(with_cuda):
         sources(True),
         include_dirs=cuda_library_includes(),
         define_macros=[("EFFSEG_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
         extra_link_args=link,
     )
 

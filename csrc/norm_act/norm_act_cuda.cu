@@ -8,6 +8,8 @@
 // - channels-last [N][S][C]: a block of kTileC x kRowThreads threads handles kTileC channels of
 //   kRows consecutive voxels (rows) of one sample; threads of a warp read consecutive channels.
 // Partial results are stored [N][P][C] for both layouts.
+#include <limits>
+
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -38,6 +40,13 @@ struct Launch {
   int64_t blocks() const { return g.channels_last ? tiles * g.N * P : g.N * g.C * P; }
   dim3 threads() const { return g.channels_last ? dim3(kTileC, kRowThreads) : dim3(kThreads); }
 };
+
+// A 1-D grid holds at most 2^31 - 1 blocks; <<<>>> would silently narrow a larger count.
+void check_grid(int64_t blocks, const Geometry& g) {
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(),
+                    "effseg: input too large for one launch (N=", g.N, ", C=", g.C, ", S=", g.S,
+                    " needs ", blocks, " blocks)");
+}
 
 // Decodes a block of the channels-last decomposition: sample n, row block p, channel c of this
 // thread (c >= C for the idle lanes of the last tile) and rows [r0, r1).
@@ -164,6 +173,8 @@ void reduce_groups(const at::Tensor& like, const Geometry& g, bool per_sample, c
                    const Finish& finish) {
   using Acc = typename R::Acc;
   const Launch l(g);
+  check_grid(l.blocks(), g);
+  check_grid(g.groups(per_sample), g);
   at::Tensor buf =
       at::empty({g.N * l.P * g.C * int64_t(sizeof(Acc))}, like.options().dtype(at::kByte));
   Acc* part = reinterpret_cast<Acc*>(buf.data_ptr());
@@ -252,6 +263,7 @@ __global__ void apply_channels_last_kernel(F f, int64_t N, int64_t C, int64_t S,
 
 template <typename F> void apply_elementwise(const Geometry& g, const F& f) {
   const Launch l(g);
+  check_grid(l.blocks(), g);
   auto stream = at::cuda::getCurrentCUDAStream();
   if (g.channels_last) {
     apply_channels_last_kernel<<<l.blocks(), l.threads(), 0, stream>>>(f, g.N, g.C, g.S, l.P);

@@ -2,8 +2,9 @@
 whole volumes of several sizes, in one run:
 
 - effseg FullVolumeFCN (recomputing blocks, concatenation-free skips, in-place norms)
-- the same FullVolumeFCN with recompute=False (in-place norms and concatenation-free skips
-  only: the time/memory trade-off of recomputation, measured)
+- the same FullVolumeFCN recomputing only its full-resolution level, and with recompute=False
+  (in-place norms and concatenation-free skips only): the time/memory trade-off of
+  recomputation, measured
 - StockUNet3d with the same topology and weights (`FullVolumeFCN.to_stock()`)
 - the same stock network with every block under torch.utils.checkpoint
 - MONAI DynUNet with the same widths and strides, when MONAI is installed
@@ -33,8 +34,8 @@ from common import machine, time_it, write_json  # noqa: E402
 from effseg.memory import peak_allocated, saved_bytes, step_peak  # noqa: E402
 from effseg.models import FullVolumeFCN  # noqa: E402
 
-VARIANTS = ["effseg FullVolumeFCN", "effseg no recompute", "StockUNet3d", "stock + checkpoint",
-            "MONAI DynUNet"]
+VARIANTS = ["effseg FullVolumeFCN", "effseg recompute finest", "effseg no recompute",
+            "StockUNet3d", "stock + checkpoint", "MONAI DynUNet"]
 
 
 class _Checkpointed(torch.nn.Module):
@@ -48,8 +49,10 @@ class _Checkpointed(torch.nn.Module):
 
 def build(variant: str, classes: int):
     torch.manual_seed(0)
-    fcn = FullVolumeFCN(in_channels=1, out_channels=classes,
-                        recompute=variant != "effseg no recompute")
+    levels = len(FullVolumeFCN().channels)
+    recompute = {"effseg recompute finest": (True,) + (False,) * (levels - 1),
+                 "effseg no recompute": False}.get(variant, True)
+    fcn = FullVolumeFCN(in_channels=1, out_channels=classes, recompute=recompute)
     if variant.startswith("effseg"):
         return fcn
     if variant == "MONAI DynUNet":

@@ -1,10 +1,12 @@
-"""The memory planner's prediction against a measured training step (CPU, peak RSS)."""
+"""The memory planner's prediction against a measured training step (CPU: peak RSS; CUDA: the
+allocator's peak, bf16, the default network)."""
 import math
 import sys
 
 import pytest
 import torch
 
+from conftest import needs_cuda
 from effseg.planner import (Fit, ModelConfig, calibrate, choose, measure_step, parse_bytes,
                             plan, scaled_shape)
 
@@ -19,6 +21,19 @@ def test_prediction_within_15_percent_of_a_measured_step():
     fit = calibrate(CONFIG, True, shape, torch.device("cpu"))
     assert all(v < math.prod(shape) for v, _ in fit.points), "calibration must be smaller"
     measured = measure_step(CONFIG, True, shape, torch.device("cpu"))
+    predicted = fit.predict(math.prod(shape))
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured, fit.points)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_prediction_within_15_percent_of_a_measured_step_on_cuda():
+    # the default FullVolumeFCN in bf16, calibrated on volumes up to 128^3, predicting 192^3
+    shape, cuda = (192, 192, 192), torch.device("cuda")
+    config = ModelConfig(out_channels=3)
+    fit = calibrate(config, True, shape, cuda, torch.bfloat16, cap_voxels=128 ** 3)
+    assert fit.linear, fit.points
+    measured = measure_step(config, True, shape, cuda, torch.bfloat16)
     predicted = fit.predict(math.prod(shape))
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured, fit.points)
 

@@ -20,6 +20,7 @@ for effseg and stock. Prints a table, writes JSON and a PNG of peak memory again
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -125,6 +126,7 @@ def fits(variant, edge, device, amp, classes=3) -> bool:
     except torch.cuda.OutOfMemoryError:
         return False
     finally:
+        gc.collect()  # the failed step's graph may hold tensors in reference cycles
         torch.cuda.empty_cache()
 
 

@@ -94,7 +94,8 @@ for name in ("bench_blocks", "bench_model"):
     for r in data["rows"]:
         size = r.get("shape") or r.get("edge")
         print(f"{name:<13} {str(size):<22} {r['variant']:<24} saved x{r['saved_vs_stock']:.2f} "
-              f"peak x{r['peak_vs_stock']:.2f} time x{r['seconds_vs_stock']:.2f}")
+              f"peak x{r['peak_vs_stock']:.2f} ({r['peak_bytes'] / 2**30:.2f} GiB) "
+              f"time x{r['seconds_vs_stock']:.2f} ({r['seconds'] * 1e3:.0f} ms)")
     for variant, edge in data.get("largest_cube", {}).items():
         print(f"largest cube that trains (bf16), {variant}: {edge}^3")
 PYEOF

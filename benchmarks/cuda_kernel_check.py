@@ -18,7 +18,6 @@ import torch
 
 from effseg.ops import reference
 
-E = torch.ops.effseg
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 ACTS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)]
 
@@ -30,7 +29,9 @@ def close(a, b, dtype):
 
 
 def norm_cases(quick):
-    shapes = [(2, 3, 5, 6, 7), (1, 40, 3, 4, 5), (3, 2, 9000)]
+    # (2, 33, 6, 7, 8): channels-last over two channel tiles (31 idle lanes) and two row blocks;
+    # (3, 2, 9000): two contiguous spans per (n, c)
+    shapes = [(2, 3, 5, 6, 7), (1, 40, 3, 4, 5), (2, 33, 6, 7, 8), (3, 2, 9000)]
     layouts = [(shape, cl) for shape in shapes for cl in ([False, True] if len(shape) == 5
                                                           else [False])]
     if not quick:
@@ -42,7 +43,9 @@ def norm_cases(quick):
         yield shape, cl, dtype, i % 2 == 1, ACTS[i % 3]
 
 
-def norm_act_failures(quick, gpu):
+def norm_act_failures(quick, gpu, E=None):
+    """Mismatches of the norm-act ops `E` (default torch.ops.effseg) on device `gpu`."""
+    E = E or torch.ops.effseg
     failures = 0
     for shape, cl, dtype, per_sample, (act, p) in norm_cases(quick):
         fmt = torch.channels_last_3d if cl else torch.contiguous_format
@@ -99,10 +102,13 @@ def main(argv=None):
     return 1 if failures else 0
 
 
-def dice_ce_failures(gpu):
+def dice_ce_failures(gpu, E=None):
+    """Mismatches of the dice_ce ops `E` (default torch.ops.effseg) on device `gpu`."""
+    E = E or torch.ops.effseg
     failures = 0
-    # (1, 3, 4097): one voxel past a forward block; (2, 40, ...): two class chunks of 32.
-    shapes = [(2, 3, 5, 6, 7), (1, 3, 4097), (2, 40, 3, 4, 5)]
+    # (1, 3, 4097): one voxel past a forward block; (2, 40, ...): two class chunks of 32;
+    # (2, 3, 5000): 10000 voxels, more than one pass of a small device's backward grid.
+    shapes = [(2, 3, 5, 6, 7), (1, 3, 4097), (2, 40, 3, 4, 5), (2, 3, 5000)]
     label_dtypes = (torch.int64, torch.int32, torch.uint8)
     # Label dtype, class weights and ignore_index rotate over the cases (few launches under
     # compute-sanitizer) so that each is seen with several shapes and dtypes.

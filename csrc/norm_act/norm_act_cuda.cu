@@ -41,7 +41,7 @@ struct Launch {
   dim3 threads() const { return g.channels_last ? dim3(kTileC, kRowThreads) : dim3(kThreads); }
 };
 
-// A 1-D grid holds at most 2^31 - 1 blocks; <<<>>> would silently narrow a larger count.
+// A 1-D grid holds at most 2^31 - 1 blocks; a launch would silently narrow a larger count.
 void check_grid(int64_t blocks, const Geometry& g) {
   TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(),
                     "effseg: input too large for one launch (N=", g.N, ", C=", g.C, ", S=", g.S,

@@ -1,0 +1,187 @@
+"""effseg's CUDA kernels, run on the CPU by an emulator (tests/cuda_emu/cuda_emu.h).
+
+No GPU is needed: csrc/*/*_cuda.cu is compiled as C++ with every `<<<...>>>` launch turned into
+an emulated one whose threads run as fibers (shared memory, __syncthreads and warp shuffles
+included), registered as torch.ops.effseg_emu on the CPU. Every kernel's own code and its host
+code (grids, partial buffers, merges) then runs against the float64 references
+(benchmarks/cuda_kernel_check.py, every dtype, layout, statistics kind and activation), and
+against itself under other thread orders between barriers, which must give bit-identical
+results (a shared-memory race would not). A barrier or full-mask shuffle that not every thread
+reaches raises. What it cannot show (memory model, timing, hardware limits) is left to
+benchmarks/gpu_check.sh on a GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CSRC = REPO / "csrc"
+EMU = Path(__file__).resolve().parent / "cuda_emu"
+
+pytestmark = pytest.mark.skipif(
+    not (CSRC / "norm_act" / "norm_act_cuda.cu").is_file(),
+    reason="needs effseg's C++/CUDA sources (run from a checkout)")
+
+LAUNCH = re.compile(r"(\w+(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\s*\((.*?)\)\s*;", re.S)
+
+
+def emulated_source(text: str) -> str:
+    """A .cu file as C++ for the emulator: launches rewritten, CUDA-only includes dropped, the
+    library renamed to effseg_emu and the kernels registered for the CPU."""
+    text = re.sub(r"#include <(ATen/cuda|c10/cuda)/[^>]*>\n", "", text)
+    text, launches = LAUNCH.subn(
+        lambda m: f"::emu::launch(::emu::config({m[2]}), [&] {{ {m[1]}({m[3]}); }});", text)
+    assert launches > 0, "no kernel launch found"
+    assert "<<<" not in text, "a kernel launch the emulator's rewrite missed"
+    text = re.sub(r"(EFFSEG_REGISTER_\w+)\(CUDA,", r"\1(CPU,", text)
+    return text
+
+
+def renamed(text: str) -> str:
+    return re.sub(r"(TORCH_LIBRARY(?:_IMPL|_FRAGMENT)?)\(effseg\b", r"\1(effseg_emu", text)
+
+
+def build_emulator(build: Path):
+    from torch.utils import cpp_extension
+
+    src = build / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    prelude = '#include "cuda_emu.h"\n#define effseg effseg_emu\n'
+    for family in ("norm_act", "dice_ce"):
+        for header in (CSRC / family).glob("*.h"):
+            (src / header.name).write_text(renamed(header.read_text()))
+        cu = (CSRC / family / f"{family}_cuda.cu").read_text()
+        (src / f"{family}_emu.cpp").write_text(prelude + renamed(emulated_source(cu)))
+    (src / "registry_emu.cpp").write_text(
+        '#define EFFSEG_NO_PYTHON\n' + prelude + renamed((CSRC / "registry.cpp").read_text()) +
+        '\nTORCH_LIBRARY_FRAGMENT(effseg_emu, m) {\n'
+        '  m.def("emu_set_schedule(int order) -> ()",\n'
+        '        [](int64_t order) { emu::set_schedule(int(order)); });\n}\n')
+    shutil.copy(EMU / "cuda_emu.h", src / "cuda_emu.h")
+    cpp_extension.load(
+        name="effseg_cuda_emu", sources=[str(p) for p in sorted(src.glob("*.cpp"))],
+        extra_include_paths=[str(src)], extra_cflags=["-O2", "-std=c++20"],
+        build_directory=str(build), is_python_module=False, verbose=False)
+    return torch.ops.effseg_emu
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    build = tmp_path_factory.mktemp("cuda_emu")
+    os.environ.setdefault("MAX_JOBS", "2")
+    ops = build_emulator(build)
+    yield ops
+    ops.emu_set_schedule(0)
+
+
+def kernel_check():
+    spec = importlib.util.spec_from_file_location(
+        "cuda_kernel_check", REPO / "benchmarks" / "cuda_kernel_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rewrite_covers_every_launch():
+    for family in ("norm_act", "dice_ce"):
+        text = (CSRC / family / f"{family}_cuda.cu").read_text()
+        out = emulated_source(text)
+        assert out.count("::emu::launch(") == text.count("<<<")
+
+
+def test_emulated_kernels_match_the_references(emu, one_thread):
+    check = kernel_check()
+    torch.manual_seed(0)
+    assert check.norm_act_failures(False, "cpu", emu) == 0
+    assert check.dice_ce_failures("cpu", emu) == 0
+
+
+def _norm_outputs(ops, x, dy, w, b, per_sample, act, p):
+    mean, var = ops.norm_stats(x, per_sample)
+    y = x.clone()
+    ops.norm_act_forward_(y, mean, var, w, b, 1e-5, act, p)
+    s1, s2 = ops.norm_act_backward_reduce(y, dy, w, b, per_sample, act, p)
+    dx = ops.norm_act_backward_input(y, dy, var, w, b, s1, s2, None, 1e-5, act, p)
+    return [mean, var, y, s1, s2, dx]
+
+
+@pytest.mark.parametrize("shape, channels_last", [((2, 33, 6, 7, 8), True),
+                                                  ((2, 3, 5, 6, 7), False),
+                                                  ((3, 2, 9000), False)])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_results_do_not_depend_on_the_thread_order(emu, one_thread, shape, channels_last,
+                                                   per_sample):
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = (torch.randn(shape) * 2 + 1).contiguous(memory_format=fmt)
+    dy = torch.randn(shape).contiguous(memory_format=fmt)
+    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    logits = torch.randn(2, 40, 9, 10, 11)
+    labels = torch.randint(0, 40, (2, 9, 10, 11))
+    labels[:, 0] = -100
+    coef = torch.randn(2, 40, 2)
+    runs = []
+    for order in (0, 1, 2):
+        emu.emu_set_schedule(order)
+        outs = _norm_outputs(emu, x, dy, w, b, per_sample, "leaky_relu", 0.01)
+        outs += list(emu.dice_ce_forward(logits, labels, None, -100))
+        outs.append(emu.dice_ce_backward(torch.tensor(0.5), logits, labels, None, -100, coef,
+                                         torch.tensor(0.25)))
+        runs.append(outs)
+    emu.emu_set_schedule(0)
+    for other in runs[1:]:
+        for a, b_ in zip(runs[0], other):
+            assert torch.equal(a, b_)
+
+
+def test_the_emulator_catches_a_divergent_barrier_and_a_race(tmp_path):
+    """The emulator's own checks can fail: a kernel whose barrier some threads skip raises, and
+    one that reads a neighbour's shared slot without a barrier gives order-dependent results."""
+    from torch.utils import cpp_extension
+
+    (tmp_path / "cuda_emu.h").write_text((EMU / "cuda_emu.h").read_text())
+    body = r'''
+#include "cuda_emu.h"
+namespace {
+__global__ void divergent(float* out) {
+  __shared__ float s[64];
+  if (threadIdx.x < 32) return;      // half the block leaves before the barrier
+  s[threadIdx.x] = 1.0f;
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x];
+}
+__global__ void racy(float* out) {
+  __shared__ float s[64];
+  s[threadIdx.x] = -1.0f;
+  __syncthreads();
+  s[threadIdx.x] = float(threadIdx.x);
+  out[threadIdx.x] = s[(threadIdx.x + 1) % 64];  // no __syncthreads before reading
+}
+at::Tensor run(int64_t which, int64_t order) {
+  emu::set_schedule(int(order));
+  at::Tensor out = at::zeros({64});
+  float* p = out.data_ptr<float>();
+  if (which == 0) divergent<<<1, 64>>>(p);
+  else racy<<<1, 64>>>(p);
+  emu::set_schedule(0);
+  return out;
+}
+}  // namespace
+TORCH_LIBRARY(effseg_emu_selftest, m) { m.def("run(int which, int order) -> Tensor", &run); }
+'''
+    src = tmp_path / "selftest.cpp"
+    src.write_text(emulated_source(body))
+    cpp_extension.load(name="effseg_cuda_emu_selftest", sources=[str(src)],
+                       extra_include_paths=[str(tmp_path)], extra_cflags=["-O1", "-std=c++20"],
+                       build_directory=str(tmp_path), is_python_module=False, verbose=False)
+    ops = torch.ops.effseg_emu_selftest
+    with pytest.raises(RuntimeError, match="stuck: 32 thread.s. at __syncthreads.*32 exited"):
+        ops.run(0, 0)
+    assert not torch.equal(ops.run(1, 0), ops.run(1, 1))

@@ -30,8 +30,10 @@ def close(a, b, dtype):
 
 def norm_cases(quick):
     # (2, 33, 6, 7, 8): channels-last over two channel tiles (31 idle lanes) and two row blocks;
-    # (3, 2, 9000): two contiguous spans per (n, c)
-    shapes = [(2, 3, 5, 6, 7), (1, 40, 3, 4, 5), (2, 33, 6, 7, 8), (3, 2, 9000)]
+    # (1, 3, 9, 10, 11): 990 rows (more than 256 per row block under the emulator's small
+    # EFFSEG_CUDA_MAX_ROW_BLOCKS); (3, 2, 9000): two contiguous spans per (n, c)
+    shapes = [(2, 3, 5, 6, 7), (1, 40, 3, 4, 5), (2, 33, 6, 7, 8), (1, 3, 9, 10, 11),
+              (3, 2, 9000)]
     layouts = [(shape, cl) for shape in shapes for cl in ([False, True] if len(shape) == 5
                                                           else [False])]
     if not quick:

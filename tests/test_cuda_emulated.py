@@ -68,7 +68,10 @@ def build_emulator(build: Path):
     shutil.copy(EMU / "cuda_emu.h", src / "cuda_emu.h")
     cpp_extension.load(
         name="effseg_cuda_emu", sources=[str(p) for p in sorted(src.glob("*.cpp"))],
-        extra_include_paths=[str(src)], extra_cflags=["-O2", "-std=c++20"],
+        extra_include_paths=[str(src)],
+        # at most 2 row blocks per sample, so that the small channels-last cases also take the
+        # path of large volumes (more than 256 rows per block)
+        extra_cflags=["-O2", "-std=c++20", "-DEFFSEG_CUDA_MAX_ROW_BLOCKS=2"],
         build_directory=str(build), is_python_module=False, verbose=False)
     return torch.ops.effseg_emu
 
@@ -114,6 +117,7 @@ def _norm_outputs(ops, x, dy, w, b, per_sample, act, p):
 
 
 @pytest.mark.parametrize("shape, channels_last", [((2, 33, 6, 7, 8), True),
+                                                  ((1, 3, 9, 10, 11), True),
                                                   ((2, 3, 5, 6, 7), False),
                                                   ((3, 2, 9000), False)])
 @pytest.mark.parametrize("per_sample", [False, True])

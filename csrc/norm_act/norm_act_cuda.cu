@@ -6,7 +6,9 @@
 // Work decomposition, shared by all kernels:
 // - contiguous [N][C][S]: block b handles kSpan elements of one (n, c) span: p = b % P, nc = b / P;
 // - channels-last [N][S][C]: a block of kTileC x kRowThreads threads handles kTileC channels of
-//   kRows consecutive voxels (rows) of one sample; threads of a warp read consecutive channels.
+//   `rows` consecutive voxels of one sample (at least kRows, more for large volumes so that a
+//   sample has at most kMaxRowBlocks row blocks and the merge stays short); threads of a warp
+//   read consecutive channels.
 // Partial results are stored [N][P][C] for both layouts.
 #include <limits>
 
@@ -24,7 +26,12 @@ constexpr int kThreads = 256;          // threads per block, a power of two (tre
 constexpr int64_t kSpan = 8192;        // contiguous: elements per block
 constexpr int kTileC = 32;             // channels-last: channels per block (one warp)
 constexpr int kRowThreads = kThreads / kTileC;
-constexpr int64_t kRows = 256;         // channels-last: rows per block
+constexpr int64_t kRows = 256;         // channels-last: fewest rows per block
+#ifndef EFFSEG_CUDA_MAX_ROW_BLOCKS  // the CPU emulator's tests lower it to reach large `rows`
+#define EFFSEG_CUDA_MAX_ROW_BLOCKS 1024
+#endif
+constexpr int64_t kMaxRowBlocks = EFFSEG_CUDA_MAX_ROW_BLOCKS;  // channels-last: most row blocks
+                                                               // per sample
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -32,9 +39,11 @@ struct Launch {
   Geometry g;
   int64_t P;      // blocks per span (contiguous) or per sample (channels-last)
   int64_t tiles;  // channel tiles (channels-last)
+  int64_t rows;   // rows per block (channels-last), a multiple of kRowThreads
 
   explicit Launch(const Geometry& geo) : g(geo) {
-    P = g.channels_last ? ceil_div(g.S, kRows) : ceil_div(g.S, kSpan);
+    rows = std::max(kRows, ceil_div(ceil_div(g.S, kMaxRowBlocks), kRowThreads) * kRowThreads);
+    P = g.channels_last ? ceil_div(g.S, rows) : ceil_div(g.S, kSpan);
     tiles = ceil_div(g.C, kTileC);
   }
   int64_t blocks() const { return g.channels_last ? tiles * g.N * P : g.N * g.C * P; }
@@ -52,15 +61,15 @@ void check_grid(int64_t blocks, const Geometry& g) {
 // thread (c >= C for the idle lanes of the last tile) and rows [r0, r1).
 struct RowBlock {
   int64_t n, p, c, r0, r1;
-  __device__ RowBlock(int64_t N, int64_t C, int64_t S, int64_t P) {
+  __device__ RowBlock(int64_t N, int64_t C, int64_t S, int64_t P, int64_t rows) {
     int64_t b = blockIdx.x;
     const int64_t tile = b % ceil_div_d(C, kTileC);
     b /= ceil_div_d(C, kTileC);
     p = b % P;
     n = b / P;
     c = tile * kTileC + threadIdx.x;
-    r0 = p * kRows;
-    r1 = min(r0 + kRows, S);
+    r0 = p * rows;
+    r1 = min(r0 + rows, S);
   }
   static __device__ int64_t ceil_div_d(int64_t a, int64_t b) { return (a + b - 1) / b; }
 };
@@ -75,17 +84,21 @@ __device__ void tree_reduce(Acc* smem, int lane, int count, int stride) {
   __syncthreads();
 }
 
-// Reducers: what a thread accumulates for element i of channel c.
+// Reducers: what a thread accumulates (Local) for element i of channel c, and what it hands to
+// the block's tree of merges (Acc).
 template <typename scalar_t, typename acc_t> struct StatsReducer {
   using Acc = Moments<acc_t>;
+  using Local = ShiftedSums<acc_t>;
   struct Chan {};
   const scalar_t* x;
   __device__ Chan channel(int64_t) const { return {}; }
-  __device__ void add(Acc& a, const Chan&, int64_t i) const { push(a, acc_t(x[i])); }
+  __device__ void add(Local& a, const Chan&, int64_t i) const { push(a, acc_t(x[i])); }
+  static __device__ Acc finish(const Local& a) { return moments(a); }
 };
 
 template <typename scalar_t, typename acc_t, Act A> struct GradReducer {
   using Acc = GradSums<acc_t>;
+  using Local = GradSums<acc_t>;
   using Chan = Affine<acc_t>;
   const scalar_t* y;
   const scalar_t* dy;
@@ -99,6 +112,7 @@ template <typename scalar_t, typename acc_t, Act A> struct GradReducer {
     a.dz += dz;
     a.dz_xhat += dz * xhat;
   }
+  static __device__ Acc finish(const Local& a) { return a; }
 };
 
 template <typename R>
@@ -109,27 +123,27 @@ __global__ void reduce_contiguous_kernel(R r, typename R::Acc* part, int64_t C, 
   const int64_t p = blockIdx.x % P, nc = blockIdx.x / P, c = nc % C, n = nc / C;
   const int64_t begin = nc * S + p * kSpan, end = nc * S + min((p + 1) * kSpan, S);
   const auto chan = r.channel(c);
-  Acc acc{};
+  typename R::Local acc{};
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) r.add(acc, chan, i);
-  smem[threadIdx.x] = acc;
+  smem[threadIdx.x] = R::finish(acc);
   tree_reduce(smem, threadIdx.x, kThreads, 1);
   if (threadIdx.x == 0) part[(n * P + p) * C + c] = smem[0];
 }
 
 template <typename R>
 __global__ void reduce_channels_last_kernel(R r, typename R::Acc* part, int64_t N, int64_t C,
-                                            int64_t S, int64_t P) {
+                                            int64_t S, int64_t P, int64_t rows) {
   using Acc = typename R::Acc;
   __shared__ Acc smem[kRowThreads * kTileC];
-  const RowBlock rb(N, C, S, P);
-  Acc acc{};
+  const RowBlock rb(N, C, S, P, rows);
+  typename R::Local acc{};
   if (rb.c < C) {
     const auto chan = r.channel(rb.c);
     for (int64_t row = rb.r0 + threadIdx.y; row < rb.r1; row += kRowThreads)
       r.add(acc, chan, (rb.n * S + row) * C + rb.c);
   }
   Acc* column = smem + threadIdx.x;
-  column[threadIdx.y * kTileC] = acc;
+  column[threadIdx.y * kTileC] = R::finish(acc);
   tree_reduce(column, threadIdx.y, kRowThreads, kTileC);
   if (threadIdx.y == 0 && rb.c < C) part[(rb.n * P + rb.p) * C + rb.c] = column[0];
 }
@@ -181,7 +195,7 @@ void reduce_groups(const at::Tensor& like, const Geometry& g, bool per_sample, c
   auto stream = at::cuda::getCurrentCUDAStream();
   if (g.channels_last) {
     reduce_channels_last_kernel<<<l.blocks(), l.threads(), 0, stream>>>(r, part, g.N, g.C, g.S,
-                                                                        l.P);
+                                                                        l.P, l.rows);
   } else {
     reduce_contiguous_kernel<<<l.blocks(), l.threads(), 0, stream>>>(r, part, g.C, g.S, l.P);
   }
@@ -253,8 +267,9 @@ __global__ void apply_contiguous_kernel(F f, int64_t C, int64_t S, int64_t P) {
 }
 
 template <typename F>
-__global__ void apply_channels_last_kernel(F f, int64_t N, int64_t C, int64_t S, int64_t P) {
-  const RowBlock rb(N, C, S, P);
+__global__ void apply_channels_last_kernel(F f, int64_t N, int64_t C, int64_t S, int64_t P,
+                                           int64_t rows) {
+  const RowBlock rb(N, C, S, P, rows);
   if (rb.c >= C) return;
   const auto k = f.coef(rb.n, rb.c);
   for (int64_t row = rb.r0 + threadIdx.y; row < rb.r1; row += kRowThreads)
@@ -266,7 +281,8 @@ template <typename F> void apply_elementwise(const Geometry& g, const F& f) {
   check_grid(l.blocks(), g);
   auto stream = at::cuda::getCurrentCUDAStream();
   if (g.channels_last) {
-    apply_channels_last_kernel<<<l.blocks(), l.threads(), 0, stream>>>(f, g.N, g.C, g.S, l.P);
+    apply_channels_last_kernel<<<l.blocks(), l.threads(), 0, stream>>>(f, g.N, g.C, g.S, l.P,
+                                                                       l.rows);
   } else {
     apply_contiguous_kernel<<<l.blocks(), l.threads(), 0, stream>>>(f, g.C, g.S, l.P);
   }

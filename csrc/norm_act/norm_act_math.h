@@ -123,12 +123,28 @@ template <typename acc_t> EFFSEG_HD Moments<acc_t> merge(const Moments<acc_t>& a
   return {n, a.mean + d * fb, a.m2 + b.m2 + d * d * acc_t(a.n) * fb};
 }
 
-// Welford's single-value update, for a thread that walks its values one at a time.
-template <typename acc_t> EFFSEG_HD void push(Moments<acc_t>& m, acc_t v) {
+// What one thread accumulates over its values before they join the tree of merges: the count
+// and the sums of v - shift and (v - shift)^2, shifted by the thread's first value so that the
+// sum of squares does not cancel. No division per value (Welford's update would take one).
+template <typename acc_t> struct ShiftedSums {
+  int n;
+  acc_t shift;
+  acc_t s1;
+  acc_t s2;
+};
+
+template <typename acc_t> EFFSEG_HD void push(ShiftedSums<acc_t>& m, acc_t v) {
+  if (m.n == 0) m.shift = v;
+  const acc_t d = v - m.shift;
   m.n += 1;
-  const acc_t d = v - m.mean;
-  m.mean += d / acc_t(m.n);
-  m.m2 += d * (v - m.mean);
+  m.s1 += d;
+  m.s2 += d * d;
+}
+
+template <typename acc_t> EFFSEG_HD Moments<acc_t> moments(const ShiftedSums<acc_t>& m) {
+  if (m.n == 0) return {0, acc_t(0), acc_t(0)};
+  const acc_t mean_d = m.s1 / acc_t(m.n);
+  return {m.n, m.shift + mean_d, e_max(m.s2 - m.s1 * mean_d, acc_t(0))};
 }
 
 // The two per-group sums backward needs: sum(dz) and sum(dz * xhat), with dz = dL/dz.

@@ -48,7 +48,7 @@ def renamed(text: str) -> str:
     return re.sub(r"(TORCH_LIBRARY(?:_IMPL|_FRAGMENT)?)\(effseg\b", r"\1(effseg_emu", text)
 
 
-def build_emulator(build: Path):
+def build_emulator(build: Path, name: str = "effseg_cuda_emu", flags: tuple[str, ...] = ()):
     from torch.utils import cpp_extension
 
     src = build / "src"
@@ -67,11 +67,12 @@ def build_emulator(build: Path):
         '        [](int64_t order) { emu::set_schedule(int(order)); });\n}\n')
     shutil.copy(EMU / "cuda_emu.h", src / "cuda_emu.h")
     cpp_extension.load(
-        name="effseg_cuda_emu", sources=[str(p) for p in sorted(src.glob("*.cpp"))],
+        name=name, sources=[str(p) for p in sorted(src.glob("*.cpp"))],
         extra_include_paths=[str(src)],
         # at most 2 row blocks per sample, so that the small channels-last cases also take the
         # path of large volumes (more than 256 rows per block)
-        extra_cflags=["-O2", "-std=c++20", "-DEFFSEG_CUDA_MAX_ROW_BLOCKS=2"],
+        extra_cflags=["-O2", "-std=c++20", "-DEFFSEG_CUDA_MAX_ROW_BLOCKS=2", *flags],
+        extra_ldflags=[f for f in flags if f.startswith("-fsanitize")],
         build_directory=str(build), is_python_module=False, verbose=False)
     return torch.ops.effseg_emu
 
@@ -189,3 +190,106 @@ TORCH_LIBRARY(effseg_emu_selftest, m) { m.def("run(int which, int order) -> Tens
     with pytest.raises(RuntimeError, match="stuck: 32 thread.s. at __syncthreads.*32 exited"):
         ops.run(0, 0)
     assert not torch.equal(ops.run(1, 0), ops.run(1, 1))
+
+
+ASAN_RUN = r'''
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+import test_cuda_emulated as t
+ops = t.build_emulator(Path(sys.argv[2]), "effseg_cuda_emu_asan",
+                       ("-fsanitize=address", "-fno-omit-frame-pointer"))
+check = t.kernel_check()
+torch.manual_seed(0)
+print("norm_act mismatches", check.norm_act_failures(True, "cpu", ops))
+print("dice_ce mismatches", check.dice_ce_failures("cpu", ops))
+'''
+
+
+ASAN_PLANTED = r'''
+import sys
+from pathlib import Path
+import torch
+from torch.utils import cpp_extension
+sys.path.insert(0, sys.argv[1])
+import test_cuda_emulated as t
+build = Path(sys.argv[2])
+(build / "cuda_emu.h").write_text((t.EMU / "cuda_emu.h").read_text())
+body = """
+#include "cuda_emu.h"
+namespace {
+__global__ void past_the_end(float* out, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i <= n) out[i] = 1.0f;  // <= : one element too far
+}
+at::Tensor run(int64_t n) {
+  at::Tensor out = at::zeros({n});
+  past_the_end<<<1, 64>>>(out.data_ptr<float>(), n);
+  return out;
+}
+}  // namespace
+TORCH_LIBRARY(effseg_emu_asan_planted, m) { m.def("run(int n) -> Tensor", &run); }
+"""
+(build / "planted.cpp").write_text(t.emulated_source(body))
+cpp_extension.load(name="effseg_emu_asan_planted", sources=[str(build / "planted.cpp")],
+                   extra_include_paths=[str(build)], build_directory=str(build),
+                   extra_cflags=["-O1", "-std=c++20", "-fsanitize=address"],
+                   extra_ldflags=["-fsanitize=address"], is_python_module=False)
+torch.ops.effseg_emu_asan_planted.run(40)
+print("planted write went unnoticed")
+'''
+
+
+def _asan_runtime() -> list[str] | None:
+    """The compiler's AddressSanitizer runtime and the C++ runtime, to preload into Python (an
+    instrumented library cannot be loaded into an uninstrumented process otherwise)."""
+    import subprocess
+
+    paths = []
+    for lib in ("libasan.so", "libstdc++.so"):
+        try:
+            out = subprocess.run(["c++", f"-print-file-name={lib}"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if not os.path.isabs(out):
+            return None
+        paths.append(out)
+    return paths
+
+
+def test_emulated_kernels_under_address_sanitizer(tmp_path):
+    """The CPU counterpart of compute-sanitizer's memcheck: the emulated kernels built with
+    -fsanitize=address read and write nothing outside their tensors and shared arrays, run in
+    a subprocess with the sanitizer's runtime preloaded; first, a kernel that writes one
+    element too far must be reported (an out-of-bounds write planted in a real kernel's
+    partial-buffer store was reported as well, tried by hand)."""
+    import subprocess
+    import sys
+
+    runtime = _asan_runtime()
+    if runtime is None:
+        pytest.skip("the C++ compiler has no AddressSanitizer runtime")
+    import effseg
+    root = str(Path(effseg.__file__).resolve().parent.parent)
+    env = dict(os.environ, LD_PRELOAD=" ".join(runtime), OMP_NUM_THREADS="1",
+               ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:"
+                            "detect_stack_use_after_return=0",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env.setdefault("MAX_JOBS", "2")
+    def run(script, folder):
+        folder.mkdir()
+        return subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent),
+                               str(folder)], capture_output=True, text=True, timeout=900, env=env)
+
+    # the sanitizer works here: a kernel that writes one element past its tensor is reported
+    planted = run(ASAN_PLANTED, tmp_path / "planted")
+    assert planted.returncode != 0, planted.stdout + planted.stderr[-3000:]
+    assert "heap-buffer-overflow" in planted.stderr and "emu::trampoline" in planted.stderr, \
+        planted.stderr[-3000:]
+    proc = run(ASAN_RUN, tmp_path / "kernels")
+    out = proc.stdout + proc.stderr
+    assert "ERROR: AddressSanitizer" not in out, out[-6000:]
+    assert proc.returncode == 0, out[-6000:]
+    assert "norm_act mismatches 0" in out and "dice_ce mismatches 0" in out, out[-3000:]

@@ -17,6 +17,9 @@
 #pragma once
 
 #include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)  // AddressSanitizer must be told about every stack switch
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 // Everything the kernels' sources include from torch, first, so that the macros below touch
 // only the kernels.
@@ -88,16 +91,39 @@ struct Block {
 };
 inline Block* block = nullptr;
 
+// Stack switches, annotated for AddressSanitizer when it is on (tests/test_cuda_emulated.py runs
+// the kernels under it too): `to` is the stack being entered, `fake` keeps the leaving one's.
+inline const void* host_stack = nullptr;  // the scheduler's stack, learnt on a fiber's first entry
+inline size_t host_stack_size = 0;
+#if defined(__SANITIZE_ADDRESS__)
+inline void enter(void** fake, const void* to, size_t size) {
+  __sanitizer_start_switch_fiber(fake, to, size);
+}
+inline void entered(void* fake) {
+  __sanitizer_finish_switch_fiber(fake, &host_stack, &host_stack_size);
+}
+inline void entered_host(void* fake) { __sanitizer_finish_switch_fiber(fake, nullptr, nullptr); }
+#else
+inline void enter(void**, const void*, size_t) {}
+inline void entered(void*) {}
+inline void entered_host(void*) {}
+#endif
+
 inline void trampoline() {
+  entered(nullptr);
   (*block->body)();
   block->fibers[block->current].state = State::Done;
+  enter(nullptr, host_stack, host_stack_size);  // this fiber's stack is done with
   // returning resumes uc_link, the scheduler
 }
 
 inline void yield(State s) {
   Fiber& f = block->fibers[block->current];
   f.state = s;
+  void* fake = nullptr;
+  enter(&fake, host_stack, host_stack_size);
   swapcontext(&f.ctx, &block->scheduler);
+  entered(fake);
 }
 
 inline int lane_id() { return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
@@ -135,7 +161,10 @@ inline bool run_block(const std::function<void()>& body, dim3 bdim) {
       if (b.fibers[i].state != State::Runnable) continue;
       b.current = i;
       threadIdx = b.fibers[i].tid;
+      void* fake = nullptr;
+      enter(&fake, b.fibers[i].stack.get(), kStackBytes);
       swapcontext(&b.scheduler, &b.fibers[i].ctx);
+      entered_host(fake);
       ran = true;
     }
     // a warp whose 32 lanes all wait at a shuffle goes on

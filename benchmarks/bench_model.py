@@ -119,24 +119,43 @@ def measure(variant, edge, device, amp, reps, classes=3):
     return row
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether a failed step ran out of device memory: torch's OutOfMemoryError, or cuDNN failing
+    to get scratch memory near the limit, which surfaces as a plain RuntimeError."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("out of memory", "ALLOC_FAILED", "unable to find an engine"))
+
+
 def fits(variant, edge, device, amp, classes=3) -> bool:
     try:
         measure(variant, edge, device, amp, 1, classes)
         return True
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
         return False
     finally:
         gc.collect()  # the failed step's graph may hold tensors in reference cycles
         torch.cuda.empty_cache()
 
 
-def largest_cube(variant, device, amp, lo=64, hi=1024, step=32, seconds=150.0):
-    """Largest edge (multiple of `step`) whose training step fits, by bisection."""
-    start = time.time()
+def largest_cube(variant, device, amp, lo=64, hi=1024, step=32, seconds=150.0) -> dict:
+    """Largest edge (multiple of `step`) whose training step fits, by bisection within
+    `seconds`: the edge that trained, the smallest that did not (None: none tried), whether the
+    bracket closed, and every probe."""
+    start, probes, failed = time.time(), [], None
     while hi - lo > step and time.time() - start < seconds:
         mid = (lo + hi) // 2 // step * step
-        lo, hi = (mid, hi) if fits(variant, mid, device, amp) else (lo, mid)
-    return lo
+        ok = fits(variant, mid, device, amp)
+        probes.append([mid, ok])
+        if ok:
+            lo = mid
+        else:
+            hi = failed = mid
+    return {"edge": lo, "fails_at": failed, "converged": hi - lo <= step, "probes": probes}
 
 
 def predict(rows, edge: int) -> dict:
@@ -203,6 +222,10 @@ def main(argv=None):
                         help="on a GPU, spend up to SECONDS per variant finding the largest "
                              "cube that trains")
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="measure no new row after SECONDS and share what is left of them "
+                             "between the two bisections (the JSON is rewritten after every "
+                             "row, so a run stopped from outside keeps its rows too)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: all")
     parser.add_argument("--predict-edge", type=int, metavar="EDGE",
                         help="also fit peak = a + b * voxels over the measured sizes (per "
@@ -223,9 +246,30 @@ def main(argv=None):
         edges = [128, 256] if args.quick else [128, 192, 256, 320]
     else:
         edges = [48] if args.quick else [64, 96]
-    rows = []
+    start = time.time()
+    rows, largest, skipped = [], {}, []
+
+    def save():
+        """The JSON so far: a run stopped by a time limit keeps what it measured."""
+        for r in rows:
+            ref = next((s for s in rows
+                        if s["edge"] == r["edge"] and s["variant"] == "StockUNet3d"), None)
+            for k in ("saved_bytes", "peak_bytes", "alloc_bytes", "seconds", "parameters"):
+                r[k.split("_")[0] + "_vs_stock"] = (
+                    None if ref is None or r[k] is None else r[k] / ref[k])
+        write_json(args.out, {"machine": machine(), "device": device.type, "amp": args.amp,
+                              "rows": rows, "largest_cube": largest, "skipped": skipped,
+                              "predicted": predict(rows, args.predict_edge)
+                              if args.predict_edge else {}})
+
+    def time_left() -> float:
+        return args.time_limit - (time.time() - start) if args.time_limit else float("inf")
+
     for edge in edges:
         for variant in filter(available, args.variants or VARIANTS):
+            if time_left() <= 0:
+                skipped.append([variant, edge])
+                continue
             if device.type == "cpu":
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--edge",
                        str(edge), "--device", "cpu", "--amp", args.amp, "--reps", str(reps)]
@@ -234,17 +278,13 @@ def main(argv=None):
             else:
                 rows.append(measure(variant, edge, device, amp, reps))
                 torch.cuda.empty_cache()
-    for r in rows:
-        ref = next((s for s in rows if s["edge"] == r["edge"] and s["variant"] == "StockUNet3d"),
-                   None)
-        if ref is None:
-            continue
-        for k in ("saved_bytes", "peak_bytes", "alloc_bytes", "seconds", "parameters"):
-            r[k.split("_")[0] + "_vs_stock"] = None if r[k] is None else r[k] / ref[k]
-    largest = {}
+            save()
     if args.bisect and device.type == "cuda":
-        for variant in ("effseg FullVolumeFCN", "StockUNet3d"):
-            largest[variant] = largest_cube(variant, device, amp, seconds=args.bisect)
+        for i, variant in enumerate(("effseg FullVolumeFCN", "StockUNet3d")):
+            budget = min(args.bisect, time_left() / (2 - i))
+            if budget > 0:
+                largest[variant] = largest_cube(variant, device, amp, seconds=budget)
+                save()
     peak_name = "peak alloc" if device.type == "cuda" else "peak RSS"
     print(f"\nOne training step (forward, Dice+CE, backward, Adam), batch 1, amp={args.amp}, "
           f"{device.type}")
@@ -252,20 +292,22 @@ def main(argv=None):
     print(f"{'volume':<10} {'variant':<22} {'params M':>8} {'saved MB':>9} {'x':>5} "
           f"{peak_name + ' MB':>14} {'x':>5} " + (f"{'tensors MB':>11} {'x':>5} " if cpu else "")
           + f"{'step s':>8} {'x':>5}")
-    for r in rows:
+    for r in filter(lambda r: r["saved_vs_stock"] is not None, rows):
         alloc = (f"{r['alloc_bytes'] / 2**20:11.1f} {r['alloc_vs_stock']:5.2f} " if cpu else "")
         print(f"{r['edge']:>4}^3     {r['variant']:<22} {r['parameters'] / 1e6:8.2f} "
               f"{r['saved_bytes'] / 2**20:9.1f} {r['saved_vs_stock']:5.2f} "
               f"{r['peak_bytes'] / 2**20:14.1f} {r['peak_vs_stock']:5.2f} {alloc}"
               f"{r['seconds']:8.3f} {r['seconds_vs_stock']:5.2f}")
-    for variant, edge in largest.items():
-        print(f"largest cube that trains, {variant}: {edge}^3")
+    for variant, b in largest.items():
+        print(f"largest cube that trains, {variant}: {b['edge']}^3 (fails at "
+              f"{b['fails_at']}^3{'' if b['converged'] else '; bisection not converged'})")
     predicted = predict(rows, args.predict_edge) if args.predict_edge else {}
     for variant, p in predicted.items():
         print(f"predicted peak at {args.predict_edge}^3, {variant}: {p['bytes'] / 2**30:.1f} GiB "
               f"(fit over {p['edges']}, {p['measure']})")
-    write_json(args.out, {"machine": machine(), "device": device.type, "amp": args.amp,
-                          "rows": rows, "largest_cube": largest, "predicted": predicted})
+    if skipped:
+        print(f"not measured (--time-limit {args.time_limit:.0f} s reached): {skipped}")
+    save()
     plot(rows, os.path.splitext(args.out)[0] + ".png")
 
 

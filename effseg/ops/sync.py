@@ -87,7 +87,8 @@ def global_stats(mean: torch.Tensor, var: torch.Tensor, count: int, sync: SyncGr
     """(mean, var, N) of the concatenated global batch from this rank's (mean, var) over
     `count` values per channel; N is a float64 0-d tensor on the statistics' device."""
     C = mean.numel()
-    local = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=mean.device),
+    # new_full, not torch.tensor(..., device=cuda): no blocking host-to-device copy per layer
+    local = torch.cat([mean.new_full((1,), float(count), dtype=torch.float64),
                        mean.to(torch.float64), var.to(torch.float64)])
     table = [torch.empty_like(local) for _ in range(sync.world_size)]
     guarded("statistics all-gather of a synchronized batch norm",
@@ -104,8 +105,7 @@ def global_sum_means(sum_dz: torch.Tensor, sum_dz_xhat: torch.Tensor, count: int
                      sync: SyncGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_r sum_dz_r / N and sum_r sum_dz_xhat_r / N over the group, N the global count."""
     packed = torch.cat([sum_dz.to(torch.float64), sum_dz_xhat.to(torch.float64),
-                        torch.tensor([float(count)], dtype=torch.float64,
-                                     device=sum_dz.device)])
+                        sum_dz.new_full((1,), float(count), dtype=torch.float64)])
     guarded("backward all-reduce of a synchronized batch norm",
             lambda: dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=sync.group))
     C = sum_dz.numel()

@@ -49,7 +49,14 @@ def renamed(text: str) -> str:
 
 
 def build_emulator(build: Path, name: str = "effseg_cuda_emu", flags: tuple[str, ...] = ()):
+    import sys
+
     from torch.utils import cpp_extension
+
+    # ninja may be installed only in this interpreter's environment (pip install ninja)
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
     src = build / "src"
     shutil.rmtree(src, ignore_errors=True)

@@ -285,6 +285,8 @@ def test_emulated_kernels_under_address_sanitizer(tmp_path):
                             "detect_stack_use_after_return=0",
                PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     env.setdefault("MAX_JOBS", "2")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+
     def run(script, folder):
         folder.mkdir()
         return subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent),

@@ -85,7 +85,8 @@ import json, subprocess, sys
 import effseg
 from effseg.ops import OP_NAMES, has_kernel
 missing = [n for n in OP_NAMES if not has_kernel(n, 'cuda')]
-print(subprocess.run([sys.executable, '-m', 'effseg', 'info'], capture_output=True, text=True).stdout)
+info = subprocess.run([sys.executable, '-m', 'effseg', 'info'], capture_output=True, text=True)
+print(info.stdout)
 sys.exit(f'no CUDA kernel for {missing}: {effseg.ops.load_error()}' if missing else 0)
 " || exit 1
 $PY -m effseg info --json > "$W/info.json" 2> "$W/info.err"

@@ -24,7 +24,9 @@ rm -rf "$work/src"
 git clone -q "$repo" "$work/src"
 git diff HEAD | (cd "$work/src" && git apply --allow-empty)
 cd "$work/src"
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2} \
   "$work/venv/bin/python" setup.py -q build_ext --inplace
 "$work/venv/bin/python" -m effseg info

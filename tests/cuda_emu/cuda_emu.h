@@ -126,7 +126,9 @@ inline void yield(State s) {
   entered(fake);
 }
 
-inline int lane_id() { return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
+inline int lane_id() {
+  return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+}
 
 inline std::vector<int> order(int n) {
   std::vector<int> o(n);

@@ -34,6 +34,7 @@ from common import machine, time_it, write_json  # noqa: E402
 
 from effseg.memory import peak_allocated, saved_bytes, step_peak  # noqa: E402
 from effseg.models import FullVolumeFCN  # noqa: E402
+from effseg.models.fcn import DEFAULT_CHANNELS  # noqa: E402
 
 VARIANTS = ["effseg FullVolumeFCN", "effseg recompute finest", "effseg no recompute",
             "StockUNet3d", "stock + checkpoint", "MONAI DynUNet"]
@@ -50,7 +51,7 @@ class _Checkpointed(torch.nn.Module):
 
 def build(variant: str, classes: int):
     torch.manual_seed(0)
-    levels = len(FullVolumeFCN().channels)
+    levels = len(DEFAULT_CHANNELS)
     recompute = {"effseg recompute finest": (True,) + (False,) * (levels - 1),
                  "effseg no recompute": False}.get(variant, True)
     fcn = FullVolumeFCN(in_channels=1, out_channels=classes, recompute=recompute)

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,14 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def child_env(**extra: str) -> dict:
+    """Environment for a child process that imports the very effseg this process imported (an
+    in-place build in a checkout that is not installed included), on one thread."""
+    root = str(Path(effseg.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path, **extra)
 
 
 def run_python(code: str, env: dict | None = None, timeout: int = 120):

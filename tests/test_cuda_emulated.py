@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import child_env
+
 REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
 EMU = Path(__file__).resolve().parent / "cuda_emu"
@@ -48,7 +50,8 @@ def renamed(text: str) -> str:
     return re.sub(r"(TORCH_LIBRARY(?:_IMPL|_FRAGMENT)?)\(effseg\b", r"\1(effseg_emu", text)
 
 
-def build_emulator(build: Path, name: str = "effseg_cuda_emu", flags: tuple[str, ...] = ()):
+def _load(name: str, folder: Path, sources: list[Path], cflags: list[str]) -> None:
+    """Compiles and loads `sources` (which include cuda_emu.h from `folder`) as a library."""
     import sys
 
     from torch.utils import cpp_extension
@@ -57,7 +60,21 @@ def build_emulator(build: Path, name: str = "effseg_cuda_emu", flags: tuple[str,
     bindir = os.path.dirname(sys.executable)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    shutil.copy(EMU / "cuda_emu.h", folder / "cuda_emu.h")
+    cpp_extension.load(name=name, sources=[str(p) for p in sources],
+                       extra_include_paths=[str(folder)], extra_cflags=["-std=c++20", *cflags],
+                       extra_ldflags=[f for f in cflags if f.startswith("-fsanitize")],
+                       build_directory=str(folder), is_python_module=False, verbose=False)
 
+
+def build_snippet(body: str, name: str, folder: Path, cflags: tuple[str, ...] = ()) -> None:
+    """A small CUDA-style test kernel (with its own TORCH_LIBRARY `name`), emulated and loaded."""
+    src = folder / f"{name}.cpp"
+    src.write_text(emulated_source(body))
+    _load(name, folder, [src], ["-O1", *cflags])
+
+
+def build_emulator(build: Path, name: str = "effseg_cuda_emu", flags: tuple[str, ...] = ()):
     src = build / "src"
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir(parents=True)
@@ -72,15 +89,10 @@ def build_emulator(build: Path, name: str = "effseg_cuda_emu", flags: tuple[str,
         '\nTORCH_LIBRARY_FRAGMENT(effseg_emu, m) {\n'
         '  m.def("emu_set_schedule(int order) -> ()",\n'
         '        [](int64_t order) { emu::set_schedule(int(order)); });\n}\n')
-    shutil.copy(EMU / "cuda_emu.h", src / "cuda_emu.h")
-    cpp_extension.load(
-        name=name, sources=[str(p) for p in sorted(src.glob("*.cpp"))],
-        extra_include_paths=[str(src)],
-        # at most 2 row blocks per sample, so that the small channels-last cases also take the
-        # path of large volumes (more than 256 rows per block)
-        extra_cflags=["-O2", "-std=c++20", "-DEFFSEG_CUDA_MAX_ROW_BLOCKS=2", *flags],
-        extra_ldflags=[f for f in flags if f.startswith("-fsanitize")],
-        build_directory=str(build), is_python_module=False, verbose=False)
+    # at most 2 row blocks per sample, so that the small channels-last cases also take the
+    # path of large volumes (more than 256 rows per block)
+    _load(name, src, sorted(src.glob("*.cpp")),
+          ["-O2", "-DEFFSEG_CUDA_MAX_ROW_BLOCKS=2", *flags])
     return torch.ops.effseg_emu
 
 
@@ -156,9 +168,6 @@ def test_results_do_not_depend_on_the_thread_order(emu, one_thread, shape, chann
 def test_the_emulator_catches_a_divergent_barrier_and_a_race(tmp_path):
     """The emulator's own checks can fail: a kernel whose barrier some threads skip raises, and
     one that reads a neighbour's shared slot without a barrier gives order-dependent results."""
-    from torch.utils import cpp_extension
-
-    (tmp_path / "cuda_emu.h").write_text((EMU / "cuda_emu.h").read_text())
     body = r'''
 #include "cuda_emu.h"
 namespace {
@@ -188,11 +197,7 @@ at::Tensor run(int64_t which, int64_t order) {
 }  // namespace
 TORCH_LIBRARY(effseg_emu_selftest, m) { m.def("run(int which, int order) -> Tensor", &run); }
 '''
-    src = tmp_path / "selftest.cpp"
-    src.write_text(emulated_source(body))
-    cpp_extension.load(name="effseg_cuda_emu_selftest", sources=[str(src)],
-                       extra_include_paths=[str(tmp_path)], extra_cflags=["-O1", "-std=c++20"],
-                       build_directory=str(tmp_path), is_python_module=False, verbose=False)
+    build_snippet(body, "effseg_emu_selftest", tmp_path)
     ops = torch.ops.effseg_emu_selftest
     with pytest.raises(RuntimeError, match="stuck: 32 thread.s. at __syncthreads.*32 exited"):
         ops.run(0, 0)
@@ -218,11 +223,8 @@ ASAN_PLANTED = r'''
 import sys
 from pathlib import Path
 import torch
-from torch.utils import cpp_extension
 sys.path.insert(0, sys.argv[1])
 import test_cuda_emulated as t
-build = Path(sys.argv[2])
-(build / "cuda_emu.h").write_text((t.EMU / "cuda_emu.h").read_text())
 body = """
 #include "cuda_emu.h"
 namespace {
@@ -238,11 +240,7 @@ at::Tensor run(int64_t n) {
 }  // namespace
 TORCH_LIBRARY(effseg_emu_asan_planted, m) { m.def("run(int n) -> Tensor", &run); }
 """
-(build / "planted.cpp").write_text(t.emulated_source(body))
-cpp_extension.load(name="effseg_emu_asan_planted", sources=[str(build / "planted.cpp")],
-                   extra_include_paths=[str(build)], build_directory=str(build),
-                   extra_cflags=["-O1", "-std=c++20", "-fsanitize=address"],
-                   extra_ldflags=["-fsanitize=address"], is_python_module=False)
+t.build_snippet(body, "effseg_emu_asan_planted", Path(sys.argv[2]), ("-fsanitize=address",))
 torch.ops.effseg_emu_asan_planted.run(40)
 print("planted write went unnoticed")
 '''
@@ -278,14 +276,10 @@ def test_emulated_kernels_under_address_sanitizer(tmp_path):
     runtime = _asan_runtime()
     if runtime is None:
         pytest.skip("the C++ compiler has no AddressSanitizer runtime")
-    import effseg
-    root = str(Path(effseg.__file__).resolve().parent.parent)
-    env = dict(os.environ, LD_PRELOAD=" ".join(runtime), OMP_NUM_THREADS="1",
-               ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:"
-                            "detect_stack_use_after_return=0",
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env = child_env(LD_PRELOAD=" ".join(runtime),
+                    ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:"
+                                 "detect_stack_use_after_return=0")
     env.setdefault("MAX_JOBS", "2")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
 
     def run(script, folder):
         folder.mkdir()

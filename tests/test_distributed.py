@@ -6,7 +6,6 @@ what they computed with one process on the concatenated batch, in float64.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -24,17 +23,10 @@ from effseg.nn import InPlaceABN, InPlaceABNSync, RecomputeBlock3d, convert_sync
 sys.path.insert(0, str(Path(__file__).parent))
 import _dist_worker as worker  # noqa: E402
 
-from conftest import needs_cuda, needs_extension, run_python  # noqa: E402
+from conftest import child_env, needs_cuda, needs_extension, run_python  # noqa: E402
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 
-
-def child_env(**extra: str) -> dict:
-    """Environment for a child process that imports the very effseg this process imported (an
-    in-place build in a checkout that is not installed included), on one thread."""
-    root = str(Path(effseg.__file__).resolve().parent.parent)
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path, **extra)
 pytestmark = [needs_extension,
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="needs torch.distributed with gloo")]

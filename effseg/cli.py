@@ -155,7 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     try:
         written = predict_paths(args.model, args.input, args.out, args.device, args.amp,
-                                args.probabilities)
+                                args.probabilities, args.tta)
     except (DataError, CheckpointError) as exc:
         return _fail("predict", exc)
     for path in written:
@@ -218,6 +218,15 @@ def _add_train(sub) -> None:
     t.add_argument("--val-cases", nargs="+", metavar="CASE", help="validation cases by name "
                    "(instead of --val-fraction)")
     t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--augment", choices=["off", "intensity", "all"],
+                   help="augment each training volume on the device: intensity (noise, "
+                   "brightness, contrast, gamma) or all (also rotations and zooms); default off")
+    t.add_argument("--mirror-axes", nargs="+", type=int, metavar="AXIS",
+                   help="also mirror along these RAS array axes (0: left-right, 1: "
+                   "posterior-anterior, 2: inferior-superior) with p 0.5, and at test time in "
+                   "predict; never 0 with left/right labels")
+    t.add_argument("--deep-supervision", action="store_true", default=None,
+                   help="also supervise the coarser decoder levels (loss weights 1, 1/2, ...)")
     t.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt exactly "
                    "(only --device may be given with it)")
     t.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
@@ -238,6 +247,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--device", help="default: cuda when available")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"],
                    help="default bf16 on GPUs that support it, else off")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the probabilities over the mirrorings along the run's "
+                   "--mirror-axes (default: on when the run mirrored)")
     p.set_defaults(func=cmd_predict)
 
 

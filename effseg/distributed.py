@@ -15,6 +15,7 @@ so that every rank takes the same number of steps (as `DistributedSampler` does)
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -80,6 +81,9 @@ def start(device: str | None, timeout_s: float) -> tuple[Ranks, str | None]:
 
 def finish(ranks: Ranks) -> None:
     if ranks.owns_group and dist.is_initialized():
+        # A DDP wrapper caught in a reference cycle would otherwise be freed at interpreter
+        # exit, after its process group: free it while the group still exists.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -185,6 +185,50 @@ class DiceCELoss(torch.nn.Module):
                 f"lambda_ce={self.lambda_ce}, lambda_dice={self.lambda_dice}")
 
 
+class DeepSupervisionLoss(torch.nn.Module):
+    """A loss over the outputs of a deep-supervised network, finest first: the weighted mean of
+    `loss(output_k, labels_k)` with weights 1, 1/2, 1/4, ... (nnU-Net's), where labels_k are the
+    labels sampled every `strides[k]` voxels (labels[:, ::s0, ::s1, ::s2], nearest: the voxel
+    each coarse output sits on), which has the coarse output's shape ceil(n / s).
+
+    `strides` come from the network (`FullVolumeFCN.output_strides()`); a single tensor (a
+    network without deep supervision, or in eval mode) goes to `loss` with the full labels.
+    Outputs are made contiguous first (the network's crop leaves strided views; the fused loss
+    takes contiguous logits).
+    """
+
+    def __init__(self, loss: torch.nn.Module, strides, weights=None) -> None:
+        super().__init__()
+        self.loss = loss
+        self.strides = [tuple(int(v) for v in s) for s in strides]
+        if not self.strides or any(len(s) != 3 or min(s) < 1 for s in self.strides):
+            raise ValueError(f"effseg: strides must be a non-empty list of 3 positive ints per "
+                             f"output, got {strides}")
+        if weights is None:
+            weights = [0.5 ** k for k in range(len(self.strides))]
+        weights = [float(w) for w in weights]
+        if len(weights) != len(self.strides) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"effseg: weights must be {len(self.strides)} non-negative numbers "
+                             f"with a positive sum, got {weights}")
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+
+    def forward(self, outputs, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            return self.loss(outputs.contiguous(), labels)
+        if len(outputs) != len(self.strides):
+            raise ValueError(f"effseg: {len(outputs)} outputs for {len(self.strides)} strides")
+        total = None
+        for out, (a, b, c), w in zip(outputs, self.strides, self.weights):
+            if not w:
+                continue
+            sub = labels if (a, b, c) == (1, 1, 1) else \
+                labels[:, ::a, ::b, ::c].contiguous()
+            term = w * self.loss(out.contiguous(), sub)
+            total = term if total is None else total + term
+        return total
+
+
 def dice_ce_reference(logits: torch.Tensor, labels: torch.Tensor,
                       weight: torch.Tensor | None = None, ignore_index: int = -100,
                       smooth: float = 1e-5, include_background: bool = True,

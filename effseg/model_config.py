@@ -3,7 +3,10 @@
 A configuration is a plain dict (so a checkpoint loaded with `weights_only=True` can carry it):
 
     {"arch": "fcn" | "stock", "in_channels": 1, "out_channels": K,
-     "channels": [16, 32, 64, 128], "strides": [1, 2, 2, 2], "norm": "instance"}
+     "channels": [16, 32, 64, 128], "strides": [1, 2, 2, 2], "norm": "instance",
+     "deep_supervision": False}
+
+(`deep_supervision` may be absent: False, as in configurations written before it existed.)
 
 `arch` "fcn" is `FullVolumeFCN` (effseg's recomputing blocks), "stock" its `StockUNet3d` twin of
 the same topology and parameters, the baseline a memory comparison needs. Presets (`PRESETS`)
@@ -58,7 +61,8 @@ def _checked_strides(strides) -> list:
 
 def model_config(preset: str = "small", arch: str = "fcn", in_channels: int = 1,
                  out_channels: int = 2, channels: Sequence[int] | None = None,
-                 strides: Sequence | None = None, norm: str = "instance") -> dict:
+                 strides: Sequence | None = None, norm: str = "instance",
+                 deep_supervision: bool = False) -> dict:
     """A checked configuration from a preset name, with optional overrides."""
     if preset not in PRESETS:
         raise ValueError(f"effseg: unknown model preset {preset!r}; expected one of "
@@ -71,7 +75,8 @@ def model_config(preset: str = "small", arch: str = "fcn", in_channels: int = 1,
             else list(preset_strides)
     return checked_config({"arch": arch, "in_channels": in_channels,
                            "out_channels": out_channels, "channels": channels,
-                           "strides": list(strides), "norm": norm})
+                           "strides": list(strides), "norm": norm,
+                           "deep_supervision": deep_supervision})
 
 
 def checked_config(config: Mapping) -> dict:
@@ -101,8 +106,12 @@ def checked_config(config: Mapping) -> dict:
     if len(channels) < 2 or len(channels) != len(strides):
         raise ValueError(f"effseg: model needs >= 2 levels and one stride per level, got "
                          f"channels {channels} and strides {strides}")
+    deep_supervision = config.get("deep_supervision", False)
+    if not isinstance(deep_supervision, bool):
+        raise ValueError(f"effseg: deep_supervision must be a bool, got {deep_supervision!r}")
     return {"arch": config["arch"], "in_channels": in_channels, "out_channels": out_channels,
-            "channels": channels, "strides": strides, "norm": config["norm"]}
+            "channels": channels, "strides": strides, "norm": config["norm"],
+            "deep_supervision": deep_supervision}
 
 
 def build_model(config: Mapping) -> nn.Module:
@@ -111,11 +120,12 @@ def build_model(config: Mapping) -> nn.Module:
     strides = [tuple(s) if isinstance(s, list) else s for s in c["strides"]]
     cls = FullVolumeFCN if c["arch"] == "fcn" else StockUNet3d
     return cls(3, c["in_channels"], c["out_channels"], tuple(c["channels"]), strides,
-               norm=c["norm"])
+               norm=c["norm"], deep_supervision=c["deep_supervision"])
 
 
 def describe(config: Mapping) -> str:
     """One line naming the network, e.g. for the start of a training log."""
     name = "FullVolumeFCN" if config["arch"] == "fcn" else "StockUNet3d"
     return (f"{name}(channels={tuple(config['channels'])}, strides={tuple(config['strides'])}, "
-            f"norm={config['norm']}, classes={config['out_channels']})")
+            f"norm={config['norm']}, classes={config['out_channels']}"
+            f"{', deep supervision' if config.get('deep_supervision') else ''})")

@@ -2,9 +2,10 @@
 
 For each input case: read the image(s), reorient to RAS and resample to the checkpoint's target
 spacing (`effseg.preprocess.to_network_grid`), CT-normalize with the checkpoint's statistics, run
-the whole volume through the network in one piece, softmax; then undo the geometry: the class
-probabilities are resampled back to the RAS grid class by class (trilinear, the interpolation
-`effseg.data.resample` uses) while a running argmax keeps the winning class, so the full stack of
+the whole volume through the network in one piece, softmax (with test-time mirroring, the
+mean over the mirrorings along the axes the run was trained to mirror); then undo the geometry:
+the class probabilities are resampled back to the RAS grid class by class (trilinear, the
+interpolation `effseg.data.resample` uses) while a running argmax keeps the winning class, so the full stack of
 upsampled probabilities never exists unless it is asked for; the argmax is reoriented back to the
 source axes and its class ids mapped to the dataset's own label ids. The label map is written with
 the source image's affine and header (`effseg.data.write_like`): same shape, affine, orientation.
@@ -25,6 +26,7 @@ unreadable images raise the data layer's `DataError`, an unusable checkpoint a
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from .data import GRID_ATOL_MM, DataError, LabelMap, Reorientation, read_image, write_like
 from .data import normalization_from_plans
 from .data.nifti import NIFTI_ENDINGS
+from .augment import check_mirror_axes
 from .model_config import build_model
 from .precision import amp_dtype, default_amp, default_device
 from .preprocess import normalize, to_network_grid
@@ -92,8 +95,9 @@ class Predictor:
     """A trained network with what it needs to go from a source image to a label map."""
 
     def __init__(self, model: torch.nn.Module, plans: dict, device: torch.device,
-                 amp_dtype: torch.dtype | None):
+                 amp_dtype: torch.dtype | None, mirror_axes: Sequence[int] = ()):
         self.model = model.to(device).eval()
+        self.mirror_axes = check_mirror_axes(mirror_axes)
         self.plans = plans
         self.device = device
         self.amp_dtype = amp_dtype
@@ -104,9 +108,10 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | PathLike[str], device: str | torch.device | None = None,
-                        amp: str | None = None) -> Predictor:
+                        amp: str | None = None, tta: bool | None = None) -> Predictor:
         """Load `best.pt` or `last.pt` of a run (weights-only); device default: CUDA when
-        available; amp default: bf16 on GPUs that support it, off elsewhere."""
+        available; amp default: bf16 on GPUs that support it, off elsewhere; tta (test-time
+        mirroring along the run's training mirror axes) default: on when the run mirrored."""
         state = load_checkpoint(path)
         missing = [k for k in ("model", "model_config", "plans") if k not in state]
         missing += [f"plans.{k}" for k in PLANS_FIELDS if k not in state.get("plans", {})]
@@ -117,8 +122,13 @@ class Predictor:
             model.load_state_dict(state["model"])
         except (ValueError, RuntimeError) as exc:
             raise CheckpointError(path, f"its model cannot be rebuilt ({exc})") from exc
+        axes = state["plans"].get("mirror_axes", [])
+        if tta and not axes:
+            raise CheckpointError(path, "comes from a run trained without --mirror-axes; "
+                                        "test-time mirroring averages over those axes only")
         device = torch.device(device) if device else default_device()
-        return cls(model, state["plans"], device, amp_dtype(amp or default_amp(device)))
+        return cls(model, state["plans"], device, amp_dtype(amp or default_amp(device)),
+                   axes if tta is not False else ())
 
     def _read(self, paths: Sequence[Path]):
         volumes = [read_image(p) for p in paths]
@@ -140,14 +150,23 @@ class Predictor:
 
     @torch.no_grad()
     def network_probabilities(self, image: np.ndarray, reorientation: Reorientation):
-        """Softmax (K, *network grid) of a (C, X, Y, Z) HU image on its source grid."""
+        """Softmax (K, *network grid) of a (C, X, Y, Z) HU image on its source grid; with
+        mirror axes, the mean of the softmax over every combination of mirrorings along them
+        (each mirrored back)."""
         net = normalize(to_network_grid(image, reorientation, self.plans["target_spacing"]),
                         self.stats)
         x = torch.from_numpy(net)[None].to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype,
-                            enabled=self.amp_dtype is not None):
-            logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1)[0]
+        flips = [[a + 2 for a in axes] for k in range(len(self.mirror_axes) + 1)
+                 for axes in itertools.combinations(self.mirror_axes, k)]
+        total = None
+        for dims in flips:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                enabled=self.amp_dtype is not None):
+                logits = self.model(x.flip(dims) if dims else x)
+            p = torch.softmax(logits.float(), dim=1)
+            p = p.flip(dims) if dims else p
+            total = p if total is None else total.add_(p)
+        return total[0] / len(flips) if len(flips) > 1 else total[0]
 
     @torch.no_grad()
     def predict_case(self, paths: Sequence[str | PathLike[str]], out: str | PathLike[str],
@@ -196,10 +215,11 @@ class Predictor:
 
 def predict_paths(checkpoint: str | PathLike[str], input: str | PathLike[str],
                   out_dir: str | PathLike[str], device: str | None = None,
-                  amp: str | None = None, probabilities: bool = False) -> list[Path]:
+                  amp: str | None = None, probabilities: bool = False,
+                  tta: bool | None = None) -> list[Path]:
     """Predict every case of `input` (a file or a folder) into `out_dir`; returns the label
-    maps written."""
-    predictor = Predictor.from_checkpoint(checkpoint, device, amp)
+    maps written. tta: see `Predictor.from_checkpoint`."""
+    predictor = Predictor.from_checkpoint(checkpoint, device, amp, tta)
     out_dir = Path(out_dir)
     written = []
     for name, paths, ending in find_cases(input):

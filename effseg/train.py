@@ -11,8 +11,12 @@ A new run, in RUN_DIR (`--out`):
    network grid in `preprocessed/` (`effseg.preprocess`);
 4. trains: each epoch visits the training cases in an order drawn from (seed, epoch); a batch of
    several volumes is padded to the largest (image at the normalized lower clip value, i.e. air;
-   labels at the loss's ignore index); fused Dice (foreground classes, as nnU-Net) + CE loss
-   (`DiceCELoss`); AdamW or SGD (momentum 0.99, Nesterov) with a poly schedule,
+   labels at the loss's ignore index); `--augment intensity|all` and `--mirror-axes` transform
+   each volume on the device (`effseg.augment`: rotations, zooms, mirroring, noise, brightness,
+   contrast, gamma, drawn from (seed, epoch, case)); fused Dice (foreground classes, as nnU-Net)
+   + CE loss (`DiceCELoss`), over every output of the network with `--deep-supervision`
+   (`DeepSupervisionLoss`: weights 1, 1/2, 1/4, ... on labels sampled at each output's grid);
+   AdamW or SGD (momentum 0.99, Nesterov) with a poly schedule,
    lr * (1 - step / steps)^0.9, stepped per batch; gradient norm clipped at 12; autocast in bf16
    or fp16 (fp16 with a gradient scaler);
 5. after each epoch: Dice per class on the validation cases (network grid), the training loss and
@@ -56,7 +60,7 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +70,9 @@ from tqdm import tqdm
 
 from . import distributed
 from .data import NiftiDataset, normalization_from_plans, normalization_to_plans, save_plans
-from .losses import DiceCELoss
+from .augment import MODES as AUGMENT_MODES
+from .augment import Augmentation, check_mirror_axes
+from .losses import DeepSupervisionLoss, DiceCELoss
 from .memory import cuda_peak_bytes, peak_rss_bytes, reset_peak_rss
 from .metrics import class_dice
 from .model_config import build_model, describe, model_config
@@ -113,6 +119,9 @@ class TrainConfig:
     val_fraction: float = 0.2
     val_cases: list[str] | None = None
     seed: int = 0
+    augment: str = "off"
+    mirror_axes: list[int] | None = None
+    deep_supervision: bool = False
 
 
 @dataclass
@@ -147,6 +156,13 @@ def _checked(config: TrainConfig) -> TrainConfig:
         raise RunError(f"--val-fraction must lie in [0, 1), got {config.val_fraction}")
     if config.seed < 0:
         raise RunError(f"--seed must be non-negative, got {config.seed}")
+    if config.augment not in AUGMENT_MODES:
+        raise RunError(f"--augment must be one of {list(AUGMENT_MODES)}, got {config.augment!r}")
+    if config.mirror_axes is not None:
+        try:
+            config = replace(config, mirror_axes=list(check_mirror_axes(config.mirror_axes)))
+        except ValueError as exc:
+            raise RunError(f"--mirror-axes: {exc}") from exc
     if config.spacing is not None:
         spacing = list(config.spacing) * 3 if len(config.spacing) == 1 else list(config.spacing)
         if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
@@ -213,9 +229,8 @@ def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = model(image)
-    # The fused loss takes low-precision logits and accumulates in float32 itself; the model
-    # crops its padded output, which leaves a strided view.
-    loss = loss_fn(logits.contiguous(), label)
+    # The fused loss takes low-precision logits and accumulates in float32 itself.
+    loss = loss_fn(logits, label)
     value = float(loss.detach())
     if not math.isfinite(value):
         raise RunError(f"the loss is {value}: training diverged; lower --lr, or use --amp "
@@ -297,6 +312,7 @@ def _prepare(config: TrainConfig, run_dir: Path) -> dict:
         "dataset": str(dataset.root.resolve()), "channels": list(dataset.channels),
         "classes": list(dataset.classes), "label_ids": dataset.labels.source_ids.tolist(),
         "target_spacing": [float(s) for s in spacing], "train_cases": train_cases,
+        "mirror_axes": list(config.mirror_axes or []),
         "val_cases": val_cases, "network_shapes": shapes}, stats)
     save_plans(plans, run_dir / PLANS)
     return plans
@@ -356,7 +372,9 @@ def _open_run(config: TrainConfig, resume: bool) -> tuple[TrainConfig, dict, boo
     if not (run_dir / LAST).is_file():
         raise RunError(f"nothing to resume: {run_dir / LAST} does not exist")
     state = load_checkpoint(run_dir / LAST)
-    stored = {f.name: state["config"][f.name] for f in fields(TrainConfig)}
+    # Settings added after a checkpoint was written take their defaults (all "off").
+    stored = {f.name: state["config"].get(f.name, f.default) for f in fields(TrainConfig)
+              if f.name in state["config"] or f.default is not MISSING}
     config = replace(TrainConfig(**stored), out=str(run_dir.resolve()),
                      device=config.device or stored["device"])
     return config, state["plans"], True
@@ -410,7 +428,8 @@ def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) ->
     torch.manual_seed(config.seed)
     try:
         arch = model_config(config.model, config.arch, len(plans["channels"]), num_classes,
-                            config.channels, config.strides, config.norm)
+                            config.channels, config.strides, config.norm,
+                            config.deep_supervision)
     except ValueError as exc:
         raise RunError(str(exc)) from exc
     net = build_model(arch).to(device)
@@ -420,7 +439,12 @@ def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) ->
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    loss_fn = DiceCELoss(include_background=False, ignore_index=ignore_index).to(device)
+    loss_fn = DeepSupervisionLoss(
+        DiceCELoss(include_background=False, ignore_index=ignore_index),
+        net.output_strides()).to(device)
+    augmentation = Augmentation(tuple(plans["target_spacing"]), tuple(fill), ignore_index,
+                                config.augment, tuple(config.mirror_axes or ()))
+    case_index = {name: i for i, name in enumerate(train_cases)}
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0,
                 "loss_count": 0, "best_epoch": None, "best_dice": None, "history": []}
     if state is not None:
@@ -474,7 +498,8 @@ def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) ->
     memory_kind = "cuda_max_allocated" if device.type == "cuda" else "peak_rss"
     where = f"{ranks.world_size} processes (DDP), " if ranks.distributed else ""
     say(f"{describe(arch)} on {where}{device}, amp {amp}, {config.optimizer} lr {lr:g}, batch "
-        f"{config.batch_size}; {len(train_cases)} training / {len(val_cases)} validation "
+        f"{config.batch_size}, augment {config.augment}"
+        f"{f' mirror {config.mirror_axes}' if config.mirror_axes else ''}; {len(train_cases)} training / {len(val_cases)} validation "
         f"case(s); classes {classes[1:]}; spacing {plans['target_spacing']} mm; run {run_dir}")
     if not val_cases:
         say("no validation cases: the Dice is measured on the training cases")
@@ -495,8 +520,14 @@ def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) ->
             stopping = False
             for names in batches[progress["step_in_epoch"]:]:
                 image, label = load_batch(cache, names, fill, ignore_index, label_dtype)
-                loss = train_step(model, image.to(device), label.to(device), loss_fn,
-                                  optimizer, scaler, amp_dtype)
+                image, label = image.to(device), label.to(device)
+                if augmentation.active:
+                    for i, name in enumerate(names):
+                        image[i], label[i] = augmentation.apply(image[i], label[i],
+                                                                augmentation.draw(
+                                                                    config.seed, epoch,
+                                                                    case_index[name]))
+                loss = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype)
                 scheduler.step()
                 progress["loss_sum"] += loss
                 progress["loss_count"] += 1

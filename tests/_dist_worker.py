@@ -9,6 +9,7 @@ it with a one-process computation on the concatenated batch.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import signal
 import sys
@@ -214,6 +215,7 @@ def main() -> None:
     results = SCENARIOS[scenario](out)
     torch.save(results, out / f"{scenario}-rank{RANK}.pt")
     if dist.is_initialized():
+        gc.collect()  # DDP wrappers in reference cycles go before their process group
         dist.destroy_process_group()
 
 

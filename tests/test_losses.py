@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import device_params, needs_extension, run_python
-from effseg.losses import DiceCELoss, dice_ce_loss, dice_ce_reference
+from effseg.losses import DeepSupervisionLoss, DiceCELoss, dice_ce_loss, dice_ce_reference
 from effseg.memory import count_saved, saved_bytes
+from effseg.models import FullVolumeFCN
 from effseg.ops import op, reference
 
 SHAPES = [
@@ -422,3 +423,54 @@ def test_without_extension_falls_back_to_reference_ops():
     proc = run_python(FALLBACK, env={"EFFSEG_NO_EXTENSION": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FALLBACK OK" in proc.stdout
+
+
+# ---------------------------------------------------------------- deep supervision
+
+def test_deep_supervision_loss_weights_each_output_on_labels_at_its_grid():
+    torch.manual_seed(0)
+    model = FullVolumeFCN(out_channels=3, channels=(4, 8, 8, 8), strides=(1, 2, (1, 2, 2), 2),
+                          deep_supervision=True).double()
+    x = torch.randn(2, 1, 13, 11, 10, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 13, 11, 10))
+    labels[:, :2] = 255
+    outs = model(x)
+    strides = model.output_strides()
+    assert strides == [(1, 1, 1), (2, 2, 2), (2, 4, 4)]
+    # Each output has the shape of the labels sampled at its stride.
+    for out, (a, b, c) in zip(outs, strides):
+        assert out.shape[2:] == labels[:, ::a, ::b, ::c].shape[1:]
+    base = DiceCELoss(include_background=False, ignore_index=255)
+    loss = DeepSupervisionLoss(base, strides)(outs, labels)
+    expected = sum(w * dice_ce_reference(o.contiguous(), labels[:, ::a, ::b, ::c],
+                                         include_background=False, ignore_index=255)
+                   for o, (a, b, c), w in zip(outs, strides, (4 / 7, 2 / 7, 1 / 7)))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(h.weight.grad.abs().sum() > 0 for h in model.ds_heads)
+    # A plain tensor (eval mode, or no deep supervision) is the base loss.
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(DeepSupervisionLoss(base, strides)(out, labels),
+                                   base(out.contiguous(), labels))
+    # Zero weights leave an output out.
+    only_first = DeepSupervisionLoss(base, strides, weights=[1, 0, 0])
+    model.train()
+    outs = model(x)
+    torch.testing.assert_close(only_first(outs, labels), base(outs[0].contiguous(), labels))
+
+
+def test_deep_supervision_loss_refuses_bad_settings():
+    base = DiceCELoss()
+    with pytest.raises(ValueError, match="strides"):
+        DeepSupervisionLoss(base, [])
+    with pytest.raises(ValueError, match="strides"):
+        DeepSupervisionLoss(base, [(1, 1)])
+    with pytest.raises(ValueError, match="weights"):
+        DeepSupervisionLoss(base, [(1, 1, 1), (2, 2, 2)], weights=[1])
+    with pytest.raises(ValueError, match="weights"):
+        DeepSupervisionLoss(base, [(1, 1, 1)], weights=[0])
+    with pytest.raises(ValueError, match="outputs"):
+        DeepSupervisionLoss(base, [(1, 1, 1), (2, 2, 2)])(
+            [torch.zeros(1, 2, 2, 2, 2)], torch.zeros(1, 2, 2, 2, dtype=torch.long))

@@ -31,8 +31,15 @@ from effseg.evaluate import (  # noqa: E402
     label_means,
     write_csv,
 )
+from effseg.data import Reorientation  # noqa: E402
 from effseg.metrics import class_dice, dice, hd95, surface  # noqa: E402
 from effseg.predict import Predictor, find_cases, predict_paths  # noqa: E402
+from effseg.preprocess import normalize, to_network_grid  # noqa: E402
+from effseg.run_checkpoint import (  # noqa: E402
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from effseg.train import TrainConfig, train  # noqa: E402
 
 SPACING = (0.8, 1.2, 3.0)
@@ -327,3 +334,31 @@ def test_predict_refuses_to_overwrite_its_input_and_missing_channels(trained, tm
         save_nifti(image, affine, folder / f"x_{channel:04d}.nii.gz")
     with pytest.raises(DataError, match="x_0001.nii.gz"):
         find_cases(folder)
+
+
+def test_test_time_mirroring_averages_the_mirrored_predictions(trained, tmp_path):
+    image, _, affine = phantom_case((24, 28, 20), (6.0, 6.0, 6.0), seed=4)
+    plain = Predictor.from_checkpoint(trained, "cpu")
+    assert plain.mirror_axes == ()
+    with pytest.raises(CheckpointError, match="mirror-axes"):
+        Predictor.from_checkpoint(trained, "cpu", tta=True)
+    # A run trained with --mirror-axes 1 2 mirrors along them at test time by default.
+    state = load_checkpoint(trained)
+    state["plans"]["mirror_axes"] = [1, 2]
+    mirrored_ckpt = save_checkpoint(state, tmp_path / "mirrored.pt")
+    tta = Predictor.from_checkpoint(mirrored_ckpt, "cpu")
+    assert tta.mirror_axes == (1, 2)
+    assert Predictor.from_checkpoint(mirrored_ckpt, "cpu", tta=False).mirror_axes == ()
+
+    reorientation = Reorientation.of(affine, image.shape)
+    got = tta.network_probabilities(image[None], reorientation)
+    x = torch.from_numpy(normalize(to_network_grid(image[None], reorientation,
+                                                   tta.plans["target_spacing"]),
+                                   tta.stats))[None]
+    expected = 0
+    with torch.no_grad():
+        for dims in ([], [3], [4], [3, 4]):
+            expected = expected + torch.softmax(
+                plain.model(x.flip(dims)), 1).flip(dims)[0] / 4
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, plain.network_probabilities(image[None], reorientation))

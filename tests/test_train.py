@@ -20,6 +20,7 @@ import torch
 nib = pytest.importorskip("nibabel", reason="training needs nibabel")
 
 import effseg.train as train_module  # noqa: E402
+from effseg.augment import Augmentation  # noqa: E402
 from effseg.data import make_phantom_dataset  # noqa: E402
 from effseg.predict import predict_paths  # noqa: E402
 from effseg.run_checkpoint import (  # noqa: E402
@@ -116,17 +117,23 @@ def test_two_steps_on_the_whole_real_ct_then_predict_in_its_geometry(tmp_path):
 
 # ---------------------------------------------------------------- resume
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_phantom, tmp_path_factory):
+# Every augmentation at once, deep supervision, mirroring: the draws of this run (seed 3, two
+# epochs of two training cases) include a rotation or zoom and intensity transforms (asserted).
+AUGMENTED = dict(augment="all", mirror_axes=[1, 2], deep_supervision=True)
+
+
+@pytest.fixture(scope="module", params=[{}, AUGMENTED], ids=["plain", "augmented"])
+def uninterrupted(request, tiny_phantom, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = train(tiny_config(out, tiny_phantom))
+    result = train(tiny_config(out, tiny_phantom, **request.param))
     assert not result.interrupted
-    return result
+    return result, request.param
 
 
 @pytest.mark.parametrize("stop_after", [1, 2], ids=["mid-epoch", "end-of-epoch-steps"])
 def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(tiny_phantom, uninterrupted,
                                                               tmp_path, monkeypatch, stop_after):
+    uninterrupted, recipe = uninterrupted
 
     steps = {"n": 0}
     real_step = train_module.train_step
@@ -139,7 +146,7 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(tiny_phantom, unin
         return loss
 
     monkeypatch.setattr(train_module, "train_step", step_then_ctrl_c)
-    stopped = train(tiny_config(tmp_path / "b", tiny_phantom))
+    stopped = train(tiny_config(tmp_path / "b", tiny_phantom, **recipe))
     monkeypatch.setattr(train_module, "train_step", real_step)
     assert stopped.interrupted and stopped.epochs_done == 0
     state = load_checkpoint(tmp_path / "b" / "last.pt")
@@ -156,6 +163,18 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(tiny_phantom, unin
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(pa[k], pb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+    if recipe:
+        # The resumed run took its settings from the checkpoint, and they did something.
+        assert {k: b["config"][k] for k in recipe} == recipe
+        assert any(k.startswith("ds_heads.") for k in b["model"])
+        plans = b["plans"]
+        assert plans["mirror_axes"] == [1, 2]
+        augmentation = Augmentation(tuple(plans["target_spacing"]), (0.0,), 255, "all", (1, 2))
+        draws = [augmentation.draw(3, epoch, case) for epoch in range(2)
+                 for case in range(len(plans["train_cases"]))]
+        assert any(d.matrix is not None for d in draws), draws
+        assert any(d.flips for d in draws) and any(
+            d.noise_std or d.brightness or d.contrast or d.gamma for d in draws), draws
     assert a["rng"]["torch"].equal(b["rng"]["torch"])
     assert [r["dice"] for r in uninterrupted.history] == [r["dice"] for r in resumed.history]
     assert [r["train_loss"] for r in uninterrupted.history] == \
@@ -172,6 +191,15 @@ def test_a_finished_run_is_not_restarted_and_resume_needs_a_checkpoint(tiny_phan
         train(tiny_config(tmp_path / "run", tiny_phantom, epochs=1))
     again = train(TrainConfig(out=str(tmp_path / "run")), resume=True)
     assert again.epochs_done == 1 and not again.interrupted
+    # A checkpoint written before the augmentation settings existed resumes with them off.
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    for key in ("augment", "mirror_axes", "deep_supervision"):
+        del state["config"][key]
+    del state["plans"]["mirror_axes"], state["model_config"]["deep_supervision"]
+    save_checkpoint(state, tmp_path / "run" / "last.pt")
+    config, _, _ = train_module._open_run(TrainConfig(out=str(tmp_path / "run")), resume=True)
+    assert (config.augment, config.mirror_axes, config.deep_supervision) == ("off", None, False)
+    assert train(TrainConfig(out=str(tmp_path / "run")), resume=True).epochs_done == 1
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -289,10 +317,13 @@ def test_cli_train_predict_evaluate_on_the_default_phantom(tmp_path):
     env = dict(ONE_THREAD, EFFSEG_CACHE=str(tmp_path / "cache"))
     run = tmp_path / "run"
     proc = run_cli("train", "--out", str(run), "--model", "tiny", "--epochs", "2", "--spacing",
-                   "12", "--labels", *LUNGS_LIVER, "--lr", "1e-2", "--device", "cpu", env=env)
+                   "12", "--labels", *LUNGS_LIVER, "--lr", "1e-2", "--device", "cpu",
+                   "--augment", "all", "--mirror-axes", "2", "1", "--deep-supervision", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     phantom = next((tmp_path / "cache").glob("phantom-*"))
     assert str(phantom) in proc.stdout
+    assert "deep supervision" in proc.stdout and "augment all mirror [1, 2]" in proc.stdout
+    assert json.loads((run / "plans.json").read_text())["mirror_axes"] == [1, 2]
     for name in ("plans.json", "last.pt", "best.pt", "metrics.jsonl", "metrics.csv",
                  "curves.png", "validation/evaluation.csv"):
         assert (run / name).is_file(), name
@@ -315,6 +346,12 @@ def test_cli_train_predict_evaluate_on_the_default_phantom(tmp_path):
     assert sorted(p.name for p in pred.iterdir()) == cases
     first = nib.load(pred / cases[0])
     assert first.shape == nib.load(phantom / "labelsTr" / cases[0]).shape == (96, 96, 64)
+    # Test-time mirroring was on (the run mirrored); --no-tta gives a close, other answer.
+    proc = run_cli("predict", "--model", str(run / "best.pt"), "--input",
+                   str(phantom / "imagesTr" / f"{cases[0][:-7]}_0000.nii.gz"), "--out",
+                   str(tmp_path / "plain"), "--no-tta", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert nib.load(tmp_path / "plain" / cases[0]).shape == first.shape
 
     proc = run_cli("evaluate", "--pred", str(pred), "--ref", str(phantom / "labelsTr"),
                    "--dataset", str(phantom), "--labels", *LUNGS_LIVER, env=env)
@@ -361,3 +398,14 @@ def test_cli_refuses_a_bad_dataset_before_training_starts(tiny_phantom, tmp_path
     assert "phantom_002.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "last.pt").exists()
     assert not (tmp_path / "run" / "preprocessed").exists()
+
+
+@pytest.mark.parametrize("setting,words", [
+    (dict(augment="heavy"), "--augment must be one of"),
+    (dict(mirror_axes=[0, 3]), "--mirror-axes"),
+    (dict(mirror_axes=[2, 2]), "--mirror-axes"),
+])
+def test_bad_augmentation_settings_are_refused_before_anything_runs(tmp_path, setting, words):
+    with pytest.raises(RunError, match=words):
+        train(TrainConfig(out=str(tmp_path / "run"), **setting))
+    assert not (tmp_path / "run").exists()

@@ -46,6 +46,16 @@ class UNetBase(nn.Module):
             for i in reversed(range(1, len(self.channels) - 1))
         ) if self.deep_supervision else None
 
+    def output_strides(self) -> list[tuple[int, int, int]]:
+        """The grid step (in input voxels, per axis) of each output of a training-mode forward,
+        finest first: [(1, 1, 1)] without deep supervision, one more coarser level per
+        deep-supervision head with it (what `DeepSupervisionLoss` takes)."""
+        out = [(1, 1, 1)]
+        if self.deep_supervision:
+            out += [total_stride(self.strides[: level + 1])
+                    for level in range(1, len(self.channels) - 1)]
+        return out
+
     def forward(self, x: torch.Tensor):
         if not isinstance(x, torch.Tensor) or x.dim() != 5:
             raise ValueError(f"effseg: {self._name} expects (N, C, D, H, W), got "

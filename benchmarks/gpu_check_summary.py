@@ -1,7 +1,7 @@
 """The short table that benchmarks/gpu_check.sh prints last, from the logs and JSON in a folder:
 each step's outcome and time, the CUDA tests' counts, the op, synchronized-norm, block and
-model figures against stock, and the largest cube that trains. Reads whatever is there (a
-step that failed or was skipped leaves no JSON), and never fails itself.
+model figures against stock, the largest cube that trains, and what augmentation costs. Reads
+whatever is there (a step that failed or was skipped leaves no JSON), and never fails itself.
 
     python benchmarks/gpu_check_summary.py FOLDER
 """
@@ -75,6 +75,10 @@ def benchmarks(folder):
                   f"(fails at {b['fails_at']}^3{'' if b['converged'] else ', not converged'})")
         if data.get("skipped"):
             print(f"{name}: not measured within its time: {data['skipped']}")
+    for r in (load(folder, "bench_augment.json") or {}).get("rows", []):
+        print(f"augment {str(tuple(r['shape'])):<20} {r['augment_s'] * 1e3:.1f} ms = "
+              f"x{r['augment_over_step']:.2f} of a training step, peak "
+              f"{r['augment_peak_over_image']:.1f}x the image")
 
 
 def main(folder):

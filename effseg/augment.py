@@ -92,14 +92,17 @@ def resample(volume: torch.Tensor, matrix: np.ndarray, mode: str,
     t = (2.0 * (centre - a @ centre) + 1.0) / sizes - 1.0
     # grid_sample's last axis lists the coordinates of the input's last dimension first.
     m, t = m.flip(0).to(device, dtype), t.flip(0).to(device, dtype)
-    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    # Each output axis' share of the grid, (n, 3); summed by broadcasting, so only the slab's
+    # grid itself is ever as large as the slab.
+    parts = [torch.arange(n, device=device, dtype=dtype)[:, None] * m[:, k]
+             for k, n in enumerate(shape)]
+    yz = parts[1][:, None, :] + (parts[2] + t)[None, :, :]
     out = torch.empty_like(volume)
     rows = max(1, slab_voxels // (shape[1] * shape[2]))
     for x0 in range(0, shape[0], rows):
         x1 = min(shape[0], x0 + rows)
-        o = torch.stack(torch.meshgrid(axes[0][x0:x1], axes[1], axes[2], indexing="ij"), -1)
-        grid = torch.addmm(t, o.reshape(-1, 3), m.T).reshape(1, *o.shape)
-        out[:, x0:x1] = F.grid_sample(volume[None], grid, mode=mode, padding_mode="zeros",
+        grid = parts[0][x0:x1, None, None, :] + yz[None]
+        out[:, x0:x1] = F.grid_sample(volume[None], grid[None], mode=mode, padding_mode="zeros",
                                       align_corners=False)[0]
     return out
 
@@ -188,13 +191,14 @@ class Augmentation:
         fill = torch.tensor(self.fill, dtype=image.dtype, device=image.device)[:, None, None,
                                                                                None]
         if t.matrix is not None:
-            image = resample(image - fill, np.array(t.matrix), "bilinear") + fill
-            # Labels shifted by one: 0 is what grid_sample returns outside the volume.
-            shifted = resample(label[None].to(torch.float32) + 1, np.array(t.matrix),
-                               "nearest")[0]
-            moved = shifted.to(torch.int64) - 1
-            moved[shifted == 0] = self.ignore_index
-            label = moved.to(label.dtype)
+            matrix = np.array(t.matrix)
+            image = resample(image - fill, matrix, "bilinear").add_(fill)
+            # Labels shifted by one: 0 is what grid_sample returns outside the volume. Class
+            # ids are exact in float32 (below 2^24), and nearest sampling returns input values.
+            moved = resample(label[None].to(torch.float32).add_(1), matrix, "nearest")[0]
+            outside = moved == 0
+            label = moved.sub_(1).to(label.dtype)
+            label[outside] = self.ignore_index
         else:
             image, label = image.clone(), label.clone()
         if t.flips:

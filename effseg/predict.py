@@ -2,10 +2,10 @@
 
 For each input case: read the image(s), reorient to RAS and resample to the checkpoint's target
 spacing (`effseg.preprocess.to_network_grid`), CT-normalize with the checkpoint's statistics, run
-the whole volume through the network in one piece, softmax (with test-time mirroring, the
-mean over the mirrorings along the axes the run was trained to mirror); then undo the geometry:
-the class probabilities are resampled back to the RAS grid class by class (trilinear, the
-interpolation `effseg.data.resample` uses) while a running argmax keeps the winning class, so the full stack of
+the whole volume through the network in one piece, softmax (with test-time mirroring, the mean over
+the mirrorings along the axes the run was trained to mirror); then undo the geometry: the class
+probabilities are resampled back to the RAS grid class by class (trilinear, the interpolation
+`effseg.data.resample` uses) while a running argmax keeps the winning class, so the full stack of
 upsampled probabilities never exists unless it is asked for; the argmax is reoriented back to the
 source axes and its class ids mapped to the dataset's own label ids. The label map is written with
 the source image's affine and header (`effseg.data.write_like`): same shape, affine, orientation.
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import check_mirror_axes
 from .data import GRID_ATOL_MM, DataError, LabelMap, Reorientation, read_image, write_like
 from .data import normalization_from_plans
 from .data.nifti import NIFTI_ENDINGS
-from .augment import check_mirror_axes
 from .model_config import build_model
 from .precision import amp_dtype, default_amp, default_device
 from .preprocess import normalize, to_network_grid

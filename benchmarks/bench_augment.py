@@ -40,10 +40,10 @@ def peak_bytes(fn, device: torch.device) -> int:
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        result = fn()
+        kept = [fn()]  # held until the peak is read, as peak_allocated counts it
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
-        del result
+        kept.clear()
         return peak
     return peak_allocated(fn)
 

@@ -186,10 +186,10 @@ def choose(options: Sequence[Option], budget: int) -> Option | None:
 
 def plan(config: ModelConfig, budget: int, shape: Sequence[int], device: torch.device,
          amp: torch.dtype | None = None, cap_voxels: int | None = None) -> Plan:
-    """(See the module docstring.) Options whose calibration is not linear are never chosen."""
     """Predicts the peak at `shape` with 0, 1, ..., all levels recomputing (finest first: they
-    hold the most voxels), picks the first that fits `budget`, and the largest volume of the
-    target's aspect ratio that trains with every level recomputing."""
+    hold the most voxels), picks the first that fits `budget` (options whose calibration is not
+    linear are never chosen), and the largest volume of the target's aspect ratio that trains
+    with every level recomputing. See the module docstring."""
     levels = len(config.channels)
     shape = tuple(int(n) for n in shape)
     result = Plan(shape, budget)

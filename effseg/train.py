@@ -501,6 +501,10 @@ def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) ->
         f"{config.batch_size}, augment {config.augment}"
         f"{f' mirror {config.mirror_axes}' if config.mirror_axes else ''}; {len(train_cases)} training / {len(val_cases)} validation "
         f"case(s); classes {classes[1:]}; spacing {plans['target_spacing']} mm; run {run_dir}")
+    sided = [c for c in classes if any(w in c.lower() for w in ("left", "right"))]
+    if 0 in (config.mirror_axes or []) and sided:
+        say(f"warning: --mirror-axes includes 0 (left-right) while classes {sided} name a "
+            f"side: mirrored volumes teach the network the wrong side")
     if not val_cases:
         say("no validation cases: the Dice is measured on the training cases")
     if resume:

@@ -409,3 +409,9 @@ def test_bad_augmentation_settings_are_refused_before_anything_runs(tmp_path, se
     with pytest.raises(RunError, match=words):
         train(TrainConfig(out=str(tmp_path / "run"), **setting))
     assert not (tmp_path / "run").exists()
+
+
+def test_mirroring_left_right_with_sided_labels_warns(tiny_phantom, tmp_path, capsys):
+    train(tiny_config(tmp_path / "run", tiny_phantom, epochs=1, mirror_axes=[0]))
+    out = capsys.readouterr().out
+    assert "warning: --mirror-axes includes 0" in out and "lung_left" in out

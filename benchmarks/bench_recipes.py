@@ -1,10 +1,12 @@
 """Training recipes side by side on the built-in phantom: the README's main job (15 epochs on
-the 8 mm grid, liver and both lungs) as it is, with `--deep-supervision`, and with
-`--augment all`, for several seeds (a seed also picks the validation cases). Reports the
+the 8 mm grid, liver and both lungs) as it is, with the stock twin of the network (`--arch
+stock`: the same topology from stock layers, no recompute: what effseg's layers must not lose
+Dice against), with `--deep-supervision`, and with `--augment all`, for several seeds (a seed
+also picks the validation cases). Reports the
 validation Dice per label in the source geometry (the run's `validation/evaluation.csv`) and
 the training time, per run and as means over the seeds; writes JSON.
 
-    python benchmarks/bench_recipes.py [--seeds 0 1 2] [--epochs 15] [--out FILE]
+    python benchmarks/bench_recipes.py [--seeds 0 1 2] [--epochs 15] [--recipes ...] [--out FILE]
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from common import machine, write_json  # noqa: E402
 from effseg.train import TrainConfig, train  # noqa: E402
 
 LABELS = ["liver", "lung_left", "lung_right"]
-RECIPES = {"plain": {}, "deep supervision": {"deep_supervision": True},
-           "augment all": {"augment": "all"}}
+RECIPES = {"plain": {}, "stock twin": {"arch": "stock"},
+           "deep supervision": {"deep_supervision": True}, "augment all": {"augment": "all"}}
 
 
 def validation_dice(run: Path) -> dict:

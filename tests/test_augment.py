@@ -3,6 +3,8 @@ from outside the volume, intensity transforms, determinism, and bad input."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from effseg.augment import (
     rotation_matrix,
     voxel_matrix,
 )
+from effseg.data import Reorientation, read_image, read_labels
 from effseg.memory import peak_allocated
 
 IGNORE = 255
@@ -209,3 +212,41 @@ def test_augmentation_memory_is_a_few_volumes_as_a_result():
     a = aug(mode="all", mirror_axes=(1,))
     peak = peak_allocated(lambda: a.apply(image, label, t))
     assert peak <= 8 * image.numel() * image.element_size(), peak
+
+
+# ---------------------------------------------------------------- a real CT case
+
+CT_ROOT = Path(os.environ.get("EFFSEG_CT_DATA",
+                              Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"))
+
+
+def test_a_rotation_keeps_the_organs_of_a_real_ct(tmp_path):
+    # ts_example_ct (3 mm, RAS, 61 TotalSegmentator classes): a 20 degree rotation about the
+    # inferior-superior axis keeps every organ that stays inside the field of view at its
+    # volume, and rotating back returns the label map outside the organs' borders.
+    folder = CT_ROOT / "ts_example_ct"
+    if not (folder / "ct.nii.gz").is_file():
+        pytest.skip(f"real CT case 'ts_example_ct' not found in {CT_ROOT}; set EFFSEG_CT_DATA "
+                    "to the folder described by shared/data/ct/PROVENANCE.md")
+    ct, seg = read_image(folder / "ct.nii.gz"), read_labels(folder / "seg_totalseg_fast.nii.gz")
+    orient = Reorientation.of(ct.affine, ct.shape)
+    image = torch.from_numpy(np.ascontiguousarray(orient.apply(ct.data)))[None]
+    label = torch.from_numpy(np.ascontiguousarray(orient.apply(seg.data)).astype(np.uint8))
+    a = aug(spacing=orient.canonical_spacing, fill=(-1024.0,))
+    turn, back = (rotation_matrix([0.0, 0.0, math.radians(s * 20)]) for s in (1, -1))
+    spacing = orient.canonical_spacing
+    rotated_image, rotated = a.apply(image, label, CaseTransform(
+        matrix=tuple(map(tuple, voxel_matrix(turn, 1.0, spacing).tolist()))))
+    # HU stay within the source range; what came from outside is air (but for the half voxel
+    # along the border, where trilinear blends the volume's edge with air).
+    assert rotated_image.min() >= image.min() - 1e-3 and rotated_image.max() <= image.max() + 1e-3
+    outside = rotated_image[0][rotated == IGNORE]
+    assert outside.numel() > 0 and (outside == -1024).float().mean() > 0.9
+    liver = 5  # TotalSegmentator "total": liver
+    assert abs(int((rotated == liver).sum()) - int((label == liver).sum())) \
+        <= 0.02 * int((label == liver).sum())
+    _, restored = a.apply(rotated_image, rotated, CaseTransform(
+        matrix=tuple(map(tuple, voxel_matrix(back, 1.0, spacing).tolist()))))
+    seen = restored != IGNORE
+    assert seen.float().mean() > 0.7
+    assert (restored[seen] == label[seen]).float().mean() > 0.97

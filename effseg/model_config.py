@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from .models import FullVolumeFCN, StockUNet3d
+from .models import FullVolumeFCN
 
 PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "tiny": ((4, 8, 16), (1, 2, 2)),
@@ -115,12 +115,15 @@ def checked_config(config: Mapping) -> dict:
 
 
 def build_model(config: Mapping) -> nn.Module:
-    """The network a configuration describes, freshly initialized (torch's global RNG)."""
+    """The network a configuration describes, freshly initialized (torch's global RNG; the
+    stock arch gets the initial weights of the FullVolumeFCN it twins)."""
     c = checked_config(config)
     strides = [tuple(s) if isinstance(s, list) else s for s in c["strides"]]
-    cls = FullVolumeFCN if c["arch"] == "fcn" else StockUNet3d
-    return cls(3, c["in_channels"], c["out_channels"], tuple(c["channels"]), strides,
-               norm=c["norm"], deep_supervision=c["deep_supervision"])
+    fcn = FullVolumeFCN(3, c["in_channels"], c["out_channels"], tuple(c["channels"]), strides,
+                        norm=c["norm"], deep_supervision=c["deep_supervision"])
+    # The stock twin starts from the very weights the FullVolumeFCN of the same seed would:
+    # two runs that differ only in --arch then differ only in their layers' arithmetic.
+    return fcn if c["arch"] == "fcn" else fcn.to_stock()
 
 
 def describe(config: Mapping) -> str:

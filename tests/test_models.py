@@ -4,6 +4,7 @@ import torch
 
 from effseg.losses import DiceCELoss
 from effseg.memory import peak_allocated, saved_bytes
+from effseg.model_config import build_model, model_config
 from effseg.models import FullVolumeFCN, StockUNet3d
 from effseg.nn import DecoderBlock3d
 
@@ -121,6 +122,22 @@ def test_deep_supervision_outputs():
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (1, 2, 17, 16, 16)
+
+
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_configured_stock_twin_starts_from_the_fcn_weights_of_its_seed(deep_supervision):
+    config = model_config("small", out_channels=4, deep_supervision=deep_supervision)
+    torch.manual_seed(7)
+    fcn = build_model(config)
+    torch.manual_seed(7)
+    stock = build_model({**config, "arch": "stock"})
+    assert isinstance(fcn, FullVolumeFCN) and isinstance(stock, StockUNet3d)
+    expected = fcn.to_stock().state_dict()
+    assert stock.state_dict().keys() == expected.keys()
+    assert all(torch.equal(stock.state_dict()[k], v) for k, v in expected.items())
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fcn.eval()(x), stock.eval()(x), atol=1e-5, rtol=1e-4)
 
 
 def test_parameters_at_most_30_percent_of_classic():

@@ -197,13 +197,14 @@ class Augmentation:
             # ids are exact in float32 (below 2^24), and nearest sampling returns input values.
             moved = resample(label[None].to(torch.float32).add_(1), matrix, "nearest")[0]
             outside = moved == 0
-            label = moved.sub_(1).to(label.dtype)
+            # (clamped: -1 has no unsigned value; those voxels are set just below)
+            label = moved.sub_(1).clamp_(min=0).to(label.dtype)
             label[outside] = self.ignore_index
-        else:
-            image, label = image.clone(), label.clone()
         if t.flips:
             image = image.flip([a + 1 for a in t.flips])
             label = label.flip(list(t.flips))
+        elif t.matrix is None:
+            image, label = image.clone(), label.clone()  # the steps below work in place
         if t.noise_std is not None:
             g = torch.Generator(device=image.device)
             g.manual_seed(t.noise_seed)

@@ -497,10 +497,11 @@ def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) ->
         return result(False)
     memory_kind = "cuda_max_allocated" if device.type == "cuda" else "peak_rss"
     where = f"{ranks.world_size} processes (DDP), " if ranks.distributed else ""
+    mirror = f" mirror {config.mirror_axes}" if config.mirror_axes else ""
     say(f"{describe(arch)} on {where}{device}, amp {amp}, {config.optimizer} lr {lr:g}, batch "
-        f"{config.batch_size}, augment {config.augment}"
-        f"{f' mirror {config.mirror_axes}' if config.mirror_axes else ''}; {len(train_cases)} training / {len(val_cases)} validation "
-        f"case(s); classes {classes[1:]}; spacing {plans['target_spacing']} mm; run {run_dir}")
+        f"{config.batch_size}, augment {config.augment}{mirror}; {len(train_cases)} training / "
+        f"{len(val_cases)} validation case(s); classes {classes[1:]}; spacing "
+        f"{plans['target_spacing']} mm; run {run_dir}")
     sided = [c for c in classes if any(w in c.lower() for w in ("left", "right"))]
     if 0 in (config.mirror_axes or []) and sided:
         say(f"warning: --mirror-axes includes 0 (left-right) while classes {sided} name a "
@@ -525,12 +526,9 @@ def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) ->
             for names in batches[progress["step_in_epoch"]:]:
                 image, label = load_batch(cache, names, fill, ignore_index, label_dtype)
                 image, label = image.to(device), label.to(device)
-                if augmentation.active:
-                    for i, name in enumerate(names):
-                        image[i], label[i] = augmentation.apply(image[i], label[i],
-                                                                augmentation.draw(
-                                                                    config.seed, epoch,
-                                                                    case_index[name]))
+                for i, name in enumerate(names if augmentation.active else ()):
+                    t = augmentation.draw(config.seed, epoch, case_index[name])
+                    image[i], label[i] = augmentation.apply(image[i], label[i], t)
                 loss = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype)
                 scheduler.step()
                 progress["loss_sum"] += loss

@@ -415,3 +415,26 @@ def test_mirroring_left_right_with_sided_labels_warns(tiny_phantom, tmp_path, ca
     train(tiny_config(tmp_path / "run", tiny_phantom, epochs=1, mirror_axes=[0]))
     out = capsys.readouterr().out
     assert "warning: --mirror-axes includes 0" in out and "lung_left" in out
+
+
+def test_training_applies_each_cases_draw_to_its_volume(tiny_phantom, tmp_path, monkeypatch):
+    seen = []
+    real_apply = Augmentation.apply
+
+    def recording_apply(self, image, label, t):
+        seen.append((t, tuple(image.shape), tuple(label.shape)))
+        return real_apply(self, image, label, t)
+
+    monkeypatch.setattr(Augmentation, "apply", recording_apply)
+    result = train(tiny_config(tmp_path / "run", tiny_phantom, augment="all", batch_size=2))
+    plans = load_checkpoint(tmp_path / "run" / "last.pt")["plans"]
+    train_cases = plans["train_cases"]
+    a = Augmentation(tuple(plans["target_spacing"]), (0.0,), 255, "all")
+    expected = [a.draw(3, epoch, train_cases.index(name)) for epoch in range(2)
+                for name in train_module.epoch_order(train_cases, 3, epoch)]
+    assert result.epochs_done == 2 and [t for t, _, _ in seen] == expected
+    assert all(shape[1:] == label for _, shape, label in seen)
+    # Without --augment the transform is never applied.
+    seen.clear()
+    train(tiny_config(tmp_path / "plain", tiny_phantom, epochs=1))
+    assert seen == []

@@ -66,35 +66,77 @@ def saved_bytes(model_or_fn: Callable, *inputs) -> int:
     return counter.bytes
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    # The storage object itself, not its data pointer: resize_ moves the data of a storage.
+    return t.untyped_storage()._cdata
+
+
 class _LiveBytes(TorchDispatchMode):
-    """Follows every storage created by an op while active, and the peak of their total."""
+    """Follows every storage allocated by an op while active, and the peak of their total.
+
+    A storage is counted once, when an op first returns it, unless it existed before: every
+    storage an op receives that the tracker has not seen allocated is taken as pre-existing, so
+    views of it, in-place updates of it and outputs aliasing it add nothing. (A storage freed
+    inside the call lets its address be reused; the expired reference tells them apart.)
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.live: dict[tuple[str, int], tuple[StorageWeakRef, int]] = {}
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.before: dict[int, StorageWeakRef] = {}
         self.current = 0
         self.peak = 0
 
+    def _note_existing(self, t: torch.Tensor) -> None:
+        key = _storage_key(t)
+        if key in self.live and not self.live[key][0].expired():
+            return
+        ref = self.before.get(key)
+        if ref is None or ref.expired():
+            self.before[key] = StorageWeakRef(t.untyped_storage())
+
+    def _existed_before(self, key: int) -> bool:
+        ref = self.before.get(key)
+        if ref is None:
+            return False
+        if ref.expired():
+            del self.before[key]
+            return False
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                self._note_existing(t)
         out = func(*args, **(kwargs or {}))
         dead = [k for k, (ref, _) in self.live.items() if ref.expired()]
         for k in dead:
             self.current -= self.live.pop(k)[1]
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                storage = t.untyped_storage()
-                key = (str(t.device), storage.data_ptr())
-                if storage.nbytes() and key not in self.live:
-                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
+            if not isinstance(t, torch.Tensor) or t.is_meta:
+                continue
+            storage = t.untyped_storage()
+            key = _storage_key(t)
+            nbytes = storage.nbytes()
+            if key in self.live:
+                # An out= or resize_ op may grow a storage allocated here.
+                grown = nbytes - self.live[key][1]
+                if grown > 0:
+                    self.live[key] = (self.live[key][0], nbytes)
+                    self.current += grown
+            elif nbytes and not self._existed_before(key):
+                self.live[key] = (StorageWeakRef(storage), nbytes)
+                self.current += nbytes
         self.peak = max(self.peak, self.current)
         return out
 
 
 def peak_allocated(fn: Callable[[], object]) -> int:
-    """Peak bytes held at any moment by the tensors created while `fn()` runs (its forward,
-    backward and optimizer step alike; tensors that existed before are not counted). See the
-    module docstring for what it does not see."""
+    """Peak bytes held at any moment by the storages allocated while `fn()` runs (its forward,
+    backward and optimizer step alike). Tensors that existed before are not counted, nor are
+    views of them, in-place updates of them or outputs that alias them: an optimizer step counts
+    its new state and temporaries, not the parameters it updates. See the module docstring for
+    what it does not see."""
     with _LiveBytes() as tracker:
         result = fn()
     del result

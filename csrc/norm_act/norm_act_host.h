@@ -52,12 +52,22 @@ inline Geometry check_input(const at::Tensor& x, const char* name) {
   return {x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1)), cl};
 }
 
+// Whether a and b (of equal sizes) put every element at the same offset: the stride of a
+// dimension of size 1 is never used, and PyTorch leaves it arbitrary (a channel slice of a
+// concatenation's gradient with N = 1 is contiguous with a batch stride of the whole).
+inline bool same_offsets(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 inline void check_same_layout(const at::Tensor& a, const at::Tensor& b, const char* an,
                               const char* bn) {
   TORCH_CHECK_VALUE(a.sizes() == b.sizes(), "effseg: ", bn, " must have the shape of ", an, " ",
                     a.sizes(), ", got ", b.sizes());
-  TORCH_CHECK_VALUE(a.strides() == b.strides(), "effseg: ", bn, " must have the memory layout of ",
-                    an, " (strides ", a.strides(), "), got ", b.strides());
+  TORCH_CHECK_VALUE(same_offsets(a, b), "effseg: ", bn, " must have the memory layout of ", an,
+                    " (strides ", a.strides(), "), got ", b.strides());
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "effseg: ", bn, " must have the dtype of ",
                    an, " (", a.scalar_type(), "), got ", b.scalar_type());
   TORCH_CHECK_VALUE(a.device() == b.device(), "effseg: ", bn, " must be on ", an, "'s device ",

@@ -148,21 +148,37 @@ def _default_loss(out) -> torch.Tensor:
     return sum(o.float().square().mean() for o in outs)
 
 
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None and sys.platform.startswith("linux"):
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else False
+    return _LIBC or None
+
+
 _MALLOC_SET = False
 
 
-def _return_freed_memory() -> None:
-    """Makes glibc serve every allocation above 64 KiB with mmap, so that freeing a tensor gives
-    its memory back and the RSS follows what is alive (by default glibc keeps freed memory)."""
+def _return_freed_memory() -> bool:
+    """Makes the RSS follow what is alive (Linux, glibc): allocations above 64 KiB are served
+    with mmap from now on, so that freeing a tensor gives its memory back, and memory that was
+    freed earlier but kept by the allocator (glibc keeps freed chunks of up to 32 MiB in its
+    arenas and hands them out again without a page fault, so a step that reuses them does not
+    raise the RSS) is returned now with malloc_trim. False where this is not possible."""
     global _MALLOC_SET
-    if _MALLOC_SET or not sys.platform.startswith("linux"):
-        return
-    name = ctypes.util.find_library("c")
-    if name:
-        libc = ctypes.CDLL(name)
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    if not _MALLOC_SET:
         m_mmap_threshold = -3
-        if hasattr(libc, "mallopt") and libc.mallopt(m_mmap_threshold, 65536) == 1:
-            _MALLOC_SET = True
+        if not hasattr(libc, "mallopt") or libc.mallopt(m_mmap_threshold, 65536) != 1:
+            return False
+        _MALLOC_SET = True
+    libc.malloc_trim(0)
+    return True
 
 
 def step_peak(model: torch.nn.Module, input: torch.Tensor, target=None,
@@ -172,20 +188,24 @@ def step_peak(model: torch.nn.Module, input: torch.Tensor, target=None,
 
     The step is forward, `loss_fn(output, target)` (default: mean of squared outputs),
     backward and `optimizer.step()` (default: SGD, which keeps no state). On CUDA the peak is
-    `torch.cuda.max_memory_allocated`; on CPU the peak RSS (Linux), which also counts
-    allocations outside torch (oneDNN scratch space).
+    `torch.cuda.max_memory_allocated`; on CPU the peak RSS (Linux with glibc), which also
+    counts allocations outside torch (oneDNN scratch space): memory the allocator kept from
+    earlier frees is returned first, and a figure below the tensors the step held at once
+    (`peak_allocated`, tracked in the same run) raises an error instead of being returned.
     """
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=1e-3)
     cuda = input.device.type == "cuda"
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
         out = model(input)
         loss = loss_fn(out, target) if loss_fn is not None else _default_loss(out)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # Gradients left from before are freed before the base is read, not inside the step: a
+    # step that frees them and allocates new ones would otherwise be credited with their size.
+    optimizer.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize(input.device)
         torch.cuda.reset_peak_memory_stats(input.device)
@@ -193,13 +213,23 @@ def step_peak(model: torch.nn.Module, input: torch.Tensor, target=None,
         step()
         torch.cuda.synchronize(input.device)
         return torch.cuda.max_memory_allocated(input.device) - base
-    _return_freed_memory()
-    if not reset_peak_rss():
-        raise RuntimeError("effseg: cannot reset the peak RSS on this system (needs Linux "
-                           "/proc/self/clear_refs); measure on CUDA or use saved_bytes")
+    if not _return_freed_memory() or not reset_peak_rss():
+        raise RuntimeError("effseg: step_peak on CPU needs Linux with glibc (mallopt, "
+                           "malloc_trim and /proc/self/clear_refs) to see a step's peak in the "
+                           "RSS; use effseg.memory.peak_allocated (tensors) or measure on CUDA")
     base = rss_bytes()
-    step()
-    return peak_rss_bytes() - base
+    with _LiveBytes() as tensors:
+        step()
+    peak = peak_rss_bytes() - base
+    if peak < tensors.peak:
+        # Tensors alive at once were resident at once: an RSS below them means the step ran in
+        # memory that was resident before it (another allocator's cache), which the RSS cannot
+        # attribute to it.
+        raise RuntimeError(
+            f"effseg: step_peak: the RSS grew by {peak} bytes while the step's tensors held "
+            f"{tensors.peak} bytes at once, so the step reused memory that was resident before "
+            "it and the RSS cannot measure it; use effseg.memory.peak_allocated")
+    return peak
 
 
 def _status_kb(field: str) -> int | None:

@@ -93,3 +93,41 @@ def test_training_step_peak_excludes_parameters_and_input():
     peak = peak_allocated(step)
     assert 4_000_000 <= peak <= 4_000_000 + 2 * 16_000 + 64, peak
     model.weight.grad = None
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 16, 3, padding=1), torch.nn.InstanceNorm3d(16),
+                               torch.nn.LeakyReLU(0.01), torch.nn.Conv3d(16, 16, 3, padding=1),
+                               torch.nn.LeakyReLU(0.01), torch.nn.Conv3d(16, 1, 3, padding=1))
+
+
+def test_step_peak_on_cpu_is_at_least_the_tensors_of_the_step():
+    """RSS-based: after steps that leave freed memory in the allocator's arenas and gradients
+    that the step frees and allocates again, the figure still covers every tensor the step
+    held at once (it read about a quarter of them before it returned memory kept from earlier
+    frees and freed old gradients before reading its base)."""
+    model = _net()
+    x = torch.randn(1, 1, 40, 40, 40)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        model(x).square().mean().backward()
+        opt.step()
+
+    tensors = peak_allocated(step)       # leaves gradients behind, and freed arenas
+    step()
+    assert step_peak(model, x, optimizer=opt) >= tensors
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_step_peak_refuses_a_figure_below_the_tensors(monkeypatch):
+    from effseg import memory
+    model = _net()
+    x = torch.randn(1, 1, 24, 24, 24)
+    # An RSS that never rises above its base, as when a step runs in memory kept resident by
+    # an allocator: the figure would be 0, so it is refused.
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(memory, "peak_rss_bytes", lambda: 1 << 30)
+    with pytest.raises(RuntimeError, match="reused memory that was resident"):
+        step_peak(model, x)

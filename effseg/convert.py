@@ -26,7 +26,8 @@ called:
 - the activation module is called nowhere else where it cannot be fused, since it becomes
   nn.Identity;
 - the norm, the activation and the producing layer have no hooks.
-Everything else stays stock and is listed in the report's `skipped`, with the reason: ReLU (not
+Everything else stays stock and is listed in the report's `skipped`, with the reason (every
+normalization module convert meets is in the report, replaced or skipped): ReLU (not
 invertible), PReLU (learnable slope), other activations, a norm not followed by an activation (an
 in-place norm alone keeps its output where the stock one keeps its input: nothing to gain),
 norm inputs that are also read elsewhere (a residual branch) or come from outside what could be
@@ -100,6 +101,18 @@ class ConversionReport:
 
 def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, _BATCH + _INSTANCE + (nn.SyncBatchNorm, _InPlaceNormAct))
+
+
+_OTHER_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                nn.LocalResponseNorm, nn.CrossMapLRN2d) + (
+                    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _other_norm(m: nn.Module) -> bool:
+    """A normalization layer convert has no fused module for: torch's other norms, and leaf
+    modules of other libraries named like one (MONAI's, apex's)."""
+    return not _is_norm(m) and (isinstance(m, _OTHER_NORMS) or (
+        "Norm" in type(m).__name__ and next(m.children(), None) is None))
 
 
 class _Proxy(fx.Proxy):
@@ -426,6 +439,11 @@ def convert(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, Convers
         report.replaced.append(Replaced(
             path, f"{type(new).__name__}(activation={new.activation!r}, "
                   f"activation_param={new.activation_param})", site.activation_path))
+    for path, m in before.items():
+        if _other_norm(m):
+            report.skipped.append(Skipped(path, (
+                f"{type(m).__name__} is not a norm effseg has a fused module for (BatchNorm "
+                "and InstanceNorm 1-3d)")))
     return target, report
 
 

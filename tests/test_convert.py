@@ -395,3 +395,33 @@ def test_dynunet_residual_blocks_are_refused_with_reasons(monai_nets):
     assert {r.path for r in report.replaced} == {
         f"upsamples.{i}.conv_block.norm{j}" for i in (0, 1) for j in (1, 2)}
     _assert_same_training_step(stock, converted, (2, 1, 16, 16, 16))
+
+
+def test_every_norm_left_stock_is_reported_with_its_reason():
+    """Norms convert has no fused module for are listed too, not passed over in silence."""
+    class RMSLikeNorm(nn.Module):  # a third-party norm, known by its name only
+        def forward(self, x):
+            return x / x.square().mean(1, keepdim=True).add(1e-5).sqrt()
+
+    class ConvNormBlock(nn.Module):  # a container named like a norm: not a norm itself
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(4, 4, 3, padding=1)
+            self.norm = nn.InstanceNorm3d(4, affine=True)
+            self.act = nn.LeakyReLU(0.01)
+
+        def forward(self, x):
+            return self.act(self.norm(self.conv(x)))
+
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Dropout(0.0), nn.ReLU(),
+                          ConvNormBlock(), nn.LayerNorm([6, 6, 6]), RMSLikeNorm(),
+                          nn.LocalResponseNorm(2))
+    converted, report = effseg.convert(model)
+    assert [r.path for r in report.replaced] == ["3.norm"]
+    skipped = {s.path: s.reason for s in report.skipped}
+    assert set(skipped) == {"4", "5", "6"}, skipped
+    for path, name in (("4", "LayerNorm"), ("5", "RMSLikeNorm"), ("6", "LocalResponseNorm")):
+        assert skipped[path].startswith(f"{name} is not a norm effseg has a fused module for")
+    assert "skipped 3" in str(report) and "5: left stock: RMSLikeNorm" in str(report)
+    x = torch.randn(2, 1, 6, 6, 6)
+    torch.testing.assert_close(converted(x), model(x))

@@ -202,7 +202,7 @@ def test_bad_settings_and_inputs_raise():
 
 def test_augmentation_memory_is_a_few_volumes_as_a_result():
     # Every transform at once on a 64^3 case: the tensors the augmentation creates peak at
-    # under 8 float32 images (7.3 measured: the slab's sampling grid is 3 of them here; on
+    # under 8 float32 images (7.05 measured: the slab's sampling grid is 3 of them here; on
     # volumes above SLAB_VOXELS it is bounded by the slab instead). It runs before the
     # forward pass, so it stays below a training step's peak.
     image, label = volumes((64, 64, 64))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -117,8 +118,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _fail(command: str, exc: Exception) -> int:
-    print(f"effseg {command}: error: {exc}", file=sys.stderr)
+    message = " ".join(str(exc).split())  # one line, whatever the exception held
+    print(f"effseg {command}: error: {message}", file=sys.stderr)
     return 2
+
+
+def _deprecated(command: str, old: str, new: str) -> None:
+    print(f"effseg {command}: note: {old} is deprecated and will be removed in the next "
+          f"release; use {new}", file=sys.stderr)
+
+
+def _note(command: str, message: str) -> None:
+    print(f"effseg {command}: {message}", file=sys.stderr)
+
+
+def _checkpoint_arg(command: str, args: argparse.Namespace) -> str | None:
+    """--checkpoint, or the deprecated --model spelling of it."""
+    if args.model_deprecated is not None:
+        _deprecated(command, "--model", "--checkpoint")
+        return args.checkpoint or args.model_deprecated
+    return args.checkpoint
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -128,6 +147,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .run_checkpoint import CheckpointError
     from .train import RunError, TrainConfig, train
 
+    if args.model_deprecated is not None:
+        preset = {"default": "large"}.get(args.model_deprecated, args.model_deprecated)
+        _deprecated("train", "--model", f"--preset {preset}")
+        if args.model is None:
+            args.model = preset
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                if getattr(args, f.name) is not None}
     if args.resume:
@@ -153,9 +177,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_paths
     from .run_checkpoint import CheckpointError
 
+    checkpoint = _checkpoint_arg("predict", args)
+    if checkpoint is None:
+        return _fail("predict", ValueError("give --checkpoint (a run folder or its best.pt)"))
     try:
-        written = predict_paths(args.model, args.input, args.out, args.device, args.amp,
-                                args.probabilities, args.tta)
+        written = predict_paths(checkpoint, args.input, args.out, args.device, args.amp,
+                                args.probabilities, args.tta, args.labels_json,
+                                note=lambda m: _note("predict", m))
     except (DataError, CheckpointError) as exc:
         return _fail("predict", exc)
     for path in written:
@@ -167,19 +195,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .data import DataError
-    from .evaluate import dataset_labels, evaluate_files, find_pairs, format_table, write_csv
+    from .evaluate import evaluate_files, find_pairs, format_table, matched_labels, write_csv
 
-    if args.labels and not args.dataset:
+    if args.dataset and (args.pred_labels or args.ref_labels):
+        return _fail("evaluate", ValueError("--dataset names the labels of both sides; give it, "
+                                            "or --pred-labels/--ref-labels, not both"))
+    pred_table = args.pred_labels or args.dataset
+    default_table = Path(args.pred) / "labels.json"
+    if pred_table is None and default_table.is_file():
+        pred_table = default_table  # written by predict --labels-json
+    ref_table = args.ref_labels or args.dataset
+    if args.labels and pred_table is None and ref_table is None:
         return _fail("evaluate", ValueError("--labels picks labels by name: give --dataset (the "
                                             "dataset.json that declares them) too"))
     try:
-        labels = dataset_labels(args.dataset, args.labels) if args.dataset else None
-        rows = evaluate_files(find_pairs(args.pred, args.ref), labels)
+        labels = matched_labels(pred_table, ref_table, args.labels,
+                                note=lambda m: _note("evaluate", m))
+        pairs = find_pairs(args.pred, args.ref, note=lambda m: _note("evaluate", m))
+        rows = evaluate_files(pairs, labels)
     except DataError as exc:
         return _fail("evaluate", exc)
     csv_path = write_csv(rows, args.csv or Path(args.pred) / "evaluation.csv")
     print(format_table(rows))
-    print(f"per-case scores: {csv_path}")
+    print(f"per-case scores and summary rows: {csv_path}")
     return 0
 
 
@@ -200,9 +238,12 @@ def _add_train(sub) -> None:
                    "1e-2 for sgd), decayed by a poly schedule")
     t.add_argument("--optimizer", choices=["adamw", "sgd"], help="default adamw")
     t.add_argument("--batch-size", type=int, help="whole volumes per step (default 1)")
-    t.add_argument("--model", choices=["tiny", "small", "default"],
-                   help="width preset: tiny (4, 8, 16: smoke tests only), small (16, 32, 64, "
-                   "128; the default), default (16, 32, 64, 128, 160)")
+    t.add_argument("--preset", dest="model", choices=["tiny", "small", "large"],
+                   help="network widths: tiny (4, 8, 16: smoke tests only), small (16, 32, 64, "
+                   "128; the default), large (16, 32, 64, 128, 160)")
+    t.add_argument("--model", dest="model_deprecated", choices=["tiny", "small", "default",
+                                                                 "large"],
+                   help=argparse.SUPPRESS)
     t.add_argument("--arch", choices=["fcn", "stock"], help="fcn: effseg's FullVolumeFCN "
                    "(default); stock: its StockUNet3d twin, the memory baseline")
     t.add_argument("--channels", nargs="+", type=int, help="widths per level (overrides the "
@@ -237,7 +278,9 @@ def _add_train(sub) -> None:
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="label maps from a checkpoint, in the source geometry")
-    p.add_argument("--model", required=True, metavar="CHECKPOINT", help="RUN_DIR/best.pt")
+    p.add_argument("--checkpoint", metavar="RUN_DIR|CHECKPOINT",
+                   help="a training run's folder (its best.pt) or a checkpoint file")
+    p.add_argument("--model", dest="model_deprecated", help=argparse.SUPPRESS)
     p.add_argument("--input", required=True, metavar="CT.nii.gz|DIR",
                    help="a NIfTI file or a folder of them")
     p.add_argument("--out", required=True, metavar="DIR", help="where the label maps go")
@@ -247,6 +290,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--device", help="default: cuda when available")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"],
                    help="default bf16 on GPUs that support it, else off")
+    p.add_argument("--labels-json", action="store_true",
+                   help="also write OUT/labels.json: the label names and ids of the "
+                   "predictions (what evaluate reads to match labels by name)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average the probabilities over the mirrorings along the run's "
                    "--mirror-axes (default: on when the run mirrored)")
@@ -257,19 +303,30 @@ def _add_evaluate(sub) -> None:
     e = sub.add_parser("evaluate", help="Dice and HD95 (mm) of predictions against references")
     e.add_argument("--pred", required=True, metavar="DIR", help="predicted label maps")
     e.add_argument("--ref", required=True, metavar="DIR",
-                   help="reference label maps (same file names)")
+                   help="reference label maps, matched to the predictions by case id "
+                   "(nnU-Net naming: CASE.nii.gz, CASE_0000.nii.gz); references without a "
+                   "prediction are left out and listed")
     e.add_argument("--dataset", metavar="DATASET_JSON|DIR",
-                   help="name the labels after this dataset.json and score all of them "
-                   "(default: every id found, named label_<id>)")
-    e.add_argument("--labels", nargs="+", metavar="NAME", help="only these labels (needs "
-                   "--dataset)")
+                   help="the label names and ids of both sides: score all of them (default: "
+                   "every id found, named label_<id>)")
+    e.add_argument("--pred-labels", metavar="JSON",
+                   help="label table of the predictions (labels.json from predict "
+                   "--labels-json, or a dataset.json; default: PRED/labels.json if present)")
+    e.add_argument("--ref-labels", metavar="JSON",
+                   help="label table of the references (a dataset.json or labels.json): labels "
+                   "are matched by name, so the ids may differ from the predictions'")
+    e.add_argument("--labels", nargs="+", metavar="NAME", help="only these labels (by name; "
+                   "needs a label table)")
     e.add_argument("--csv", metavar="PATH", help="per-case CSV (default: PRED/evaluation.csv)")
     e.set_defaults(func=cmd_evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="effseg", description=__doc__,
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="effseg", description=__doc__.replace("`", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"effseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="how effseg was built and which kernels it has")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -296,7 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_predict(sub)
     _add_evaluate(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`effseg info --json | head`): no traceback, and none at exit
+        # when Python flushes stdout into the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

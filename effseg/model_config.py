@@ -10,7 +10,7 @@ A configuration is a plain dict (so a checkpoint loaded with `weights_only=True`
 
 `arch` "fcn" is `FullVolumeFCN` (effseg's recomputing blocks), "stock" its `StockUNet3d` twin of
 the same topology and parameters, the baseline a memory comparison needs. Presets (`PRESETS`)
-name widths and strides; `--channels`/`--strides` override them. Keep 16 channels or more at full
+name widths and strides (`large` was called `default`, a name still read); `--channels`/`--strides` override them. Keep 16 channels or more at full
 resolution: with 8, the few channels of the last layer are taken by the large classes, and a
 class that looks like another (the left and the right lung) can stay unlearned. On the phantom
 (lr 3e-3, 60 to 120 steps) one lung stayed at Dice 0 in 4 of 7 seeds with 8 channels and in none
@@ -34,8 +34,10 @@ from .models import FullVolumeFCN
 PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "tiny": ((4, 8, 16), (1, 2, 2)),
     "small": ((16, 32, 64, 128), (1, 2, 2, 2)),
-    "default": ((16, 32, 64, 128, 160), (1, 2, 2, 2, 2)),
+    "large": ((16, 32, 64, 128, 160), (1, 2, 2, 2, 2)),
 }
+# Old names, still read (runs stored them): "default" was never the default preset.
+PRESET_ALIASES = {"default": "large"}
 ARCHS = ("fcn", "stock")
 NORMS = ("instance", "batch")
 
@@ -64,6 +66,7 @@ def model_config(preset: str = "small", arch: str = "fcn", in_channels: int = 1,
                  strides: Sequence | None = None, norm: str = "instance",
                  deep_supervision: bool = False) -> dict:
     """A checked configuration from a preset name, with optional overrides."""
+    preset = PRESET_ALIASES.get(preset, preset)
     if preset not in PRESETS:
         raise ValueError(f"effseg: unknown model preset {preset!r}; expected one of "
                          f"{sorted(PRESETS)}")

@@ -14,10 +14,13 @@ the source image's affine and header (`effseg.data.write_like`): same shape, aff
 grid, the fourth axis in the checkpoint's class order (background first), listed in
 `classes.json` beside it.
 
-Inputs: one NIfTI file, or a folder of them. A folder whose files all follow nnU-Net's
-`{case}_{channel:04d}` naming is read as such (channels grouped per case, the prediction named
-`{case}`); otherwise each file is one case named by its file name (a multi-channel case as one
-4D file, channels last). A single file named `{case}_0000` gives the prediction `{case}`.
+Inputs: one NIfTI file, or a folder of them. In a folder holding files named with nnU-Net's
+`{case}_{channel:04d}` naming, those are the images (channels grouped per case, the prediction
+named `{case}`) and other files (label maps lying beside them) are left out, each with a note;
+otherwise each file is one case named by its file name (a multi-channel case as one 4D file,
+channels last), except files whose values look like a label map, left out with a note. A single
+file named `{case}_0000` gives the prediction `{case}`. A prediction that holds only background
+gets a warning.
 
 Refused: a folder without NIfTI files, a case missing a channel, a channel count other than the
 checkpoint's, channels on different grids, a prediction that would overwrite one of the inputs;
@@ -29,7 +32,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path
 
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 from .augment import check_mirror_axes
 from .data import GRID_ATOL_MM, DataError, LabelMap, Reorientation, read_image, write_like
 from .data import normalization_from_plans
-from .data.nifti import NIFTI_ENDINGS
+from .data.nifti import NIFTI_ENDINGS, looks_like_label_map
 from .model_config import build_model
 from .precision import amp_dtype, default_amp, default_device
 from .preprocess import normalize, to_network_grid
@@ -57,9 +60,16 @@ def _split_ending(path: Path) -> tuple[str, str]:
     raise DataError(path, f"is not a NIfTI file (expected one of {NIFTI_ENDINGS})")
 
 
-def find_cases(input: str | PathLike[str]) -> list[tuple[str, tuple[Path, ...], str]]:
-    """(case name, image files, file ending) of a file or of every NIfTI file in a folder."""
+def find_cases(input: str | PathLike[str],
+               note: Callable[[str], None] | None = None) -> list[tuple[str, tuple[Path, ...], str]]:
+    """(case name, image files, file ending) of a file or of the images in a folder.
+
+    In a folder, files named with nnU-Net's channel suffix (`{case}_0000`) are the images when
+    there are any, and the other files (label maps beside them) are left out; otherwise every
+    file is a case, except files whose values look like a label map. Each file left out is
+    told to `note`."""
     input = Path(input)
+    note = note or (lambda message: None)
     if input.is_file():
         stem, ending = _split_ending(input)
         match = _CHANNEL_NAME.match(stem)
@@ -72,11 +82,24 @@ def find_cases(input: str | PathLike[str]) -> list[tuple[str, tuple[Path, ...], 
         raise DataError(input, f"holds no NIfTI files ({' or '.join(NIFTI_ENDINGS)})")
     split = [(p, *_split_ending(p)) for p in files]
     matches = [_CHANNEL_NAME.match(stem) for _, stem, _ in split]
-    if not all(matches):
-        return [(stem, (path,), ending) for path, stem, ending in split]
+    if not any(matches):
+        cases = []
+        for path, stem, ending in split:
+            if looks_like_label_map(path):
+                note(f"skipped {path.name}: its values look like a label map (few whole "
+                     "numbers, none negative), not an image")
+            else:
+                cases.append((stem, (path,), ending))
+        if not cases:
+            raise DataError(input, "holds no images, only label maps")
+        return cases
     grouped: dict[str, dict[int, Path]] = {}
     endings: dict[str, str] = {}
     for (path, _, ending), match in zip(split, matches):
+        if match is None:
+            note(f"skipped {path.name}: no channel suffix (_0000) in a folder of nnU-Net-named "
+                 "images")
+            continue
         grouped.setdefault(match.group(1), {})[int(match.group(2))] = path
         endings[match.group(1)] = ending
     cases = []
@@ -105,6 +128,11 @@ class Predictor:
         self.num_channels = len(plans["channels"])
         self.stats = normalization_from_plans(plans)
         self.labels = LabelMap(dict(zip(self.classes, plans["label_ids"])), self.classes[1:])
+        self.last_empty = False  # whether the last predict_case found only background
+
+    def label_table(self) -> dict:
+        """The predictions' labels as dataset.json writes them: {"labels": {name: id}}."""
+        return {"labels": {n: int(i) for n, i in zip(self.classes, self.labels.source_ids)}}
 
     @classmethod
     def from_checkpoint(cls, path: str | PathLike[str], device: str | torch.device | None = None,
@@ -202,6 +230,7 @@ class Predictor:
                 best_p = torch.where(wins, p, best_p)
                 best_k[wins] = k
         label = self.labels.to_source(reorientation.undo(best_k.cpu().numpy()))
+        self.last_empty = not label.any()
         write_like(label, first.affine, first.header, out)
         if keep is not None:
             source = np.ascontiguousarray(np.moveaxis(reorientation.undo(keep), 0, 3))
@@ -216,13 +245,25 @@ class Predictor:
 def predict_paths(checkpoint: str | PathLike[str], input: str | PathLike[str],
                   out_dir: str | PathLike[str], device: str | None = None,
                   amp: str | None = None, probabilities: bool = False,
-                  tta: bool | None = None) -> list[Path]:
-    """Predict every case of `input` (a file or a folder) into `out_dir`; returns the label
-    maps written. tta: see `Predictor.from_checkpoint`."""
+                  tta: bool | None = None, labels_json: bool = False,
+                  note: Callable[[str], None] | None = None) -> list[Path]:
+    """Predict every case of `input` (a file or a folder, see `find_cases`) into `out_dir`;
+    returns the label maps written. `checkpoint`: a file or a run folder (its best.pt); tta:
+    see `Predictor.from_checkpoint`; `labels_json`: also write out_dir/labels.json (label names
+    and ids). Files left out and predictions that hold only background are told to `note`."""
+    note = note or (lambda message: None)
     predictor = Predictor.from_checkpoint(checkpoint, device, amp, tta)
     out_dir = Path(out_dir)
     written = []
-    for name, paths, ending in find_cases(input):
+    for name, paths, ending in find_cases(input, note):
         prob_path = out_dir / f"{name}_probabilities{ending}" if probabilities else None
         written.append(predictor.predict_case(paths, out_dir / f"{name}{ending}", prob_path))
+        if predictor.last_empty:
+            note(f"warning: {written[-1]} holds only background: no "
+                 f"{', '.join(predictor.classes[1:])} was found (is the image a CT in HU, "
+                 "like the training cases?)")
+    if labels_json:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "labels.json").write_text(json.dumps(predictor.label_table(), indent=2)
+                                             + "\n")
     return written

@@ -52,19 +52,54 @@ def save_checkpoint(state: dict, path: str | PathLike[str]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | PathLike[str]) -> dict:
-    """Read a checkpoint with `weights_only=True`, tensors on the CPU."""
+def resolve_checkpoint(path: str | PathLike[str]) -> Path:
+    """A checkpoint file, or a run folder's best.pt (else its last.pt)."""
     path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(path, "is a folder without best.pt or last.pt (give a run folder "
+                                    "or a checkpoint file)")
     if not path.is_file():
         raise CheckpointError(path, "checkpoint not found")
+    return path
+
+
+def _what_file(path: Path) -> str:
+    """What a file that is no torch checkpoint looks like, for the error message."""
+    with open(path, "rb") as f:
+        head = f.read(352)
+    if head[:2] == b"\x1f\x8b":
+        return "a gzip file (a .nii.gz image?)"
+    if head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "a NIfTI image"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "not a torch file"
+
+
+def load_checkpoint(path: str | PathLike[str]) -> dict:
+    """Read a checkpoint (a file, or a run folder: its best.pt, else last.pt) with
+    `weights_only=True`, tensors on the CPU."""
+    path = resolve_checkpoint(path)
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    # torch.save writes a zip archive (legacy files: a pickle); anything else is no checkpoint,
+    # and torch's own message would suggest an unsafe full unpickling of it.
+    if magic != b"PK" and magic[:1] != b"\x80":
+        raise CheckpointError(path, f"is not an effseg checkpoint: {_what_file(path)}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(path, f"refused: it holds objects that a weights-only load does "
-                                    f"not allow, so it is no effseg checkpoint ({exc})") from exc
+        raise CheckpointError(path, "is not an effseg checkpoint: it holds Python objects that "
+                                    "a weights-only load refuses") from exc
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(path, f"cannot be read as a torch checkpoint "
-                                    f"({type(exc).__name__}: {exc})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(path, f"cannot be read as a torch checkpoint (truncated or "
+                                    f"corrupt: {first[:120]})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(path, f"is not an effseg training checkpoint (no format "
                                     f"{FORMAT!r})")

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import signal
 import threading
 import time
@@ -163,6 +164,8 @@ def _checked(config: TrainConfig) -> TrainConfig:
             config = replace(config, mirror_axes=list(check_mirror_axes(config.mirror_axes)))
         except ValueError as exc:
             raise RunError(f"--mirror-axes: {exc}") from exc
+    if config.data is not None and not Path(config.data).is_dir():
+        raise RunError(f"--data {config.data}: dataset folder not found")
     if config.spacing is not None:
         spacing = list(config.spacing) * 3 if len(config.spacing) == 1 else list(config.spacing)
         if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
@@ -385,6 +388,8 @@ def train(config: TrainConfig, resume: bool = False,
     """Run (or, with `resume`, continue) a training run; see the module docstring. Under
     torchrun each process calls this; `dist_timeout` (seconds) bounds every collective."""
     config = _checked(config)
+    run_dir = Path(config.out)
+    created = not run_dir.exists()
     ranks, device_name = distributed.start(config.device, dist_timeout)
     try:
         return _train(config, resume, ranks, device_name)
@@ -392,6 +397,11 @@ def train(config: TrainConfig, resume: bool = False,
         raise RunError(
             f"rank {ranks.rank}: a collective with the other ranks failed (a rank exited, or "
             f"did not answer within --dist-timeout {dist_timeout:g} s): {exc}") from exc
+    except Exception:
+        # A run that failed before it saved anything leaves no folder of its making behind.
+        if created and ranks.is_main and not (run_dir / LAST).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         distributed.finish(ranks)
 
@@ -573,7 +583,7 @@ def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) ->
             save(run_dir / LAST)
             if ranks.is_main:
                 write_log(run_dir, progress["history"], classes)
-            say(_epoch_line(record, config.epochs))
+            say(_epoch_line(record, config.epochs, progress["history"]))
             if distributed.any_rank(stop.requested, ranks, device):
                 say(f"stopped after epoch {epoch + 1}; saved {run_dir / LAST}; continue with: "
                     f"{launcher}train --out {run_dir} --resume")
@@ -607,12 +617,24 @@ def _peak_memory(device: torch.device) -> int:
     return cuda_peak_bytes(device) if device.type == "cuda" else peak_rss_bytes()
 
 
-def _epoch_line(record: dict, epochs: int) -> str:
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600
+            else f"{seconds // 60}:{seconds % 60:02d}")
+
+
+def _epoch_line(record: dict, epochs: int, history: Sequence[dict]) -> str:
+    """The epoch's summary, with the run's elapsed time and an estimate of what remains (the
+    mean epoch so far; epochs of an earlier, resumed session count too)."""
     dice = " ".join(f"{name} {value:.3f}" for name, value in record["dice"].items())
+    elapsed = sum(r["seconds"] for r in history)
+    remaining = elapsed / len(history) * (epochs - record["epoch"])
     return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
-            f"Dice ({record['val_source']}) {dice}  mean {record['mean_dice']:.3f}  "
+            f"Dice ({record['val_source']} cases, network grid) {dice}  "
+            f"mean {record['mean_dice']:.3f}  "
             f"peak {record['peak_memory_bytes'] / 2**30:.2f} GiB ({record['memory']})  "
-            f"{record['seconds']:.1f} s")
+            f"{record['seconds']:.1f} s; elapsed {_duration(elapsed)}, about "
+            f"{_duration(remaining)} to go")
 
 
 def _predict_validation(run_dir: Path, plans: dict, device: torch.device, amp: str) -> None:
@@ -630,5 +652,6 @@ def _predict_validation(run_dir: Path, plans: dict, device: torch.device, amp: s
     labels = dict(zip(plans["classes"][1:], plans["label_ids"][1:]))
     rows = evaluate_files(pairs, labels)
     write_csv(rows, out / "evaluation.csv")
-    _say(f"validation cases predicted into {out} (source geometry), scored in "
-         f"{out / 'evaluation.csv'}:\n{format_table(rows)}")
+    _say(f"validation cases predicted into {out} and scored in their source geometry (the "
+         f"Dice above was on the network's grid), in {out / 'evaluation.csv'}:\n"
+         f"{format_table(rows)}")

@@ -286,7 +286,7 @@ def test_torchrun_launches_effseg_train(phantom, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "effseg", "train", "--out", str(tmp_path / "run"), "--data", str(phantom),
-         "--labels", "liver", "--model", "tiny", "--epochs", "1", "--norm", "batch",
+         "--labels", "liver", "--preset", "tiny", "--epochs", "1", "--norm", "batch",
          "--device", "cpu", "--dist-timeout", "60"],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

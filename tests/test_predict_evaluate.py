@@ -29,6 +29,7 @@ from effseg.evaluate import (  # noqa: E402
     find_pairs,
     format_table,
     label_means,
+    matched_labels,
     write_csv,
 )
 from effseg.data import Reorientation  # noqa: E402
@@ -38,6 +39,7 @@ from effseg.preprocess import normalize, to_network_grid  # noqa: E402
 from effseg.run_checkpoint import (  # noqa: E402
     CheckpointError,
     load_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from effseg.train import TrainConfig, train  # noqa: E402
@@ -216,18 +218,57 @@ def test_evaluate_cli_writes_csv_and_prints_table(scored_folders):
     assert proc.returncode == 0, proc.stderr
     assert "organ" in proc.stdout and "absent" not in proc.stdout
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "case,label,label_id,dice,hd95_mm,ref_voxels,pred_voxels"
-    assert "a,organ,1,0.5,3,60,60" in lines
-    assert "mean,box,2,0.5,inf,16,8" in lines
+    assert lines[0] == "case,label,label_id,pred_label_id,dice,hd95_mm,ref_voxels,pred_voxels"
+    assert "a,organ,1,1,0.5,3,60,60" in lines
+    assert "mean,box,2,2,0.5,inf,16,8" in lines
+    # the median of Dice 0 and 1, and of HD95 inf and 0
+    assert "median,box,2,2,0.5,inf,16,8" in lines and "median,organ,1,1,0.75,1.5,136,136" in lines
+    assert "median" in proc.stdout
 
 
-def test_evaluate_cli_names_a_missing_prediction(scored_folders):
+def test_evaluate_scores_only_predicted_cases_and_names_the_others(scored_folders):
     (scored_folders / "pred" / "b.nii.gz").unlink()
     proc = run_cli("evaluate", "--pred", str(scored_folders / "pred"), "--ref",
                    str(scored_folders / "ref"))
-    assert proc.returncode == 2
-    assert "b.nii.gz" in proc.stderr and "not found" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert "1 reference(s) without a prediction left out: b" in proc.stderr
+    cases = {line.split(",")[0] for line in
+             (scored_folders / "pred" / "evaluation.csv").read_text().splitlines()[1:]}
+    assert cases == {"a", "mean", "median"}
+    (scored_folders / "pred" / "a.nii.gz").rename(scored_folders / "pred" / "zz.nii.gz")
+    proc = run_cli("evaluate", "--pred", str(scored_folders / "pred"), "--ref",
+                   str(scored_folders / "ref"))
+    assert proc.returncode == 2 and "no prediction matches a reference" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_matches_cases_by_id_and_labels_by_name(scored_folders, tmp_path):
+    """Predictions named like nnU-Net images and stored as .nii, with liver = 1 where the
+    reference has it as 5 (TotalSegmentator's id): matched by case id and label name."""
+    ref_dir, pred_dir = tmp_path / "ref5", tmp_path / "pred_ids"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    for name in ("a", "b"):
+        ref = nib.load(scored_folders / "ref" / f"{name}.nii.gz")
+        data = np.asarray(ref.dataobj).copy()
+        data[data == 1] = 5
+        save_nifti(data, ref.affine, ref_dir / f"{name}.nii.gz")
+        pred = nib.load(scored_folders / "pred" / f"{name}.nii.gz")
+        save_nifti(np.asarray(pred.dataobj), pred.affine, pred_dir / f"{name}_0000.nii")
+    (pred_dir / "labels.json").write_text(json.dumps(
+        {"labels": {"background": 0, "liver": 1, "box": 2, "spleen": 4}}))
+    (tmp_path / "ref5.json").write_text(json.dumps(
+        {"labels": {"background": 0, "box": 2, "kidney": 3, "liver": 5}}))
+    proc = run_cli("evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--ref-labels",
+                   str(tmp_path / "ref5.json"))
+    assert proc.returncode == 0, proc.stderr
+    lines = (pred_dir / "evaluation.csv").read_text().splitlines()
+    assert "a,liver,5,1,0.5,3,60,60" in lines and "b,liver,5,1,1,0,76,76" in lines
+    assert "mean,box,2,2,0.5,inf,16,8" in lines
+    assert "spleen" in proc.stderr and "kidney" in proc.stderr  # one side only: not scored
+    assert "1->5" in proc.stdout
+    assert matched_labels(pred_dir / "labels.json", tmp_path / "ref5.json", ["liver"]) == {
+        "liver": (1, 5)}
 
 
 def test_evaluate_refuses_predictions_on_another_grid(scored_folders):
@@ -244,7 +285,7 @@ def test_write_csv_keeps_nan_and_inf_readable(scored_folders, tmp_path):
     rows = evaluate_files(find_pairs(scored_folders / "pred", scored_folders / "ref"),
                           dataset_labels(scored_folders))
     text = write_csv(rows, tmp_path / "out.csv").read_text()
-    assert "a,absent,3,nan,nan,0,0" in text and "a,box,2,0,inf,8,0" in text
+    assert "a,absent,3,3,nan,nan,0,0" in text and "a,box,2,2,0,inf,8,0" in text
 
 
 # ---------------------------------------------------------------- predict
@@ -317,10 +358,72 @@ def test_predict_folder_in_nnunet_naming(trained, tmp_path):
         image, _, affine = phantom_case((24, 24, 20), (6.0, 6.0, 6.0), seed=seed)
         save_nifti(image, affine, folder / f"c{seed}_0000.nii.gz")
     assert [c[0] for c in find_cases(folder)] == ["c1", "c2"]
-    proc = run_cli("predict", "--model", str(trained), "--input", str(folder), "--out",
+    # label maps lying beside the images are left out, each with a note
+    _, label, affine = phantom_case((24, 24, 20), (6.0, 6.0, 6.0), seed=1)
+    save_nifti(label.astype(np.uint8), affine, folder / "c1.nii.gz")
+    proc = run_cli("predict", "--checkpoint", str(trained), "--input", str(folder), "--out",
+                   str(tmp_path / "out"), "--device", "cpu", "--labels-json")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped c1.nii.gz: no channel suffix (_0000)" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "c1.nii.gz", "c2.nii.gz", "labels.json"]
+    plans = load_checkpoint(trained)["plans"]  # the dataset's own ids (lungs: 5 and 6)
+    assert json.loads((tmp_path / "out" / "labels.json").read_text()) == {
+        "labels": dict(zip(["background", *CLASSES], plans["label_ids"]))}
+
+
+def test_predict_plain_folder_skips_label_maps(trained, tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    image, label, affine = phantom_case((24, 24, 20), (6.0, 6.0, 6.0), seed=2)
+    save_nifti(image, affine, folder / "ct.nii.gz")
+    save_nifti(label.astype(np.uint8), affine, folder / "ct_seg.nii.gz")
+    save_nifti(label.astype(np.float32), affine, folder / "ct_seg_float.nii.gz")
+    notes = []
+    assert [c[0] for c in find_cases(folder, notes.append)] == ["ct"]
+    assert len(notes) == 2 and all("look like a label map" in n for n in notes)
+    # An MR-like image (non-negative, many values) is an image.
+    save_nifti((image - image.min()).astype(np.float32), affine, folder / "mr.nii.gz")
+    assert [c[0] for c in find_cases(folder)] == ["ct", "mr"]
+
+
+def test_predict_warns_about_an_all_background_prediction(trained, tmp_path, monkeypatch):
+    image, _, affine = phantom_case((24, 24, 20), (6.0, 6.0, 6.0), seed=5)
+    src = save_nifti(image, affine, tmp_path / "ct.nii.gz")
+    real = Predictor.network_probabilities
+
+    def background_only(self, image, reorientation):
+        p = real(self, image, reorientation)
+        p[0] = 2.0  # background wins everywhere
+        return p
+
+    monkeypatch.setattr(Predictor, "network_probabilities", background_only)
+    notes = []
+    (written,) = predict_paths(trained, src, tmp_path / "out", device="cpu", note=notes.append)
+    assert not np.asarray(nib.load(written).dataobj).any()
+    assert len(notes) == 1 and "holds only background" in notes[0] and "liver" in notes[0]
+
+
+def test_checkpoint_argument_takes_a_run_folder_and_refuses_other_files(trained, tmp_path):
+    assert resolve_checkpoint(trained.parent) == trained
+    (tmp_path / "empty_run").mkdir()
+    image, _, affine = phantom_case((24, 24, 20), (6.0, 6.0, 6.0), seed=5)
+    nifti = save_nifti(image, affine, tmp_path / "ct.nii.gz")
+    raw = save_nifti(image, affine, tmp_path / "ct.nii")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    for bad, words in ((tmp_path / "empty_run", "folder without best.pt or last.pt"),
+                       (nifti, "a gzip file"), (raw, "a NIfTI image"),
+                       (tmp_path / "notes.txt", "a text file"),
+                       (tmp_path / "missing.pt", "checkpoint not found")):
+        proc = run_cli("predict", "--checkpoint", str(bad), "--input", str(nifti), "--out",
+                       str(tmp_path / "out"))
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "weights_only" not in proc.stderr
+    # the old spelling works, with a note
+    proc = run_cli("predict", "--model", str(trained), "--input", str(nifti), "--out",
                    str(tmp_path / "out"), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c1.nii.gz", "c2.nii.gz"]
+    assert "--model is deprecated" in proc.stderr and "--checkpoint" in proc.stderr
 
 
 def test_predict_refuses_to_overwrite_its_input_and_missing_channels(trained, tmp_path):

@@ -228,12 +228,13 @@ def test_checkpoints_load_weights_only_and_refuse_pickled_objects(tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": "effseg-train-checkpoint", "version": 1, "x": _Payload()}, evil)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="a weights-only load refuses"):
         load_checkpoint(evil)
     assert not UNPICKLED
-    proc = run_cli("predict", "--model", str(evil), "--input", str(good), "--out",
+    proc = run_cli("predict", "--checkpoint", str(evil), "--input", str(good), "--out",
                    str(tmp_path / "out"))
-    assert proc.returncode == 2 and "refused" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "weights-only load refuses" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an effseg training checkpoint"):
@@ -316,13 +317,16 @@ def test_short_cpu_training_on_phantoms_segments_liver_and_lungs(tmp_path):
 def test_cli_train_predict_evaluate_on_the_default_phantom(tmp_path):
     env = dict(ONE_THREAD, EFFSEG_CACHE=str(tmp_path / "cache"))
     run = tmp_path / "run"
-    proc = run_cli("train", "--out", str(run), "--model", "tiny", "--epochs", "2", "--spacing",
+    proc = run_cli("train", "--out", str(run), "--preset", "tiny", "--epochs", "2", "--spacing",
                    "12", "--labels", *LUNGS_LIVER, "--lr", "1e-2", "--device", "cpu",
                    "--augment", "all", "--mirror-axes", "2", "1", "--deep-supervision", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     phantom = next((tmp_path / "cache").glob("phantom-*"))
     assert str(phantom) in proc.stdout
     assert "deep supervision" in proc.stdout and "augment all mirror [1, 2]" in proc.stdout
+    # Which Dice is on which grid, and how long the run has taken and will take.
+    assert "(validation cases, network grid)" in proc.stdout and "to go" in proc.stdout
+    assert "scored in their source geometry" in proc.stdout
     assert json.loads((run / "plans.json").read_text())["mirror_axes"] == [1, 2]
     for name in ("plans.json", "last.pt", "best.pt", "metrics.jsonl", "metrics.csv",
                  "curves.png", "validation/evaluation.csv"):
@@ -339,7 +343,8 @@ def test_cli_train_predict_evaluate_on_the_default_phantom(tmp_path):
     assert val_cases and all((run / "validation" / f"{c}.nii.gz").is_file() for c in val_cases)
 
     pred = tmp_path / "pred"
-    proc = run_cli("predict", "--model", str(run / "best.pt"), "--input",
+    # A run folder is a checkpoint (its best.pt).
+    proc = run_cli("predict", "--checkpoint", str(run), "--input",
                    str(phantom / "imagesTr"), "--out", str(pred), env=env)
     assert proc.returncode == 0, proc.stderr
     cases = sorted(p.name for p in (phantom / "labelsTr").iterdir())
@@ -347,7 +352,7 @@ def test_cli_train_predict_evaluate_on_the_default_phantom(tmp_path):
     first = nib.load(pred / cases[0])
     assert first.shape == nib.load(phantom / "labelsTr" / cases[0]).shape == (96, 96, 64)
     # Test-time mirroring was on (the run mirrored); --no-tta gives a close, other answer.
-    proc = run_cli("predict", "--model", str(run / "best.pt"), "--input",
+    proc = run_cli("predict", "--checkpoint", str(run / "best.pt"), "--input",
                    str(phantom / "imagesTr" / f"{cases[0][:-7]}_0000.nii.gz"), "--out",
                    str(tmp_path / "plain"), "--no-tta", env=env)
     assert proc.returncode == 0, proc.stderr

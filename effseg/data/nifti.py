@@ -104,6 +104,21 @@ def read_labels(path: str | PathLike[str]) -> Volume:
     return Volume(data, img.affine.copy(), img.header.copy(), path)
 
 
+def looks_like_label_map(path: str | PathLike[str], max_labels: int = 64) -> bool:
+    """Whether a 3D file's values look like a label map rather than an image: whole numbers,
+    none negative, at most `max_labels` distinct ones (judged on every 4th voxel along each
+    axis, so a folder can be sorted without reading every volume whole). A CT image has
+    negative HU; an MR image has many distinct values."""
+    path = Path(path)
+    img = _open(path)
+    if img.ndim != 3:
+        return False
+    sample = _payload(img, path, lambda i: np.asanyarray(i.dataobj[::4, ::4, ::4]))
+    if sample.dtype.kind == "f" and not np.array_equal(sample, np.round(sample)):
+        return False
+    return bool(sample.size) and sample.min() >= 0 and np.unique(sample).size <= max_labels
+
+
 def write_like(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header,
                path: str | PathLike[str]) -> Path:
     """Write `data` with a source `affine` and `header`, e.g. a prediction beside its CT.

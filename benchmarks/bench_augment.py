@@ -1,4 +1,4 @@
-"""What whole-volume augmentation (`effseg.augment`, `train --augment all`) costs beside the
+"""What whole-volume augmentation (`effseg.pipeline.augment`, `train --augment all`) costs beside the
 training step it feeds: for a CT-like volume, the time of one augmentation with every transform
 drawn (rotation + zoom in one resampling, mirroring, noise, brightness, contrast, gamma), of the
 spatial resampling alone, and of one training step of the default FullVolumeFCN (small preset,
@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, time_it, write_json  # noqa: E402
 
-from effseg.augment import Augmentation, CaseTransform, rotation_matrix, voxel_matrix  # noqa
+from effseg.pipeline.augment import Augmentation, CaseTransform, rotation_matrix, voxel_matrix  # noqa
 from effseg.losses import DiceCELoss  # noqa: E402
 from effseg.memory import peak_allocated  # noqa: E402
-from effseg.model_config import build_model, model_config  # noqa: E402
+from effseg.pipeline.model_config import build_model, model_config  # noqa: E402
 
 SPACING = (1.5, 1.5, 3.0)
 

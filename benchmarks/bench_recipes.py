@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, write_json  # noqa: E402
 
-from effseg.train import TrainConfig, train  # noqa: E402
+from effseg.pipeline.train import TrainConfig, train  # noqa: E402
 
 LABELS = ["liver", "lung_left", "lung_right"]
 RECIPES = {"plain": {}, "stock twin": {"arch": "stock"},

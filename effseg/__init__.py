@@ -9,11 +9,25 @@
   into the in-place modules; `effseg.monai.register()`: effseg norms in MONAI's Norm factory;
 - `effseg.functional`: the same as functions;
 - `effseg.ops`: the autograd binding of `torch.ops.effseg.*` and the pure-PyTorch references.
+
+The package's folders are its layers, each importing only the layers to its left:
+`effseg.ops` (autograd over the compiled kernels) <- `effseg.nn`, `effseg.models`, losses,
+functional, checkpoint, memory (the library) <- `effseg.integrations` (convert, MONAI) <-
+`effseg.pipeline` (datasets, training, inference, evaluation, planning, `python -m effseg`).
 """
-from . import functional, monai, nn, ops
+import sys
+
+from . import functional, nn, ops
 from .checkpoint import checkpoint
-from .convert import convert
+from .integrations import convert as _convert_module
+from .integrations import monai
+from .integrations.convert import convert
 from .ops import HAVE_EXTENSION
+
+# The integrations' public module paths: `effseg.convert` (a module, and the function of that
+# name as the package attribute) and `effseg.monai`.
+sys.modules[f"{__name__}.convert"] = _convert_module
+sys.modules[f"{__name__}.monai"] = monai
 
 try:
     from ._build_config import VERSION as __version__

@@ -141,7 +141,7 @@ def run_ddp(out: Path) -> dict:
     """Two SGD steps of a small FullVolumeFCN under DDP, each rank on its share of the batch."""
     from torch.nn.parallel import DistributedDataParallel
 
-    net = effseg.nn.convert_sync(ddp_model("batch"), fuse=False)
+    net = effseg.nn.convert_sync(ddp_model("batch"))
     model = DistributedDataParallel(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses = []
@@ -165,11 +165,11 @@ def run_dead_rank(out: Path) -> dict:
 
 
 def run_train(out: Path) -> dict:
-    """effseg.train under DDP, as torchrun would start it. argv: data dir, run dir, stop step
+    """effseg.pipeline.train under DDP, as torchrun would start it. argv: data dir, run dir, stop step
     (0: no stop; else rank 1 gets a real SIGINT after that many steps), and "new", "resume" or
     "die" (a new run whose rank 1 exits after its first step)."""
-    import effseg.train as train_module
-    from effseg.train import TrainConfig, train
+    import effseg.pipeline.train as train_module
+    from effseg.pipeline.train import TrainConfig, train
 
     data, run, stop_after, resume = sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
     if resume == "die" and RANK == 1:  # rank 1 dies after its first step

@@ -1,4 +1,4 @@
-"""Whole-volume augmentation (`effseg.augment`): geometry against exact references, what comes
+"""Whole-volume augmentation (`effseg.pipeline.augment`): geometry against exact references, what comes
 from outside the volume, intensity transforms, determinism, and bad input."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from effseg.augment import (
+from effseg.pipeline.augment import (
     Augmentation,
     CaseTransform,
     check_mirror_axes,
@@ -18,7 +18,7 @@ from effseg.augment import (
     rotation_matrix,
     voxel_matrix,
 )
-from effseg.data import Reorientation, read_image, read_labels
+from effseg.pipeline.data import Reorientation, read_image, read_labels
 from effseg.memory import peak_allocated
 
 IGNORE = 255

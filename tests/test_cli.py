@@ -82,7 +82,7 @@ def test_failed_train_removes_the_run_folder_it_created(tmp_path):
 
 
 def test_old_preset_flag_and_name_still_work_with_a_note(tmp_path):
-    from effseg.model_config import model_config
+    from effseg.pipeline.model_config import model_config
     assert model_config("default")["channels"] == model_config("large")["channels"] == [
         16, 32, 64, 128, 160]
     proc = run("train", "--out", str(tmp_path / "run"), "--model", "default", "--data",

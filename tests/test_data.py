@@ -1,4 +1,4 @@
-"""effseg.data on real CT cases and on the synthetic phantom.
+"""effseg.pipeline.data on real CT cases and on the synthetic phantom.
 
 Real cases come from `EFFSEG_CT_DATA` (default `<repo>/../shared/data/ct`, see PROVENANCE.md
 there); tests that need them skip when the folder is absent. Datasets are assembled from them in
@@ -17,7 +17,7 @@ import pytest
 
 nib = pytest.importorskip("nibabel", reason="the data layer needs nibabel (pip install nibabel)")
 
-from effseg.data import (
+from effseg.pipeline.data import (
     PHANTOM_LABELS,
     CTNormalization,
     DataError,

@@ -200,7 +200,7 @@ def test_convert_sync_keeps_parameters_buffers_and_eval_outputs():
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     names = {k for k, m in model.named_modules() if type(m) is InPlaceABN}
     assert names
-    converted = convert_sync(model, fuse=False)
+    converted = convert_sync(model)
     assert converted is model
     synced = {k for k, m in model.named_modules() if isinstance(m, InPlaceABNSync)}
     assert synced == names
@@ -209,7 +209,7 @@ def test_convert_sync_keeps_parameters_buffers_and_eval_outputs():
     for k, b in model.named_buffers():
         assert torch.equal(b, buffers[k]), k
     assert torch.equal(model(x), before)
-    plain = convert_sync(stock, fuse=False)
+    plain = convert_sync(stock)
     assert isinstance(plain[1], torch.nn.SyncBatchNorm)
 
 
@@ -226,7 +226,7 @@ def test_norm_sync_batch_builds_fcn_and_stock_twins():
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> Path:
     pytest.importorskip("nibabel")
-    from effseg.data import make_phantom_dataset
+    from effseg.pipeline.data import make_phantom_dataset
 
     return make_phantom_dataset(tmp_path_factory.mktemp("dist") / "phantom", num_cases=4,
                                 shape=(32, 32, 24), spacing=(6.0, 6.0, 6.0), seed=21)
@@ -263,7 +263,7 @@ def test_ddp_training_stops_on_every_rank_and_resumes_to_the_uninterrupted_run(p
     assert any("InPlaceABN" in k or "running_mean" in k for k in a["model"])
 
     # Mid-epoch state of a 2-process run cannot be continued by one process.
-    from effseg.train import RunError, TrainConfig, train
+    from effseg.pipeline.train import RunError, TrainConfig, train
 
     spawn("train", tmp_path / "w4", str(phantom), str(tmp_path / "again"), "1", "new")
     with pytest.raises(RunError, match="resume it with 2"):
@@ -295,7 +295,7 @@ def test_torchrun_launches_effseg_train(phantom, tmp_path):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_convert_sync_fuses_stock_batch_norm_and_activation_pairs_first():
+def test_convert_with_sync_fuses_stock_batch_norm_and_activation_pairs_first():
     torch.manual_seed(4)
     stock = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.BatchNorm3d(3),
                                 torch.nn.LeakyReLU(0.02), torch.nn.Conv3d(3, 2, 1),
@@ -305,7 +305,8 @@ def test_convert_sync_fuses_stock_batch_norm_and_activation_pairs_first():
     stock.eval()
     x = torch.randn(1, 1, 6, 6, 6, dtype=torch.float64)
     before = stock(x)
-    synced = convert_sync(stock)
+    synced, report = effseg.convert(stock, sync=True)
+    assert [r.path for r in report.replaced] == ["1"]
     kinds = [type(m).__name__ for m in synced]
     # BatchNorm + LeakyReLU fused, then synchronized; BatchNorm + ReLU (not invertible) is
     # synchronized as torch's SyncBatchNorm.

@@ -4,7 +4,7 @@ import torch
 
 from effseg.losses import DiceCELoss
 from effseg.memory import peak_allocated, saved_bytes
-from effseg.model_config import build_model, model_config
+from effseg.pipeline.model_config import build_model, model_config
 from effseg.models import FullVolumeFCN, StockUNet3d
 from effseg.nn import DecoderBlock3d
 

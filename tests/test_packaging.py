@@ -33,7 +33,7 @@ config.__dict__.update({config!r})
 sys.modules["effseg._build_config"] = config
 {finder}
 import effseg
-from effseg.cli import main
+from effseg.pipeline.cli import main
 x = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64)
 layer = effseg.nn.InPlaceABN(3, activation="leaky_relu", activation_param=0.1).double()
 stock = torch.nn.BatchNorm3d(3).double()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import needs_cuda
-from effseg.planner import (Fit, ModelConfig, calibrate, choose, measure_step, parse_bytes,
+from effseg.pipeline.planner import (Fit, ModelConfig, calibrate, choose, measure_step, parse_bytes,
                             plan, scaled_shape)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),

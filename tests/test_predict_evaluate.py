@@ -1,4 +1,4 @@
-"""Inference (`effseg.predict`) and evaluation (`effseg.metrics`, `effseg.evaluate`).
+"""Inference (`effseg.pipeline.predict`) and evaluation (`effseg.pipeline.metrics`, `effseg.pipeline.evaluate`).
 
 Metrics are checked against values worked out by hand on anisotropic grids and against a brute
 force oracle (every pair of surface voxels); predictions are checked for the source geometry
@@ -22,8 +22,8 @@ nib = pytest.importorskip("nibabel", reason="predict and evaluate need nibabel")
 from nibabel import orientations  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from effseg.data import DataError, make_phantom_dataset, phantom_case  # noqa: E402
-from effseg.evaluate import (  # noqa: E402
+from effseg.pipeline.data import DataError, make_phantom_dataset, phantom_case  # noqa: E402
+from effseg.pipeline.evaluate import (  # noqa: E402
     dataset_labels,
     evaluate_files,
     find_pairs,
@@ -32,17 +32,17 @@ from effseg.evaluate import (  # noqa: E402
     matched_labels,
     write_csv,
 )
-from effseg.data import Reorientation  # noqa: E402
-from effseg.metrics import class_dice, dice, hd95, surface  # noqa: E402
-from effseg.predict import Predictor, find_cases, predict_paths  # noqa: E402
-from effseg.preprocess import normalize, to_network_grid  # noqa: E402
-from effseg.run_checkpoint import (  # noqa: E402
+from effseg.pipeline.data import Reorientation  # noqa: E402
+from effseg.pipeline.metrics import class_dice, dice, hd95, surface  # noqa: E402
+from effseg.pipeline.predict import Predictor, find_cases, predict_paths  # noqa: E402
+from effseg.pipeline.preprocess import normalize, to_network_grid  # noqa: E402
+from effseg.pipeline.run_checkpoint import (  # noqa: E402
     CheckpointError,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
-from effseg.train import TrainConfig, train  # noqa: E402
+from effseg.pipeline.train import TrainConfig, train  # noqa: E402
 
 SPACING = (0.8, 1.2, 3.0)
 CLASSES = ["liver", "lung_left", "lung_right"]

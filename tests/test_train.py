@@ -1,4 +1,4 @@
-"""Whole-volume training (`effseg.train`, `python -m effseg train`) on CPU.
+"""Whole-volume training (`effseg.pipeline.train`, `python -m effseg train`) on CPU.
 
 Real CT comes from `EFFSEG_CT_DATA` (default `<repo>/../shared/data/ct`); the test that needs it
 skips when the folder is absent. Datasets are built in temporary folders (symbolic links to the
@@ -19,18 +19,18 @@ import torch
 
 nib = pytest.importorskip("nibabel", reason="training needs nibabel")
 
-import effseg.train as train_module  # noqa: E402
-from effseg.augment import Augmentation  # noqa: E402
-from effseg.data import make_phantom_dataset  # noqa: E402
-from effseg.predict import predict_paths  # noqa: E402
-from effseg.run_checkpoint import (  # noqa: E402
+import effseg.pipeline.train as train_module  # noqa: E402
+from effseg.pipeline.augment import Augmentation  # noqa: E402
+from effseg.pipeline.data import make_phantom_dataset  # noqa: E402
+from effseg.pipeline.predict import predict_paths  # noqa: E402
+from effseg.pipeline.run_checkpoint import (  # noqa: E402
     CheckpointError,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from effseg.train import (  # noqa: E402
+from effseg.pipeline.train import (  # noqa: E402
     RunError,
     TrainConfig,
     epoch_order,

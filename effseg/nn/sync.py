@@ -3,9 +3,9 @@
 
 - `InPlaceABN` -> `InPlaceABNSync` (the same parameter and buffer tensors, activation and
   settings); an `InPlaceABNSync` is given the new process group;
-- a stock batch norm (`nn.BatchNorm{1,2,3}d`) -> with `fuse=True` first fused with the activation
-  that follows it by `effseg.convert` where that is safe, then synchronized like the above;
-  what cannot be fused becomes `nn.SyncBatchNorm` (torch's own converter);
+- a stock batch norm (`nn.BatchNorm{1,2,3}d`) -> `nn.SyncBatchNorm` (torch's own converter); to
+  fuse stock batch norms with their activations first, use `effseg.convert(model, sync=True)`,
+  which fuses where that is safe and then calls this;
 - instance norms (`InPlaceAIN`, `nn.InstanceNorm*`) stay: their statistics are per sample, the
   same on one rank as on many.
 
@@ -33,14 +33,10 @@ def _synchronized(norm: InPlaceABN, process_group) -> InPlaceABNSync:
     return new
 
 
-def convert_sync(module: nn.Module, process_group=None, fuse: bool = True) -> nn.Module:
+def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
     """Returns `module` with its batch norms synchronized over `process_group` (None: the
     default group); converted in place where the module is a container, like torch's converter
     (the returned object is the one to use when `module` itself is a norm)."""
-    if fuse and not isinstance(module, (InPlaceABN, InPlaceAIN)):
-        from ..convert import convert
-
-        module, _ = convert(module, inplace=True)
     return _convert(module, process_group)
 
 

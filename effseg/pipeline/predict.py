@@ -1,14 +1,14 @@
 """Whole-volume inference (`python -m effseg predict`): a label map in the source image's grid.
 
 For each input case: read the image(s), reorient to RAS and resample to the checkpoint's target
-spacing (`effseg.preprocess.to_network_grid`), CT-normalize with the checkpoint's statistics, run
+spacing (`effseg.pipeline.preprocess.to_network_grid`), CT-normalize with the checkpoint's statistics, run
 the whole volume through the network in one piece, softmax (with test-time mirroring, the mean over
 the mirrorings along the axes the run was trained to mirror); then undo the geometry: the class
 probabilities are resampled back to the RAS grid class by class (trilinear, the interpolation
-`effseg.data.resample` uses) while a running argmax keeps the winning class, so the full stack of
+`effseg.pipeline.data.resample` uses) while a running argmax keeps the winning class, so the full stack of
 upsampled probabilities never exists unless it is asked for; the argmax is reoriented back to the
 source axes and its class ids mapped to the dataset's own label ids. The label map is written with
-the source image's affine and header (`effseg.data.write_like`): same shape, affine, orientation.
+the source image's affine and header (`effseg.pipeline.data.write_like`): same shape, affine, orientation.
 
 `--probabilities` also writes `{case}_probabilities{ending}`: float32 (X, Y, Z, K) on the source
 grid, the fourth axis in the checkpoint's class order (background first), listed in

@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from .functional import resolve_activation
-from .nn.norm_act import InPlaceABN, InPlaceAIN, _InPlaceNormAct
+from ..functional import resolve_activation
+from ..nn.norm_act import InPlaceABN, InPlaceAIN, _InPlaceNormAct
+from ..nn.sync import convert_sync
 
 _BATCH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -387,18 +388,24 @@ def _plan(graphs: list, failed: dict[str, str], norms: dict[str, nn.Module],
     return plan
 
 
-def convert(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
+def convert(model: nn.Module, inplace: bool = False, sync: bool = False,
+            process_group=None) -> tuple[nn.Module, ConversionReport]:
     """Fuses norm + activation pairs of `model` into effseg's in-place modules.
 
     Returns `(converted model, report)`. With `inplace=False` (default) `model` is left as it is
     and a deep copy is converted; with `inplace=True` `model` itself is changed (its parameters
-    and buffers are the same tensors afterwards, so an optimizer built before stays valid). See
-    the module docstring for when a pair is fused and what is left stock.
+    and buffers are the same tensors afterwards, so an optimizer built before stays valid). With
+    `sync=True` the batch norms are then synchronized over `process_group` (None: the default
+    group) by `effseg.nn.convert_sync`: fused ones become `InPlaceABNSync`, the others
+    `nn.SyncBatchNorm`. See the module docstring for when a pair is fused and what is left
+    stock.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"effseg.convert: expected an nn.Module, got {type(model).__name__}")
-    if not isinstance(inplace, bool):
-        raise TypeError(f"effseg.convert: inplace must be a bool, got {type(inplace).__name__}")
+    for name, value in (("inplace", inplace), ("sync", sync)):
+        if not isinstance(value, bool):
+            raise TypeError(f"effseg.convert: {name} must be a bool, got "
+                            f"{type(value).__name__}")
     target = model if inplace else copy.deepcopy(model)
     # Tracing runs the forwards' Python code, which may store proxies on the modules: trace
     # copies. Forwards may branch on self.training: a pair must be safe in both modes.
@@ -444,6 +451,8 @@ def convert(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, Convers
             report.skipped.append(Skipped(path, (
                 f"{type(m).__name__} is not a norm effseg has a fused module for (BatchNorm "
                 "and InstanceNorm 1-3d)")))
+    if sync:
+        target = convert_sync(target, process_group)
     return target, report
 
 

@@ -13,7 +13,7 @@ liver = 5 in a TotalSegmentator reference; otherwise every non-zero id found in 
 prediction, named `label_{id}`.
 
 Per case and label: Dice and HD95 in mm, measured with the reference's voxel spacing
-(`effseg.metrics`, which documents the rules: both empty gives NaN for both metrics, one empty
+(`effseg.pipeline.metrics`, which documents the rules: both empty gives NaN for both metrics, one empty
 gives Dice 0 and HD95 inf), and both voxel counts. The CSV has one row per case and label, then
 one `mean` row per label (mean over cases skipping NaN, as nnU-Net averages), then one `median`
 row per label; `format_table` shows both.

@@ -8,11 +8,11 @@ A new run, in RUN_DIR (`--out`):
    there is nothing to hold out and the Dice is measured on the training case (logged as such);
 3. writes `plans.json` (target spacing: given, or the training cases' median; CT normalization
    fitted on the training cases; classes and their dataset ids) and caches every case on the
-   network grid in `preprocessed/` (`effseg.preprocess`);
+   network grid in `preprocessed/` (`effseg.pipeline.preprocess`);
 4. trains: each epoch visits the training cases in an order drawn from (seed, epoch); a batch of
    several volumes is padded to the largest (image at the normalized lower clip value, i.e. air;
    labels at the loss's ignore index); `--augment intensity|all` and `--mirror-axes` transform
-   each volume on the device (`effseg.augment`: rotations, zooms, mirroring, noise, brightness,
+   each volume on the device (`effseg.pipeline.augment`: rotations, zooms, mirroring, noise, brightness,
    contrast, gamma, drawn from (seed, epoch, case)); fused Dice (foreground classes, as nnU-Net)
    + CE loss (`DiceCELoss`), over every output of the network with `--deep-supervision`
    (`DeepSupervisionLoss`: weights 1, 1/2, 1/4, ... on labels sampled at each output's grid);
@@ -21,10 +21,10 @@ A new run, in RUN_DIR (`--out`):
    or fp16 (fp16 with a gradient scaler);
 5. after each epoch: Dice per class on the validation cases (network grid), the training loss and
    the peak memory of the epoch's training steps (CUDA max allocated, or the process's peak RSS)
-   go to `metrics.jsonl`, `metrics.csv` and `curves.png` (`effseg.train_log`); `last.pt` is
+   go to `metrics.jsonl`, `metrics.csv` and `curves.png` (`effseg.pipeline.train_log`); `last.pt` is
    written every epoch and `best.pt` when the mean Dice improves (the first epoch always);
 6. when the last epoch is done, `best.pt` predicts the validation cases from their source files
-   into `validation/{case}.nii.gz` (source geometry and label ids) and `effseg.evaluate` scores
+   into `validation/{case}.nii.gz` (source geometry and label ids) and `effseg.pipeline.evaluate` scores
    them there (Dice and HD95 in mm, `validation/evaluation.csv`).
 
 `--resume` continues RUN_DIR/last.pt exactly where it stopped, mid-epoch included: model,
@@ -36,7 +36,7 @@ current step, writes `last.pt` and returns (`interrupted`); a second Ctrl-C abor
 leaving the last written `last.pt`.
 
 Several processes (`torchrun --nproc_per_node=N -m effseg train ...`, or several nodes with
-`--nnodes`/`--rdzv_endpoint`): data-parallel training with DDP (`effseg.distributed`). Each epoch's
+`--nnodes`/`--rdzv_endpoint`): data-parallel training with DDP (`effseg.pipeline.distributed`). Each epoch's
 case order is split across the ranks (`--batch-size` volumes per rank and step); with
 `--norm batch` the norms are synchronized (`InPlaceABNSync`: statistics of the global batch).
 Rank 0 alone prepares the data, logs, validates (the validation cases are scored by all ranks,
@@ -73,12 +73,12 @@ from . import distributed
 from .data import NiftiDataset, normalization_from_plans, normalization_to_plans, save_plans
 from .augment import MODES as AUGMENT_MODES
 from .augment import Augmentation, check_mirror_axes
-from .losses import DeepSupervisionLoss, DiceCELoss
-from .memory import cuda_peak_bytes, peak_rss_bytes, reset_peak_rss
+from ..losses import DeepSupervisionLoss, DiceCELoss
+from ..memory import cuda_peak_bytes, peak_rss_bytes, reset_peak_rss
 from .metrics import class_dice
 from .model_config import build_model, describe, model_config
-from .nn.sync import convert_sync
-from .ops.sync import CollectiveError
+from ..nn.sync import convert_sync
+from ..ops.sync import CollectiveError
 from .phantom_cache import phantom_dataset
 from .precision import AMP_DTYPES, default_amp, default_device
 from .preprocess import cache_paths, median_spacing, preprocess_cases
@@ -407,194 +407,260 @@ def train(config: TrainConfig, resume: bool = False,
 
 
 def _train(config: TrainConfig, resume: bool, ranks, device_name: str | None) -> RunResult:
-    say = _say if ranks.is_main else (lambda message: None)
+    """The run, top-down: open it, build what trains, then epochs until done or stopped."""
     config, plans, state = _start_run(config, resume, ranks)
-    run_dir = Path(config.out)
-    if state is not None:
-        stored_world = state["progress"].get("world_size", 1)
-        if state["progress"]["step_in_epoch"] and stored_world != ranks.world_size:
-            raise RunError(
-                f"{run_dir / LAST} stopped mid-epoch in a run of {stored_world} process(es); "
-                f"resume it with {stored_world} (now {ranks.world_size}), or from an epoch end")
+    _check_resumable(state, Path(config.out), ranks)
+    session = _Session(config, plans, state, ranks, device_name)
+    if session.finished():
+        session.say(f"{session.run_dir} finished all {config.epochs} epochs already")
+        return session.result(False)
+    session.announce(resume)
+    with _graceful_interrupt() as stop:
+        for epoch in range(session.progress["epoch"], config.epochs):
+            scores = session.train_epoch(epoch, stop)
+            if scores is None:
+                return session.stopped(f"stopped at epoch {epoch + 1}, step "
+                                       f"{session.progress['step_in_epoch']}", save=True)
+            session.end_epoch(epoch, scores)
+            if distributed.any_rank(stop.requested, ranks, session.device):
+                return session.stopped(f"stopped after epoch {epoch + 1}", save=False)
+    session.finish()
+    return session.result(False)
 
-    if not ranks.distributed:
-        device_name = config.device  # a resumed run's stored device, unless given anew
-    device = torch.device(device_name) if device_name else default_device()
-    amp = config.amp or default_amp(device)
-    config = replace(config, amp=amp)
-    amp_dtype = AMP_DTYPES[amp]
-    lr = config.lr or DEFAULT_LR[config.optimizer]
-    classes = plans["classes"]
-    num_classes = len(classes)
-    train_cases, val_cases = plans["train_cases"], plans["val_cases"]
-    cache = run_dir / CACHE
-    stats = normalization_from_plans(plans, run_dir / PLANS)
-    fill = [(s.lower - s.mean) / max(s.std, 1e-8) for s in stats]
-    ignore_index = 255 if num_classes < 255 else -1
-    label_dtype = np.dtype(np.uint8 if num_classes < 255 else np.int32)
 
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    try:
-        arch = model_config(config.model, config.arch, len(plans["channels"]), num_classes,
-                            config.channels, config.strides, config.norm,
-                            config.deep_supervision)
-    except ValueError as exc:
-        raise RunError(str(exc)) from exc
-    net = build_model(arch).to(device)
-    optimizer = _optimizer(config.optimizer, net, lr)
-    steps_per_epoch = math.ceil(len(distributed.shard(train_cases, ranks)) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    loss_fn = DeepSupervisionLoss(
-        DiceCELoss(include_background=False, ignore_index=ignore_index),
-        net.output_strides()).to(device)
-    augmentation = Augmentation(tuple(plans["target_spacing"]), tuple(fill), ignore_index,
-                                config.augment, tuple(config.mirror_axes or ()))
-    case_index = {name: i for i, name in enumerate(train_cases)}
-    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0,
-                "loss_count": 0, "best_epoch": None, "best_dice": None, "history": []}
-    if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        progress = state["progress"]
-        set_rng_state(state["rng"])
-    progress["world_size"] = ranks.world_size
-    if not ranks.is_main:
-        # A checkpoint holds the loss sums of all ranks; rank 0 carries them on.
-        progress.update(loss_sum=0.0, loss_count=0)
-    model = net
-    if ranks.distributed:
-        if config.norm == "batch":
-            # The same parameter tensors: the optimizer built above keeps working.
-            net = convert_sync(net, fuse=False)
-        model = DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+def _check_resumable(state: dict | None, run_dir: Path, ranks) -> None:
+    if state is None:
+        return
+    stored_world = state["progress"].get("world_size", 1)
+    if state["progress"]["step_in_epoch"] and stored_world != ranks.world_size:
+        raise RunError(
+            f"{run_dir / LAST} stopped mid-epoch in a run of {stored_world} process(es); "
+            f"resume it with {stored_world} (now {ranks.world_size}), or from an epoch end")
 
-    def snapshot(best: bool = False) -> dict:
-        common = {"model": net.state_dict(), "model_config": arch, "plans": plans}
+
+class _Session:
+    """One process's part of a run: the network, its optimizer and schedule, the data, and the
+    progress that a checkpoint keeps (restored from `state` when resuming)."""
+
+    def __init__(self, config: TrainConfig, plans: dict, state: dict | None, ranks,
+                 device_name: str | None) -> None:
+        self.ranks = ranks
+        self.say = _say if ranks.is_main else (lambda message: None)
+        self.run_dir = Path(config.out)
+        self.plans = plans
+        if not ranks.distributed:
+            device_name = config.device  # a resumed run's stored device, unless given anew
+        self.device = torch.device(device_name) if device_name else default_device()
+        self.config = config = replace(config, amp=config.amp or default_amp(self.device))
+        self.amp_dtype = AMP_DTYPES[config.amp]
+        self.lr = config.lr or DEFAULT_LR[config.optimizer]
+        self._data(plans)
+        self._network(config, plans)
+        self._progress(state)
+
+    def _data(self, plans: dict) -> None:
+        self.classes = plans["classes"]
+        self.train_cases, self.val_cases = plans["train_cases"], plans["val_cases"]
+        self.cache = self.run_dir / CACHE
+        stats = normalization_from_plans(plans, self.run_dir / PLANS)
+        self.fill = [(s.lower - s.mean) / max(s.std, 1e-8) for s in stats]
+        self.ignore_index = 255 if len(self.classes) < 255 else -1
+        self.label_dtype = np.dtype(np.uint8 if len(self.classes) < 255 else np.int32)
+        self.augmentation = Augmentation(tuple(plans["target_spacing"]), tuple(self.fill),
+                                         self.ignore_index, self.config.augment,
+                                         tuple(self.config.mirror_axes or ()))
+        self.case_index = {name: i for i, name in enumerate(self.train_cases)}
+
+    def _network(self, config: TrainConfig, plans: dict) -> None:
+        """The network (seeded), optimizer, poly schedule, loss scaler and loss."""
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        try:
+            self.arch = model_config(config.model, config.arch, len(plans["channels"]),
+                                     len(self.classes), config.channels, config.strides,
+                                     config.norm, config.deep_supervision)
+        except ValueError as exc:
+            raise RunError(str(exc)) from exc
+        self.net = build_model(self.arch).to(self.device)
+        self.optimizer = _optimizer(config.optimizer, self.net, self.lr)
+        steps_per_epoch = math.ceil(len(distributed.shard(self.train_cases, self.ranks))
+                                    / config.batch_size)
+        total_steps = config.epochs * steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.loss_fn = DeepSupervisionLoss(
+            DiceCELoss(include_background=False, ignore_index=self.ignore_index),
+            self.net.output_strides()).to(self.device)
+
+    def _progress(self, state: dict | None) -> None:
+        """Progress and random state from the checkpoint, and the model the steps run: the
+        network itself, or its DDP wrapper (batch norms synchronized) across processes."""
+        self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0,
+                         "loss_count": 0, "best_epoch": None, "best_dice": None, "history": []}
+        if state is not None:
+            self.net.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.progress = state["progress"]
+            set_rng_state(state["rng"])
+        self.progress["world_size"] = self.ranks.world_size
+        if not self.ranks.is_main:
+            # A checkpoint holds the loss sums of all ranks; rank 0 carries them on.
+            self.progress.update(loss_sum=0.0, loss_count=0)
+        self.model = self.net
+        if self.ranks.distributed:
+            if self.config.norm == "batch":
+                # The same parameter tensors: the optimizer built above keeps working.
+                self.net = convert_sync(self.net)
+            self.model = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def finished(self) -> bool:
+        return self.progress["epoch"] >= self.config.epochs
+
+    def announce(self, resume: bool) -> None:
+        config, ranks = self.config, self.ranks
+        where = f"{ranks.world_size} processes (DDP), " if ranks.distributed else ""
+        mirror = f" mirror {config.mirror_axes}" if config.mirror_axes else ""
+        self.say(f"{describe(self.arch)} on {where}{self.device}, amp {config.amp}, "
+                 f"{config.optimizer} lr {self.lr:g}, batch {config.batch_size}, augment "
+                 f"{config.augment}{mirror}; {len(self.train_cases)} training / "
+                 f"{len(self.val_cases)} validation case(s); classes {self.classes[1:]}; "
+                 f"spacing {self.plans['target_spacing']} mm; run {self.run_dir}")
+        sided = [c for c in self.classes if any(w in c.lower() for w in ("left", "right"))]
+        if 0 in (config.mirror_axes or []) and sided:
+            self.say(f"warning: --mirror-axes includes 0 (left-right) while classes {sided} "
+                     f"name a side: mirrored volumes teach the network the wrong side")
+        if not self.val_cases:
+            self.say("no validation cases: the Dice is measured on the training cases")
+        if resume:
+            self.say(f"resuming at epoch {self.progress['epoch'] + 1}, step "
+                     f"{self.progress['step_in_epoch']}")
+
+    def train_epoch(self, epoch: int, stop) -> np.ndarray | None:
+        """The epoch's remaining steps, then the validation scores (cases x classes); None
+        when a stop was requested on any rank."""
+        config, progress, device = self.config, self.progress, self.device
+        order = distributed.shard(epoch_order(self.train_cases, config.seed, epoch), self.ranks)
+        batches = [order[i:i + config.batch_size]
+                   for i in range(0, len(order), config.batch_size)]
+        self.started = time.perf_counter()
+        _reset_peak_memory(device)
+        bar = tqdm(total=len(batches), initial=progress["step_in_epoch"],
+                   disable=None if self.ranks.is_main else True,
+                   desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
+        stopping = False
+        for names in batches[progress["step_in_epoch"]:]:
+            loss = self._step(epoch, names)
+            progress["loss_sum"] += loss
+            progress["loss_count"] += 1
+            progress["step_in_epoch"] += 1
+            progress["global_step"] += 1
+            bar.set_postfix(loss=f"{loss:.4f}", mem=f"{_peak_memory(device) / 2**30:.2f}GiB")
+            bar.update()
+            stopping = distributed.any_rank(stop.requested, self.ranks, device)
+            if stopping:
+                break
+        bar.close()
+        self.peak = distributed.max_over_ranks(_peak_memory(device), self.ranks, device)
+        if stopping:
+            return None
+        return _validate_shared(self.net, self.cache, self.val_cases or self.train_cases,
+                                len(self.classes), device, self.amp_dtype, stop, self.ranks)
+
+    def _step(self, epoch: int, names: Sequence[str]) -> float:
+        """One optimizer step on a batch of cases, augmented per case on the device."""
+        image, label = load_batch(self.cache, names, self.fill, self.ignore_index,
+                                  self.label_dtype)
+        image, label = image.to(self.device), label.to(self.device)
+        for i, name in enumerate(names if self.augmentation.active else ()):
+            t = self.augmentation.draw(self.config.seed, epoch, self.case_index[name])
+            image[i], label[i] = self.augmentation.apply(image[i], label[i], t)
+        loss = train_step(self.model, image, label, self.loss_fn, self.optimizer, self.scaler,
+                          self.amp_dtype)
+        self.scheduler.step()
+        return loss
+
+    def end_epoch(self, epoch: int, scores: np.ndarray) -> None:
+        """The epoch's record; best.pt when the mean Dice improved, last.pt, the log files."""
+        progress = self.progress
+        dice = {name: _nanmean(scores[:, k]) for k, name in enumerate(self.classes) if k}
+        loss_sum, loss_count = self._pool_losses()
+        record = {
+            "epoch": epoch + 1, "step": progress["global_step"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(loss_count, 1),
+            "dice": dice, "mean_dice": _nanmean(list(dice.values())),
+            "val_source": "validation" if self.val_cases else "train",
+            "peak_memory_bytes": int(self.peak),
+            "memory": "cuda_max_allocated" if self.device.type == "cuda" else "peak_rss",
+            "seconds": time.perf_counter() - self.started}
+        progress["history"].append(record)
+        progress.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_count=0)
+        best, mean = progress["best_dice"], record["mean_dice"]
+        if progress["best_epoch"] is None or (
+                not math.isnan(mean) and (best is None or math.isnan(best) or mean > best)):
+            progress.update(best_epoch=epoch + 1, best_dice=mean)
+            self._save(self.run_dir / BEST, best=True)
+        self._save(self.run_dir / LAST)
+        if self.ranks.is_main:
+            write_log(self.run_dir, progress["history"], self.classes)
+        self.say(_epoch_line(record, self.config.epochs, progress["history"]))
+
+    def stopped(self, when: str, save: bool) -> RunResult:
+        """A requested stop: last.pt holds where the run is, for --resume (`save`: mid-epoch,
+        so it is written now; an epoch end wrote it already)."""
+        if save:
+            self._pool_losses()
+            self._save(self.run_dir / LAST)
+        launcher = "torchrun ... -m effseg " if self.ranks.distributed else ""
+        self.say(f"{when}; saved {self.run_dir / LAST}; continue with: {launcher}train --out "
+                 f"{self.run_dir} --resume")
+        return self.result(True)
+
+    def finish(self) -> None:
+        """The best checkpoint on the validation cases, in their source geometry."""
+        self.say(f"done: best mean Dice {self.progress['best_dice']:.4f} at epoch "
+                 f"{self.progress['best_epoch']} ({self.run_dir / BEST}); log in "
+                 f"{self.run_dir / 'metrics.csv'} and {self.run_dir / 'curves.png'}")
+        # Rank 0's best.pt is complete before any rank returns.
+        distributed.barrier(self.ranks)
+        if self.val_cases and self.ranks.is_main:
+            _predict_validation(self.run_dir, self.plans, self.device, self.config.amp)
+
+    def _snapshot(self, best: bool = False) -> dict:
+        common = {"model": self.net.state_dict(), "model_config": self.arch,
+                  "plans": self.plans}
         if best:
-            record = progress["history"][-1]
+            record = self.progress["history"][-1]
             return {**common, "epoch": record["epoch"], "dice": record["dice"],
                     "mean_dice": record["mean_dice"]}
-        return {**common, "config": asdict(config), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "progress": progress, "rng": rng_state()}
+        return {**common, "config": asdict(self.config),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "progress": self.progress, "rng": rng_state()}
 
-    def save(path: Path, best: bool = False) -> None:
-        if ranks.is_main:
-            save_checkpoint(snapshot(best), path)
+    def _save(self, path: Path, best: bool = False) -> None:
+        if self.ranks.is_main:
+            save_checkpoint(self._snapshot(best), path)
 
-    def pool_losses() -> tuple[float, float]:
+    def _pool_losses(self) -> tuple[float, float]:
         """The epoch's loss sums of all ranks, on rank 0 (zero elsewhere)."""
-        total = distributed.sum_over_ranks(progress["loss_sum"], ranks, device)
-        count = distributed.sum_over_ranks(progress["loss_count"], ranks, device)
+        progress, ranks = self.progress, self.ranks
+        total = distributed.sum_over_ranks(progress["loss_sum"], ranks, self.device)
+        count = distributed.sum_over_ranks(progress["loss_count"], ranks, self.device)
         progress.update(loss_sum=total if ranks.is_main else 0.0,
                         loss_count=int(count) if ranks.is_main else 0)
         return total, count
 
-    def result(interrupted: bool) -> RunResult:
-        return RunResult(run_dir, progress["epoch"], interrupted, progress["best_epoch"],
-                         progress["best_dice"], progress["history"])
-
-    if progress["epoch"] >= config.epochs:
-        say(f"{run_dir} finished all {config.epochs} epochs already")
-        return result(False)
-    memory_kind = "cuda_max_allocated" if device.type == "cuda" else "peak_rss"
-    where = f"{ranks.world_size} processes (DDP), " if ranks.distributed else ""
-    mirror = f" mirror {config.mirror_axes}" if config.mirror_axes else ""
-    say(f"{describe(arch)} on {where}{device}, amp {amp}, {config.optimizer} lr {lr:g}, batch "
-        f"{config.batch_size}, augment {config.augment}{mirror}; {len(train_cases)} training / "
-        f"{len(val_cases)} validation case(s); classes {classes[1:]}; spacing "
-        f"{plans['target_spacing']} mm; run {run_dir}")
-    sided = [c for c in classes if any(w in c.lower() for w in ("left", "right"))]
-    if 0 in (config.mirror_axes or []) and sided:
-        say(f"warning: --mirror-axes includes 0 (left-right) while classes {sided} name a "
-            f"side: mirrored volumes teach the network the wrong side")
-    if not val_cases:
-        say("no validation cases: the Dice is measured on the training cases")
-    if resume:
-        say(f"resuming at epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']}")
-    launcher = "torchrun ... -m effseg " if ranks.distributed else ""
-
-    with _graceful_interrupt() as stop:
-        for epoch in range(progress["epoch"], config.epochs):
-            order = distributed.shard(epoch_order(train_cases, config.seed, epoch), ranks)
-            batches = [order[i:i + config.batch_size]
-                       for i in range(0, len(order), config.batch_size)]
-            started = time.perf_counter()
-            _reset_peak_memory(device)
-            bar = tqdm(total=len(batches), initial=progress["step_in_epoch"],
-                       disable=None if ranks.is_main else True,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
-            stopping = False
-            for names in batches[progress["step_in_epoch"]:]:
-                image, label = load_batch(cache, names, fill, ignore_index, label_dtype)
-                image, label = image.to(device), label.to(device)
-                for i, name in enumerate(names if augmentation.active else ()):
-                    t = augmentation.draw(config.seed, epoch, case_index[name])
-                    image[i], label[i] = augmentation.apply(image[i], label[i], t)
-                loss = train_step(model, image, label, loss_fn, optimizer, scaler, amp_dtype)
-                scheduler.step()
-                progress["loss_sum"] += loss
-                progress["loss_count"] += 1
-                progress["step_in_epoch"] += 1
-                progress["global_step"] += 1
-                bar.set_postfix(loss=f"{loss:.4f}",
-                                mem=f"{_peak_memory(device) / 2**30:.2f}GiB")
-                bar.update()
-                stopping = distributed.any_rank(stop.requested, ranks, device)
-                if stopping:
-                    break
-            bar.close()
-            peak = distributed.max_over_ranks(_peak_memory(device), ranks, device)
-            scores = None if stopping else _validate_shared(
-                net, cache, val_cases or train_cases, num_classes, device, amp_dtype, stop,
-                ranks)
-            if scores is None:
-                pool_losses()
-                save(run_dir / LAST)
-                say(f"stopped at epoch {epoch + 1}, step {progress['step_in_epoch']}; saved "
-                    f"{run_dir / LAST}; continue with: {launcher}train --out {run_dir} --resume")
-                return result(True)
-            dice = {name: _nanmean(scores[:, k]) for k, name in enumerate(classes) if k}
-            loss_sum, loss_count = pool_losses()
-            record = {
-                "epoch": epoch + 1, "step": progress["global_step"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": loss_sum / max(loss_count, 1),
-                "dice": dice, "mean_dice": _nanmean(list(dice.values())),
-                "val_source": "validation" if val_cases else "train",
-                "peak_memory_bytes": int(peak), "memory": memory_kind,
-                "seconds": time.perf_counter() - started}
-            progress["history"].append(record)
-            progress.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_count=0)
-            best = progress["best_dice"]
-            mean = record["mean_dice"]
-            if progress["best_epoch"] is None or (
-                    not math.isnan(mean) and (best is None or math.isnan(best) or mean > best)):
-                progress.update(best_epoch=epoch + 1, best_dice=mean)
-                save(run_dir / BEST, best=True)
-            save(run_dir / LAST)
-            if ranks.is_main:
-                write_log(run_dir, progress["history"], classes)
-            say(_epoch_line(record, config.epochs, progress["history"]))
-            if distributed.any_rank(stop.requested, ranks, device):
-                say(f"stopped after epoch {epoch + 1}; saved {run_dir / LAST}; continue with: "
-                    f"{launcher}train --out {run_dir} --resume")
-                return result(True)
-    say(f"done: best mean Dice {progress['best_dice']:.4f} at epoch {progress['best_epoch']} "
-        f"({run_dir / BEST}); log in {run_dir / 'metrics.csv'} and {run_dir / 'curves.png'}")
-    # Rank 0's best.pt is complete before any rank returns.
-    distributed.barrier(ranks)
-    if val_cases and ranks.is_main:
-        _predict_validation(run_dir, plans, device, amp)
-    return result(False)
+    def result(self, interrupted: bool) -> RunResult:
+        p = self.progress
+        return RunResult(self.run_dir, p["epoch"], interrupted, p["best_epoch"], p["best_dice"],
+                         p["history"])
 
 
 def _optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -5,9 +5,9 @@
   step on a whole volume, which levels must recompute to fit a budget, and the largest volume
   that fits.
 - `train`: whole-volume training on an nnU-Net/Decathlon dataset (default: the built-in CT
-  phantom), with checkpoints, metrics and curves in the run folder (`effseg.train`).
-- `predict`: label maps from a checkpoint, in the source images' geometry (`effseg.predict`).
-- `evaluate`: Dice and HD95 (mm) of predictions against references (`effseg.evaluate`).
+  phantom), with checkpoints, metrics and curves in the run folder (`effseg.pipeline.train`).
+- `predict`: label maps from a checkpoint, in the source images' geometry (`effseg.pipeline.predict`).
+- `evaluate`: Dice and HD95 (mm) of predictions against references (`effseg.pipeline.evaluate`).
 
 Errors a user can fix (a bad dataset file, a bad checkpoint, a run folder in use) print one line
 and exit with status 2; an interrupted training exits with 130 after saving its state.
@@ -23,8 +23,8 @@ import torch
 
 
 def build_report() -> dict:
-    from . import __version__
-    from .ops import OP_NAMES, _library, has_kernel, load_error
+    from .. import __version__
+    from ..ops import OP_NAMES, _library, has_kernel, load_error
 
     build = _library.BUILD
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -322,7 +322,7 @@ def _add_evaluate(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="effseg", description=__doc__.replace("`", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""effseg.data: CT segmentation datasets on disk, their geometry and intensities.
+"""effseg.pipeline.data: CT segmentation datasets on disk, their geometry and intensities.
 
 - `NiftiDataset` (dataset.py): an nnU-Net v2 or Medical Segmentation Decathlon dataset folder;
   lists and loads cases, remaps a subset of labels by name to training classes, and `validate()`s

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .memory import step_peak
-from .models.fcn import DEFAULT_CHANNELS, DEFAULT_STRIDES, FullVolumeFCN
-from .models._shape import as_strides, total_stride
+from ..memory import step_peak
+from ..models.fcn import DEFAULT_CHANNELS, DEFAULT_STRIDES, FullVolumeFCN
+from ..models._shape import as_strides, total_stride
 
 UNITS = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
 
@@ -149,7 +149,7 @@ def measure_step(config: ModelConfig, recompute, shape: Sequence[int], device: t
     if device.type == "cpu":
         job = {"config": asdict(config), "recompute": recompute, "shape": list(shape),
                "amp": None if amp is None else str(amp).split(".")[-1], "batch": batch}
-        code = "import sys; from effseg.planner import _worker; _worker(sys.argv[1])"
+        code = "import sys; from effseg.pipeline.planner import _worker; _worker(sys.argv[1])"
         out = subprocess.run([sys.executable, "-c", code, json.dumps(job)], check=True,
                              capture_output=True, text=True)
         return int(out.stdout.strip().splitlines()[-1])

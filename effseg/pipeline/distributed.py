@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .ops.sync import guarded
-from .ops.sync import timeout as _timeout
+from ..ops.sync import guarded
+from ..ops.sync import timeout as _timeout
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

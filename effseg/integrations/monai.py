@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from .nn.norm_act import InPlaceABN, InPlaceAIN
+from ..nn.norm_act import InPlaceABN, InPlaceAIN
 
 ENTRIES = {
     "effseg_batch": partial(InPlaceABN, activation="identity"),

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from .models import FullVolumeFCN
+from ..models import FullVolumeFCN
 
 PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "tiny": ((4, 8, 16), (1, 2, 2)),

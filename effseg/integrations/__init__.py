@@ -1,0 +1,7 @@
+"""effseg meeting other ecosystems: built on the library (`effseg.nn`, `effseg.ops`), never
+imported by it.
+
+- `convert` (public as `effseg.convert`): fuses and synchronizes the norms of any existing
+  network;
+- `monai` (public as `effseg.monai`): effseg norms in MONAI's Norm factory.
+"""

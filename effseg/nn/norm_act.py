@@ -260,3 +260,20 @@ class InPlaceAGN(_Activation, torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
                 f"{self._activation_repr()}")
+
+
+class FusedPReLU(torch.nn.Module):
+    """What an `nn.PReLU` becomes when `effseg.convert` fuses it into the norm before it: the
+    identity in forward, holding the same `weight` parameter under the same state-dict key.
+    The fused norm reads this module's weight as its slope at every call."""
+
+    def __init__(self, prelu: torch.nn.PReLU) -> None:
+        super().__init__()
+        self.num_parameters = prelu.num_parameters
+        self.weight = prelu.weight
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
+
+    def extra_repr(self) -> str:
+        return f"num_parameters={self.num_parameters} (fused into the norm before it)"

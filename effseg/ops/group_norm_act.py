@@ -5,9 +5,10 @@ per-(sample, channel) ones the instance-norm kernels compute, and its elementwis
 instance-norm passes fed with per-(sample, channel) values that are the same for every channel
 of a group. With G groups of K = C / G channels and S voxels per channel:
 
-- forward: the channel moments merge with equal counts, mean_g = mean_c(mean_c) and
-  var_g = mean_c(var_c + (mean_c - mean_g)^2); expanded to (N, C) they drive the in-place
-  `norm_act_forward_` with per-channel weight and bias.
+- forward: in channels-last layout the channel moments merge with equal counts,
+  mean_g = mean_c(mean_c) and var_g = mean_c(var_c + (mean_c - mean_g)^2); a contiguous input's
+  groups are contiguous spans, reduced directly. Expanded to (N, C) the group statistics drive
+  the in-place `norm_act_forward_` with per-channel weight and bias.
 - backward: with dxhat = g_c * dz (g_c the clamped weight), group norm's input gradient is
   r_g * (g_c dz - T1 / M - xhat * T2 / M), M = K * S, T1 = sum_c g_c sum_dz[n, c] and
   T2 = sum_c g_c sum_dz_xhat[n, c] over the group. The input-gradient kernel computes
@@ -37,8 +38,11 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 def group_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, G) mean and biased variance of each sample's groups of channels."""
+    N, C = x.shape[:2]
+    if x.is_contiguous():
+        # A group's channels are one contiguous span: reduce it directly as (N, G, K * S).
+        return op("norm_stats", x.device)(x.view(N, num_groups, -1), True)
     mean_c, var_c = op("norm_stats", x.device)(x, True)
-    N, C = mean_c.shape
     m = mean_c.view(N, num_groups, C // num_groups)
     mean = m.mean(2)
     var = (var_c.view_as(m) + (m - mean.unsqueeze(2)).square()).mean(2)

@@ -1,6 +1,7 @@
 """effseg: memory-efficient layers for whole-volume 3D segmentation in PyTorch.
 
-- `effseg.nn`: in-place activated normalization modules (`InPlaceABN`, `InPlaceAIN`, and
+- `effseg.nn`: in-place activated normalization modules (`InPlaceABN`, `InPlaceAIN`,
+  `InPlaceAGN`, and
   `InPlaceABNSync` with `convert_sync` for data-parallel training), the `ConvNormAct3d` unit and
   the recomputing `RecomputeBlock3d` / `DecoderBlock3d`;
 - `effseg.models`: `FullVolumeFCN` and its stock twin `StockUNet3d`;

@@ -239,11 +239,12 @@ def test_saved_for_backward_of_conv_groupnorm_prelu_at_most_55_percent_of_stock(
     fused = saved_bytes(lambda: _stack(True)(x))
     stock = saved_bytes(lambda: _stack(False)(x))
     act = x.numel() * 4
-    # stock keeps the input + 2 x (norm input, PReLU input); in place: the input + 2 outputs
+    # stock keeps the input and, per unit, the norm's input, the PReLU's input and its output
+    # (the next conv's input): 6 volumes; in place: the input + 2 outputs
     assert fused / stock <= 0.55, (fused, stock)
     params = sum(p.numel() * 4 for p in _stack(True).parameters())
     assert fused <= 3 * act + params + 1024, (fused, act)
-    assert stock >= 5 * act, (stock, act)
+    assert stock >= 6 * act, (stock, act)
 
 
 def test_state_dicts_load_both_ways():

@@ -1,7 +1,8 @@
 """Every norm-act CUDA kernel on small inputs (both layouts, every dtype, batch and instance
-statistics, every activation, PReLU's per-channel slope with its third backward sum), and every dice_ce kernel (every logits and label dtype, with and
-without class weights and ignored voxels, more classes than one class chunk, bad labels), each
-compared with the pure-PyTorch reference.
+statistics, every activation, PReLU's per-channel slope with its third backward sum), and every
+dice_ce kernel (every logits and label dtype, with and without class weights and ignored
+voxels, more classes than one class chunk, bad labels), each compared with the pure-PyTorch
+reference.
 
 Small on purpose: benchmarks/gpu_check.sh runs it under compute-sanitizer (memcheck, racecheck).
 Inputs are made on the CPU and copied over, and the references run on the CPU, so that the only

@@ -7,8 +7,9 @@ of a process group), `InPlaceAIN` replaces `nn.InstanceNorm{1,2,3}d` and `InPlac
 shapes and meaning of the stock norms, so state dicts load both ways; with
 `activation="prelu"` the learnable slope is one more parameter, `slope` (shape (num_slopes,),
 like `nn.PReLU.weight`), unless `effseg.convert` fused a stock PReLU, whose `weight` then stays
-the slope, under its own key. The forward overwrites its input; for backward only the
-output (in the input's storage), O(C) statistics and weight/bias are kept. See `effseg.functional` for what they refuse.
+the slope, under its own key. The forward overwrites its input; for backward only the output
+(in the input's storage), O(C) statistics and weight/bias (and the slope) are kept. See
+`effseg.functional` for what they refuse.
 
 Under `torch.export` (and so `torch.onnx.export(..., dynamo=True)`) the modules compute the
 stock ops instead, out of place: `F.batch_norm` / `F.instance_norm` with the same statistics and

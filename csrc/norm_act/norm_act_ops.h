@@ -5,7 +5,7 @@
 //   static void stats(const at::Tensor& x, const StatsArgs&);
 //   static void forward(at::Tensor& x, const ForwardArgs&);
 //   static void backward_reduce(const at::Tensor& y, const at::Tensor& dy, const ReduceArgs&);
-//                                                  // also sum_dy_z when ReduceArgs::slope is set
+//       (also writes sum_dy_z when ReduceArgs::slope is defined)
 //   static void backward_input(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& dx,
 //                              const InputGradArgs&);   // dx may be dy
 //

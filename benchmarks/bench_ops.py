@@ -1,5 +1,7 @@
 """Op-level benchmark: forward + backward of in-place activated normalization versus the stock
-norm + LeakyReLU, at CT-like sizes, in one run.
+norm + activation (LeakyReLU; for group norm also PReLU, and batch norm + PReLU), at CT-like
+sizes, in one run. Group norm uses 8 groups (MONAI's SegResNet default), PReLU one slope
+(nn.PReLU's default).
 
 Reports per size and variant: median time, bytes saved for backward, achieved bandwidth (the
 nominal traffic of the fused algorithm, 8 tensor passes: stats 1, normalize 2, backward reduce 2,
@@ -9,6 +11,7 @@ measured device-to-device copy bandwidth. Prints a table and writes JSON.
     python benchmarks/bench_ops.py                 # CT-like sizes (minutes on a 2-core CPU)
     python benchmarks/bench_ops.py --quick         # small sizes, seconds
     python benchmarks/bench_ops.py --device cuda --dtype bfloat16 --out results.json
+    python benchmarks/bench_ops.py --kinds group group_prelu batch_prelu   # only those
 """
 from __future__ import annotations
 
@@ -22,22 +25,39 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, sync, time_it, write_json  # noqa: E402
 
 from effseg.memory import saved_bytes  # noqa: E402
-from effseg.nn import InPlaceABN, InPlaceAIN  # noqa: E402
+from effseg.nn import InPlaceABN, InPlaceAGN, InPlaceAIN  # noqa: E402
 
 SIZES = [(2, 32, 96, 96, 96), (1, 16, 192, 192, 192)]
 QUICK_SIZES = [(2, 16, 32, 32, 32), (1, 8, 64, 64, 64)]
 PASSES = 8
 
 
-def variants(C: int):
+KINDS = ("batch", "instance", "group", "group_prelu", "batch_prelu")
+# the stock variant each kind is compared with
+STOCK_OF = {"batch": "stock BatchNorm3d+LeakyReLU", "instance": "stock InstanceNorm3d+LeakyReLU",
+            "group": "stock GroupNorm+LeakyReLU", "group_prelu": "stock GroupNorm+PReLU",
+            "batch_prelu": "stock BatchNorm3d+PReLU"}
+
+
+def variants(C: int, kinds=KINDS):
     act = torch.nn.LeakyReLU(0.01)
-    return {
-        "stock BatchNorm3d+LeakyReLU": (torch.nn.Sequential(torch.nn.BatchNorm3d(C), act), "batch"),
+    nn = torch.nn
+    G = min(8, C)
+    all_variants = {
+        "stock BatchNorm3d+LeakyReLU": (nn.Sequential(nn.BatchNorm3d(C), act), "batch"),
         "effseg InPlaceABN": (InPlaceABN(C), "batch"),
         "stock InstanceNorm3d+LeakyReLU": (
-            torch.nn.Sequential(torch.nn.InstanceNorm3d(C, affine=True), act), "instance"),
+            nn.Sequential(nn.InstanceNorm3d(C, affine=True), act), "instance"),
         "effseg InPlaceAIN": (InPlaceAIN(C), "instance"),
+        "stock GroupNorm+LeakyReLU": (nn.Sequential(nn.GroupNorm(G, C), act), "group"),
+        "effseg InPlaceAGN": (InPlaceAGN(G, C), "group"),
+        "stock GroupNorm+PReLU": (nn.Sequential(nn.GroupNorm(G, C), nn.PReLU()), "group_prelu"),
+        "effseg InPlaceAGN prelu": (InPlaceAGN(G, C, activation="prelu"), "group_prelu"),
+        "stock BatchNorm3d+PReLU": (nn.Sequential(nn.BatchNorm3d(C), nn.PReLU()),
+                                    "batch_prelu"),
+        "effseg InPlaceABN prelu": (InPlaceABN(C, activation="prelu"), "batch_prelu"),
     }
+    return {name: v for name, v in all_variants.items() if v[1] in kinds}
 
 
 def copy_bandwidth(device: torch.device, numel: int, dtype: torch.dtype, reps: int) -> float:
@@ -47,13 +67,13 @@ def copy_bandwidth(device: torch.device, numel: int, dtype: torch.dtype, reps: i
     return 2 * src.numel() * src.element_size() / t
 
 
-def bench_size(shape, device, dtype, reps, layout):
+def bench_size(shape, device, dtype, reps, layout, kinds=KINDS):
     C = shape[1]
     base = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
     grad = torch.randn_like(base)
     leaf = base.clone().requires_grad_()
     rows = []
-    for name, (module, kind) in variants(C).items():
+    for name, (module, kind) in variants(C, kinds).items():
         module = module.to(device).train()
 
         def step():
@@ -105,6 +125,8 @@ def main(argv=None):
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="which norm + activation kinds to compare (default: all)")
     parser.add_argument("--out", default="benchmarks/out/bench_ops.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -116,17 +138,16 @@ def main(argv=None):
 
     rows = []
     for shape in sizes:
-        rows += bench_size(shape, device, dtype, reps, layout)
+        rows += bench_size(shape, device, dtype, reps, layout, args.kinds)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     copy_bw = None
     if device.type == "cuda":
         copy_bw = copy_bandwidth(device, max(r["shape"][0] * r["shape"][1] * 96 ** 3 for r in rows),
                                  dtype, reps)
-    stock_of = {"batch": "stock BatchNorm3d+LeakyReLU", "instance": "stock InstanceNorm3d+LeakyReLU"}
     by_key = {(tuple(r["shape"]), r["variant"]): r for r in rows}
     for r in rows:
-        ref = by_key[(tuple(r["shape"]), stock_of[r["kind"]])]
+        ref = by_key[(tuple(r["shape"]), STOCK_OF[r["kind"]])]
         r["time_vs_stock"] = r["seconds"] / ref["seconds"]
         r["saved_vs_stock"] = r["saved_bytes"] / ref["saved_bytes"]
         r["copy_bandwidth_fraction"] = r["gbps"] * 1e9 / copy_bw if copy_bw else None

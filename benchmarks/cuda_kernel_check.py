@@ -1,7 +1,8 @@
 """Every norm-act CUDA kernel on small inputs (both layouts, every dtype, batch and instance
-statistics, every activation), and every dice_ce kernel (every logits and label dtype, with and
-without class weights and ignored voxels, more classes than one class chunk, bad labels), each
-compared with the pure-PyTorch reference.
+statistics, every activation, PReLU's per-channel slope with its third backward sum), and every
+dice_ce kernel (every logits and label dtype, with and without class weights and ignored
+voxels, more classes than one class chunk, bad labels), each compared with the pure-PyTorch
+reference.
 
 Small on purpose: benchmarks/gpu_check.sh runs it under compute-sanitizer (memcheck, racecheck).
 Inputs are made on the CPU and copied over, and the references run on the CPU, so that the only
@@ -19,7 +20,8 @@ import torch
 from effseg.ops import reference
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
-ACTS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)]
+# "prelu": the *_prelu ops, with a random per-channel slope
+ACTS = [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0), ("prelu", None)]
 
 
 def close(a, b, dtype):
@@ -42,7 +44,7 @@ def norm_cases(quick):
             yield shape, cl, dtype, per_sample, act
         return
     for i, ((shape, cl), dtype) in enumerate(itertools.product(layouts, TOL)):
-        yield shape, cl, dtype, i % 2 == 1, ACTS[i % 3]
+        yield shape, cl, dtype, i % 2 == 1, ACTS[i % len(ACTS)]
 
 
 def norm_act_failures(quick, gpu, E=None):
@@ -62,24 +64,43 @@ def norm_act_failures(quick, gpu, E=None):
         mean, var = E.norm_stats(x, per_sample)
         rmean, rvar = reference.norm_stats(xc, per_sample)
         y = xc.to(gpu, copy=True)
-        E.norm_act_forward_(y, mean, var, w, b, 1e-5, act, p)
         ry = xc.clone()
-        reference.norm_act_forward_(ry, rmean, rvar, wc, bc, 1e-5, act, p)
-        # backward from effseg's own output and statistics, so that each kernel is checked alone
-        yc, varc = y.cpu(), var.cpu()
-        s1, s2 = E.norm_act_backward_reduce(y, dy, w, b, per_sample, act, p)
-        r1, r2 = reference.norm_act_backward_reduce(yc, dyc, wc, bc, per_sample, act, p)
-        s1c, s2c = s1.cpu(), s2.cpu()
-        dx = E.norm_act_backward_input(y, dy, var, w, b, s1, s2, None, 1e-5, act, p)
-        rdx = reference.norm_act_backward_input(yc, dyc, varc, wc, bc, s1c, s2c, None, 1e-5,
-                                                act, p)
-        dx_ = dyc.to(gpu, copy=True)
-        E.norm_act_backward_input_(y, dx_, var, w, b, None, None, None, 1e-5, act, p)
-        rdx_ = reference.norm_act_backward_input(yc, dyc, varc, wc, bc, None, None, None, 1e-5,
-                                                 act, p)
-        checks = {"mean": (mean, rmean), "var": (var, rvar), "forward": (y, ry),
-                  "sum_dz": (s1, r1), "sum_dz_xhat": (s2, r2), "dx": (dx, rdx),
-                  "dx in place (eval)": (dx_, rdx_)}
+        varc = var.cpu()
+        checks = {"mean": (mean, rmean), "var": (var, rvar)}
+        if act == "prelu":
+            ac = torch.rand(shape[1], dtype=acc) * 0.5 + 0.05
+            a = ac.to(gpu, copy=True)
+            E.norm_act_forward_prelu_(y, mean, var, w, b, 1e-5, a)
+            reference.norm_act_forward_prelu_(ry, rmean, rvar, wc, bc, 1e-5, ac)
+            yc = y.cpu()
+            s1, s2, s3 = E.norm_act_backward_reduce_prelu(y, dy, w, b, a, per_sample)
+            r1, r2, r3 = reference.norm_act_backward_reduce_prelu(yc, dyc, wc, bc, ac, per_sample)
+            s1c, s2c = s1.cpu(), s2.cpu()
+            dx = E.norm_act_backward_input_prelu(y, dy, var, w, b, a, s1, s2, None, 1e-5)
+            rdx = reference.norm_act_backward_input_prelu(yc, dyc, varc, wc, bc, ac, s1c, s2c,
+                                                          None, 1e-5)
+            dx_ = E.norm_act_backward_input_prelu(y, dy, var, w, b, a, None, None, None, 1e-5)
+            rdx_ = reference.norm_act_backward_input_prelu(yc, dyc, varc, wc, bc, ac, None, None,
+                                                           None, 1e-5)
+            checks["sum_dy_z"] = (s3, r3)
+        else:
+            E.norm_act_forward_(y, mean, var, w, b, 1e-5, act, p)
+            reference.norm_act_forward_(ry, rmean, rvar, wc, bc, 1e-5, act, p)
+            # backward from effseg's own output and statistics, so that each kernel is checked
+            # alone
+            yc = y.cpu()
+            s1, s2 = E.norm_act_backward_reduce(y, dy, w, b, per_sample, act, p)
+            r1, r2 = reference.norm_act_backward_reduce(yc, dyc, wc, bc, per_sample, act, p)
+            s1c, s2c = s1.cpu(), s2.cpu()
+            dx = E.norm_act_backward_input(y, dy, var, w, b, s1, s2, None, 1e-5, act, p)
+            rdx = reference.norm_act_backward_input(yc, dyc, varc, wc, bc, s1c, s2c, None, 1e-5,
+                                                    act, p)
+            dx_ = dyc.to(gpu, copy=True)
+            E.norm_act_backward_input_(y, dx_, var, w, b, None, None, None, 1e-5, act, p)
+            rdx_ = reference.norm_act_backward_input(yc, dyc, varc, wc, bc, None, None, None,
+                                                     1e-5, act, p)
+        checks.update({"forward": (y, ry), "sum_dz": (s1, r1), "sum_dz_xhat": (s2, r2),
+                       "dx": (dx, rdx), "dx (eval)": (dx_, rdx_)})
         for what, (a, r) in checks.items():
             if not close(a, r, dtype):
                 failures += 1

@@ -29,6 +29,20 @@ TORCH_LIBRARY(effseg, m) {
       "norm_act_backward_input_(Tensor output, Tensor(a!) grad_output, Tensor var, "
       "Tensor? weight, Tensor? bias, Tensor? sum_dz, Tensor? sum_dz_xhat, int? count, float eps, "
       "str activation, float activation_param) -> ()");
+  // PReLU variants: the activation is leaky ReLU with a learned slope per channel (C,), every
+  // slope > 0. The reduce also returns per-group sum(dL/dy * z) over z <= 0, the slope's
+  // gradient.
+  m.def(
+      "norm_act_forward_prelu_(Tensor(a!) input, Tensor mean, Tensor var, Tensor? weight, "
+      "Tensor? bias, float eps, Tensor slope) -> ()");
+  m.def(
+      "norm_act_backward_reduce_prelu(Tensor output, Tensor grad_output, Tensor? weight, "
+      "Tensor? bias, Tensor slope, bool per_sample) -> (Tensor sum_dz, Tensor sum_dz_xhat, "
+      "Tensor sum_dy_z)");
+  m.def(
+      "norm_act_backward_input_prelu(Tensor output, Tensor grad_output, Tensor var, "
+      "Tensor? weight, Tensor? bias, Tensor slope, Tensor? sum_dz, Tensor? sum_dz_xhat, "
+      "int? count, float eps) -> Tensor");
   // Fused softmax + cross-entropy + soft-Dice loss on contiguous logits (N, K, *spatial) and
   // integer labels (N, *spatial); voxels labelled ignore_index are left out of every sum.
   // stats (N, K, 3) holds, per sample and class, I = sum p_k [y == k], P = sum p_k and

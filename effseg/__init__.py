@@ -1,8 +1,9 @@
 """effseg: memory-efficient layers for whole-volume 3D segmentation in PyTorch.
 
-- `effseg.nn`: in-place activated normalization modules (`InPlaceABN`, `InPlaceAIN`, and
-  `InPlaceABNSync` with `convert_sync` for data-parallel training), the `ConvNormAct3d` unit and
-  the recomputing `RecomputeBlock3d` / `DecoderBlock3d`;
+- `effseg.nn`: in-place activated normalization modules (`InPlaceABN`, `InPlaceAIN`,
+  `InPlaceAGN`, and `InPlaceABNSync` with `convert_sync` for data-parallel training; LeakyReLU,
+  ELU, PReLU or identity fused), the `ConvNormAct3d` unit and the recomputing
+  `RecomputeBlock3d` / `DecoderBlock3d`;
 - `effseg.models`: `FullVolumeFCN` and its stock twin `StockUNet3d`;
 - `effseg.checkpoint`: activation checkpointing that is safe with batch norm;
 - `effseg.convert`: fuses the norm + activation pairs of an existing network (MONAI's included)

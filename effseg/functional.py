@@ -1,13 +1,20 @@
 """Functional in-place activated normalization.
 
-`inplace_abn` (batch statistics per channel) and `inplace_ain` (statistics per sample and
-channel) overwrite their input with act(weight * (x - mean) / sqrt(var + eps) + bias) and return
-it. For backward they keep only that output, the per-group variance and weight/bias: the
-activation and the affine map are inverted to recover the normalized input. This halves the
-activation memory of a Conv -> Norm -> Act unit compared with stock layers.
+`inplace_abn` (batch statistics per channel), `inplace_ain` (statistics per sample and
+channel) and `inplace_agn` (statistics per sample and group of channels) overwrite their input
+with act(weight * (x - mean) / sqrt(var + eps) + bias) and return it. For backward they keep
+only that output, the per-group variance and weight/bias (and PReLU's slope): the activation and
+the affine map are inverted to recover the normalized input. This halves the activation memory
+of a Conv -> Norm -> Act unit compared with stock layers.
+
+Activations: "leaky_relu" (slope > 0), "elu" (alpha > 0), "identity", and "prelu", whose
+`activation_param` is its learnable slope tensor, shape (1,) or (C,) like `nn.PReLU.weight`, every
+value > 0; its gradient comes out of the backward reduction.
 
 What they refuse, with a ValueError or TypeError naming the argument:
 - `activation="relu"`: ReLU is not invertible; use "leaky_relu" or a recomputing block;
+- a PReLU slope <= 0 (not invertible), or one that is not a (1,) or (C,) floating tensor;
+- group norm: channels not divisible by `num_groups`; one value per sample and group;
 - an input that is not (N, C, *), not floating point, empty, or neither contiguous nor
   channels-last (an in-place op cannot silently work on a copy);
 - parameters or statistics whose shape, dtype or device do not match the input;
@@ -23,15 +30,17 @@ from __future__ import annotations
 import torch
 
 from .ops import norm_act
+from .ops.group_norm_act import group_norm_act
 from .ops.sync import resolve as _resolve_sync
 
-ACTIVATIONS = ("leaky_relu", "elu", "identity")
-DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0, "identity": 0.0}
+ACTIVATIONS = ("leaky_relu", "elu", "identity", "prelu")
+# prelu: the initial slope of a module's learnable slope, as nn.PReLU's `init`.
+DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0, "identity": 0.0, "prelu": 0.25}
 
 
 def resolve_activation(activation: str, activation_param: float | None) -> tuple[str, float]:
     """Checks an activation name and its parameter; None takes the activation's usual default
-    (slope 0.01 for leaky_relu, alpha 1.0 for elu)."""
+    (slope 0.01 for leaky_relu, alpha 1.0 for elu, initial slope 0.25 for prelu)."""
     if not isinstance(activation, str):
         raise TypeError(f"effseg: activation must be a string, got {type(activation).__name__}")
     if activation == "relu":
@@ -53,7 +62,26 @@ def resolve_activation(activation: str, activation_param: float | None) -> tuple
         )
     if activation == "elu" and not param > 0:
         raise ValueError(f"effseg: elu needs alpha > 0 to be invertible, got {param}")
+    if activation == "prelu" and not param > 0:
+        raise ValueError(f"effseg: prelu needs a slope > 0 to be invertible, got {param}")
     return activation, param
+
+
+def check_slope(slope, x: torch.Tensor) -> torch.Tensor:
+    """PReLU's slope checked against the input x; returned as (C,) (a (1,) slope expanded, so
+    that its gradient is the sum over the channels)."""
+    if not isinstance(slope, torch.Tensor):
+        raise TypeError("effseg: activation 'prelu' takes its slope tensor as activation_param "
+                        f"(shape (1,) or (C,), like nn.PReLU.weight), got {type(slope).__name__}")
+    _check_tensor("PReLU slope (activation_param)", slope, x, ((1,), (x.shape[1],)))
+    # Reading the values synchronizes with a GPU once per call; a traced graph cannot branch on
+    # them, so under torch.compile the kernels' own check (CPU) or the eager run is the guard.
+    if not torch.compiler.is_compiling() and not bool((slope.detach() > 0).all()):
+        raise ValueError(
+            f"effseg: prelu needs every slope > 0 to be invertible (backward recovers the input "
+            f"from the output), got min {slope.detach().min().item():.4g}; a slope that training "
+            "drives to 0 or below cannot be fused in place")
+    return slope.expand(x.shape[1])
 
 
 def _check_tensor(name: str, t, x: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> None:
@@ -101,10 +129,17 @@ def check_input(x, name: str = "input") -> None:
         )
 
 
+def _activation_args(x, activation, activation_param):
+    """(activation, scalar parameter, slope tensor or None), checked."""
+    if activation == "prelu":
+        return "prelu", 0.0, check_slope(activation_param, x)
+    return (*resolve_activation(activation, activation_param), None)
+
+
 def _norm_act(x, running_mean, running_var, weight, bias, use_batch_stats, per_sample, momentum,
               eps, activation, activation_param, sync=None):
     check_input(x)
-    activation, activation_param = resolve_activation(activation, activation_param)
+    activation, activation_param, slope = _activation_args(x, activation, activation_param)
     C = x.shape[1]
     _check_tensor("weight", weight, x, ((C,),))
     _check_tensor("bias", bias, x, ((C,),))
@@ -131,7 +166,7 @@ def _norm_act(x, running_mean, running_var, weight, bias, use_batch_stats, per_s
         raise ValueError(f"effseg: eps must be > 0, got {eps}")
     return norm_act(x, weight, bias, running_mean, running_var, bool(use_batch_stats),
                     per_sample, float(momentum), float(eps), activation, activation_param,
-                    sync if use_batch_stats else None)
+                    sync if use_batch_stats else None, slope)
 
 
 def norm_act_step(input: torch.Tensor, step, activation: str,
@@ -183,3 +218,33 @@ def inplace_ain(input: torch.Tensor, running_mean: torch.Tensor | None = None,
     """
     return _norm_act(input, running_mean, running_var, weight, bias, use_input_stats, True,
                      momentum, eps, activation, activation_param)
+
+
+def inplace_agn(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, eps: float = 1e-5,
+                activation: str = "leaky_relu",
+                activation_param: float | torch.Tensor | None = None) -> torch.Tensor:
+    """In-place activated group norm; arguments as `torch.nn.functional.group_norm`.
+
+    Statistics per sample and group of C / num_groups consecutive channels, in training and
+    eval alike (group norm has no running statistics); weight and bias per channel. Returns
+    `input`, overwritten.
+    """
+    check_input(input)
+    C = input.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"effseg: num_groups must be a positive int, got {num_groups!r}")
+    if C % num_groups:
+        raise ValueError(f"effseg: the input's {C} channels are not divisible by num_groups "
+                         f"({num_groups})")
+    activation, activation_param, slope = _activation_args(input, activation, activation_param)
+    _check_tensor("weight", weight, input, ((C,),))
+    _check_tensor("bias", bias, input, ((C,),))
+    if input.numel() // (input.shape[0] * num_groups) <= 1:
+        raise ValueError(
+            f"effseg: expected more than 1 value per sample and group to compute statistics, got "
+            f"input of shape {tuple(input.shape)} with {num_groups} groups")
+    if not float(eps) > 0:
+        raise ValueError(f"effseg: eps must be > 0, got {eps}")
+    return group_norm_act(input, num_groups, weight, bias, float(eps), activation,
+                          activation_param, slope)

@@ -10,7 +10,8 @@ from torch import nn
 import effseg
 from effseg.convert import ConversionReport
 from effseg.memory import saved_bytes
-from effseg.nn import InPlaceABN, InPlaceAIN
+from effseg.nn import InPlaceABN, InPlaceAGN, InPlaceAIN
+from effseg.nn.norm_act import FusedPReLU
 
 D = torch.float64
 
@@ -104,6 +105,74 @@ def test_sequential_pair_is_fused_exactly(norm, act, cls, activation):
     _assert_same_eval(stock, converted, (2, 3, 6, 5, 4))
 
 
+def _randomize(model: nn.Module) -> None:
+    """_randomize_norms, plus group norms and PReLU slopes."""
+    _randomize_norms(model)
+    for m in model.modules():
+        with torch.no_grad():
+            if isinstance(m, nn.GroupNorm) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+            if isinstance(m, nn.PReLU):
+                m.weight.uniform_(0.05, 0.5)
+
+
+@pytest.mark.parametrize("norm, act, cls, activation", [
+    (nn.GroupNorm(2, 4), nn.LeakyReLU(0.2), InPlaceAGN, ("leaky_relu", 0.2)),
+    (nn.GroupNorm(1, 4, eps=1e-3), nn.ELU(0.7), InPlaceAGN, ("elu", 0.7)),
+    (nn.GroupNorm(4, 4, affine=False), nn.Identity(), InPlaceAGN, ("identity", 0.0)),
+    (nn.GroupNorm(2, 4), nn.PReLU(), InPlaceAGN, "prelu"),
+    (nn.GroupNorm(4, 4), nn.PReLU(4), InPlaceAGN, "prelu"),
+    (nn.BatchNorm3d(4), nn.PReLU(4), InPlaceABN, "prelu"),
+    (nn.InstanceNorm3d(4, affine=True), nn.PReLU(), InPlaceAIN, "prelu"),
+])
+def test_group_norm_and_prelu_pairs_are_fused_exactly(norm, act, cls, activation):
+    stock = _fused_pair(norm, act, (2, 3))
+    _randomize(stock)
+    converted, report = effseg.convert(stock)
+    new = converted[1]
+    assert type(new) is cls
+    assert [r.path for r in report.replaced] == ["1"] and report.skipped == [], report
+    if activation == "prelu":
+        # the slope keeps its key: the PReLU becomes the identity that holds it
+        assert new.activation == "prelu" and type(converted[2]) is FusedPReLU
+        assert converted[2].weight is not act.weight  # a deep copy
+        assert new._slope() is converted[2].weight
+    else:
+        assert (new.activation, new.activation_param) == activation
+        assert type(converted[2]) is nn.Identity
+    assert stock[1] is norm and stock[2] is act
+    _assert_same_training_step(stock, converted, (2, 3, 6, 5, 4))
+    _assert_same_eval(stock, converted, (2, 3, 6, 5, 4))
+    if activation == "prelu":
+        # loading a state dict changes the slope the fused norm uses
+        state = converted.state_dict()
+        state["2.weight"] = torch.full_like(state["2.weight"], 0.3)
+        converted.load_state_dict(state)
+        stock.load_state_dict(state)
+        _assert_same_eval(stock, converted, (2, 3, 6, 5, 4))
+
+
+def test_prelu_inplace_conversion_keeps_the_slope_tensor():
+    stock = _fused_pair(nn.GroupNorm(2, 4), nn.PReLU(4), (1, 2))
+    slope = stock[2].weight
+    converted, _ = effseg.convert(stock, inplace=True)
+    assert converted[2].weight is slope and converted[1]._slope() is slope
+    x = _x(1, 2, 4, 4, 4)
+    converted(x).sum().backward()
+    assert slope.grad is not None and slope.grad.abs().sum() > 0
+
+
+def test_conv_groupnorm_prelu_stack_converted_saves_at_most_55_percent():
+    stock = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.PReLU(8),
+                          nn.Conv3d(8, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.PReLU(8)).to(D)
+    _randomize(stock)
+    converted, report = effseg.convert(stock)
+    assert len(report.replaced) == 2
+    x = _x(1, 8, 12, 12, 12, requires_grad=True)
+    assert saved_bytes(converted, x) <= 0.55 * saved_bytes(stock, x)
+
+
 def test_1d_and_2d_norms_after_linear_and_conv2d():
     stock = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.LeakyReLU(0.1),
                           nn.Unflatten(1, (1, 2, 3)), nn.Conv2d(1, 4, 3, padding=1),
@@ -137,7 +206,8 @@ def _reason(report: ConversionReport, path: str) -> str:
 @pytest.mark.parametrize("act, words", [
     (nn.ReLU(), "not invertible"),
     (nn.ReLU(inplace=True), "not invertible"),
-    (nn.PReLU(), "PReLU"),
+    (nn.PReLU(init=-0.1), "PReLU with a slope <= 0"),
+    (nn.PReLU(3), "PReLU with 3 slopes"),
     (nn.GELU(), "GELU"),
     (nn.LeakyReLU(0.0), "not invertible"),
 ])

@@ -133,7 +133,14 @@ def _norm_outputs(ops, x, dy, w, b, per_sample, act, p):
     ops.norm_act_forward_(y, mean, var, w, b, 1e-5, act, p)
     s1, s2 = ops.norm_act_backward_reduce(y, dy, w, b, per_sample, act, p)
     dx = ops.norm_act_backward_input(y, dy, var, w, b, s1, s2, None, 1e-5, act, p)
-    return [mean, var, y, s1, s2, dx]
+    # PReLU: per-channel slopes and the third backward sum
+    slope = torch.linspace(0.05, 0.5, x.shape[1])
+    yp = x.clone()
+    ops.norm_act_forward_prelu_(yp, mean, var, w, b, 1e-5, slope)
+    sums = list(ops.norm_act_backward_reduce_prelu(yp, dy, w, b, slope, per_sample))
+    dxp = ops.norm_act_backward_input_prelu(yp, dy, var, w, b, slope, sums[0], sums[1], None,
+                                            1e-5)
+    return [mean, var, y, s1, s2, dx, yp, *sums, dxp]
 
 
 @pytest.mark.parametrize("shape, channels_last", [((2, 33, 6, 7, 8), True),

@@ -9,7 +9,9 @@ from torch import nn
 
 import effseg
 import effseg.monai as emonai
-from effseg.nn import InPlaceABN, InPlaceAIN
+from effseg.memory import saved_bytes
+from effseg.nn import InPlaceABN, InPlaceAGN, InPlaceAIN
+from effseg.nn.norm_act import FusedPReLU
 
 from conftest import run_python
 
@@ -44,11 +46,14 @@ def _train_step(model, x, w, lr=0.1):
 
 def test_register_adds_factory_entries_and_is_idempotent():
     names = emonai.register()
-    assert names == ("effseg_batch", "effseg_instance")
+    assert names == ("effseg_batch", "effseg_instance", "effseg_group")
     assert emonai.register() == names
     for dim in (1, 2, 3):
         assert Norm["effseg_batch", dim].func is InPlaceABN
         assert Norm["effseg_instance", dim].func is InPlaceAIN
+        assert Norm["effseg_group", dim].func is InPlaceAGN
+    gnorm = Norm["effseg_group", 3](num_groups=2, num_channels=6)
+    assert isinstance(gnorm, InPlaceAGN) and gnorm.activation == "identity"
     norm = Norm["effseg_batch", 3](num_features=5)
     assert isinstance(norm, InPlaceABN) and norm.activation == "identity"
     inorm = Norm["effseg_instance", 3](7)
@@ -61,11 +66,13 @@ def test_register_adds_factory_entries_and_is_idempotent():
     ("effseg_batch", "batch"),
     (("effseg_instance", {"affine": True}), ("instance", {"affine": True})),
     ("effseg_instance", "instance"),
+    (("effseg_group", {"num_groups": 2}), ("group", {"num_groups": 2})),
 ])
 def test_unet_with_effseg_norm_trains_like_stock(ours, theirs):
     model, stock = _unet(ours), _unet(theirs)
     kinds = {type(m) for m in model.modules()}
-    assert kinds & {InPlaceABN, InPlaceAIN} and not kinds & {nn.BatchNorm3d, nn.InstanceNorm3d}
+    assert kinds & {InPlaceABN, InPlaceAIN, InPlaceAGN} and not kinds & {
+        nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm}
     assert model.state_dict().keys() == stock.state_dict().keys()
     with torch.no_grad():  # non-trivial affine parameters
         for p in stock.parameters():
@@ -118,11 +125,56 @@ def test_inplace_activation_after_registered_norm_fails_loudly_until_converted()
     converted(x).sum().backward()
 
 
-def test_prelu_default_unet_is_reported():
-    model = UNet(3, 1, 2, channels=(4, 8), strides=(2,), norm="effseg_batch")
-    _, report = effseg.convert(model)
-    assert report.replaced == [] and report.skipped
-    assert all("PReLU" in s.reason for s in report.skipped)
+@pytest.mark.parametrize("norm", ["batch", ("group", {"num_groups": 2}),
+                                  ("effseg_group", {"num_groups": 2})])
+def test_prelu_default_unet_converts_exactly(norm):
+    """MONAI's default activation is PReLU: every norm of a UNet takes it in, the slopes keep
+    their keys, and a training step equals the stock network's."""
+    stock = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1,
+                 norm=norm if norm == "batch" else ("group", {"num_groups": 2})).to(D)
+    model = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1,
+                 norm=norm).to(D)
+    with torch.no_grad():
+        for name, p in stock.named_parameters():
+            p.copy_(torch.rand_like(p) * 0.4 + 0.05 if name.endswith("A.weight")
+                    else p + 0.1 * torch.randn_like(p))
+    model.load_state_dict(stock.state_dict())
+    converted, report = effseg.convert(model)
+    assert len(report.replaced) == 6 and report.skipped == [], report
+    for r in report.replaced:
+        assert converted.get_submodule(r.path).activation == "prelu"
+        assert type(converted.get_submodule(r.activation)) is FusedPReLU
+    assert converted.state_dict().keys() == stock.state_dict().keys()
+    x = torch.randn(2, 1, 16, 16, 16, dtype=D)
+    w = torch.randn(2, 2, 16, 16, 16, dtype=D)
+    for _ in range(2):
+        # a small step: lr 0.1 drives some slopes below 0, which the fused norm refuses
+        y, g = _train_step(converted, x, w, lr=1e-3)
+        ys, gs = _train_step(stock, x, w, lr=1e-3)
+        torch.testing.assert_close(y, ys)
+        torch.testing.assert_close(g, gs)
+    for (name, a), b in zip(converted.state_dict().items(), stock.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    stock.train(), converted.train()
+    xg = x.clone().requires_grad_()
+    assert saved_bytes(converted, xg) <= 0.6 * saved_bytes(stock, xg)
+
+
+def test_segresnet_group_norms_are_reported():
+    """SegResNet (GroupNorm + ReLU, pre-activation residual blocks) stays stock, each norm with
+    its reason: ReLU is not invertible, the blocks' first norm reads the residual input, and
+    the block's one activation module is shared by both norms."""
+    from monai.networks.nets import SegResNet
+
+    for act, words in [(("RELU", {"inplace": True}), "ReLU, which is not invertible"),
+                       ("prelu", "also applied where no norm is fused")]:
+        net = SegResNet(3, 8, 1, 2, act=act).to(D)
+        converted, report = effseg.convert(net)
+        assert report.replaced == [], report
+        reasons = [s.reason for s in report.skipped]
+        assert len(reasons) == sum(isinstance(m, nn.GroupNorm) for m in net.modules())
+        assert any(words in r for r in reasons), reasons
+        assert any("also read by iadd()" in r for r in reasons), reasons
 
 
 def test_register_without_monai_says_how_to_install(monkeypatch):

@@ -56,6 +56,18 @@ def _op_samples(device):
                     ("norm_act_backward_input_", (x, dy.clone(), var, w, b, s1, s2, None, 1e-5,
                                                   "elu", 1.0)),
                 ]
+                # PReLU: a per-channel slope; the reduce adds the slope's gradient sum
+                slope = torch.rand(C, device=device, dtype=acc) * 0.5 + 0.05
+                p1, p2, _ = op("norm_act_backward_reduce_prelu", x.device)(x, dy, w, b, slope,
+                                                                           per_sample)
+                samples += [
+                    ("norm_act_forward_prelu_", (x.clone(), mean, var, w, b, 1e-5, slope)),
+                    ("norm_act_backward_reduce_prelu", (x, dy, w, None, slope, per_sample)),
+                    ("norm_act_backward_input_prelu", (x, dy, var, w, b, slope, p1, p2, None,
+                                                       1e-5)),
+                    ("norm_act_backward_input_prelu", (x, dy, var, None, None, slope, None, None,
+                                                       None, 1e-5)),
+                ]
     return samples
 
 

@@ -75,11 +75,12 @@ template <typename acc_t, typename F> acc_t lane_sum(int64_t len, const F& f) {
 }
 
 // Per-block partial results, stored [N][P][C] whatever the layout, with the element count of
-// each block (the same for all channels of a block).
+// each block (the same for all channels of a block); `c` only when a third sum is asked for.
 template <typename acc_t> struct Partials {
-  std::vector<acc_t> a, b;
+  std::vector<acc_t> a, b, c;
   std::vector<int64_t> count;
-  Partials(const Blocks& bl) : a(bl.g.N * bl.P * bl.g.C), b(a.size()), count(bl.g.N * bl.P) {
+  Partials(const Blocks& bl, bool third = false)
+      : a(bl.g.N * bl.P * bl.g.C), b(a.size()), c(third ? a.size() : 0), count(bl.g.N * bl.P) {
     for (int64_t n = 0; n < bl.g.N; ++n)
       for (int64_t k = 0; k < bl.P; ++k) count[n * bl.P + k] = bl.length(k);
   }
@@ -95,6 +96,16 @@ std::vector<Affine<acc_t>> channel_affine(const at::Tensor& gamma, const at::Ten
   std::vector<Affine<acc_t>> af(gamma.numel());
   for (size_t c = 0; c < af.size(); ++c) af[c] = {acc_t(1) / clamp_gamma(gp[c]), bp[c]};
   return af;
+}
+
+// The activation parameter of each channel: PReLU's own slopes, or the one parameter.
+template <typename acc_t>
+std::vector<ActParam<acc_t>> channel_act(const at::Tensor& slope, double param, int64_t C) {
+  std::vector<ActParam<acc_t>> ap;
+  ap.reserve(C);
+  const acc_t* sp = slope.defined() ? slope.const_data_ptr<acc_t>() : nullptr;
+  for (int64_t c = 0; c < C; ++c) ap.emplace_back(sp ? sp[c] : acc_t(param));
+  return ap;
 }
 
 // Merges the partials of each group in a fixed order: group g is channel g % C, over all samples
@@ -172,11 +183,12 @@ template <typename scalar_t, Act A> void forward_kernel(at::Tensor& x, const For
   const acc_t *gp = a.gamma.const_data_ptr<acc_t>(), *bp = a.beta.const_data_ptr<acc_t>();
   for (int64_t gi = 0; gi < G; ++gi)
     coef[gi] = forward_coef<acc_t>(mp[gi], vp[gi], gp[gi % g.C], bp[gi % g.C], acc_t(a.eps));
-  const ActParam<acc_t> prm(acc_t(a.param));
+  const std::vector<ActParam<acc_t>> ap = channel_act<acc_t>(a.slope, a.param, g.C);
   scalar_t* xp = x.data_ptr<scalar_t>();
   Blocks(g).run(
       [&](int64_t n, int64_t c, int64_t, int64_t off, int64_t len) {
         const ForwardCoef<acc_t> cf = coef[per_sample ? n * g.C + c : c];
+        const ActParam<acc_t> prm = ap[c];
         scalar_t* p = xp + off;
         for (int64_t i = 0; i < len; ++i) p[i] = scalar_t(forward_value<A>(acc_t(p[i]), cf, prm));
       },
@@ -186,8 +198,29 @@ template <typename scalar_t, Act A> void forward_kernel(at::Tensor& x, const For
         const int64_t C = g.C;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < C; ++c)
-            p[r * C + c] = scalar_t(forward_value<A>(acc_t(p[r * C + c]), cf[c], prm));
+            p[r * C + c] = scalar_t(forward_value<A>(acc_t(p[r * C + c]), cf[c], ap[c]));
       });
+}
+
+// Channels-last rows of one block: per channel sum(dz), sum(dz * xhat) and, kSlope, the PReLU
+// slope's sum(dy * z) over z <= 0. A template flag rather than a test per element, so that the
+// loop without the slope stays as it was.
+template <bool kSlope, Act A, typename scalar_t, typename acc_t>
+void reduce_rows(const scalar_t* yb, const scalar_t* db, int64_t rows, int64_t C,
+                 const Affine<acc_t>* af, const ActParam<acc_t>* ap, acc_t* s1, acc_t* s2,
+                 acc_t* s3) {
+  std::fill(s1, s1 + C, acc_t(0));
+  std::fill(s2, s2 + C, acc_t(0));
+  if constexpr (kSlope) std::fill(s3, s3 + C, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t y = acc_t(yb[r * C + c]), dy = acc_t(db[r * C + c]);
+      acc_t dz, xhat;
+      recover<A>(y, dy, af[c], ap[c], dz, xhat);
+      s1[c] += dz;
+      s2[c] += dz * xhat;
+      if constexpr (kSlope) s3[c] += slope_grad_term(y, dy, ap[c]);
+    }
 }
 
 template <typename scalar_t, Act A>
@@ -195,19 +228,20 @@ void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Red
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = ra.g;
   const std::vector<Affine<acc_t>> af = channel_affine<acc_t>(ra.gamma, ra.beta);
-  const ActParam<acc_t> prm(acc_t(ra.param));
+  const std::vector<ActParam<acc_t>> ap = channel_act<acc_t>(ra.slope, ra.param, g.C);
+  const bool slope = ra.sum_dy_z.defined();
   const scalar_t *yp = y.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
   const Blocks bl(g);
-  Partials<acc_t> part(bl);
+  Partials<acc_t> part(bl, slope);
   bl.run(
       [&](int64_t n, int64_t c, int64_t k, int64_t off, int64_t len) {
         // Values, not references into shared state, inside the element loops: then the
         // compiler can keep them in registers and vectorize.
         const Affine<acc_t> a = af[c];
-        const ActParam<acc_t> p = prm;
+        const ActParam<acc_t> p = ap[c];
         const scalar_t *yb = yp + off, *db = dyp + off;
         const int64_t idx = part.index(bl, n, k, c);
-        // Two passes over a cache-resident block: each sum vectorizes on its own.
+        // Two (three) passes over a cache-resident block: each sum vectorizes on its own.
         part.a[idx] = lane_sum<acc_t>(len, [=](int64_t i) {
           return acc_t(db[i]) * Activation<A, acc_t>::derivative(acc_t(yb[i]), p);
         });
@@ -216,25 +250,35 @@ void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Red
           recover<A>(acc_t(yb[i]), acc_t(db[i]), a, p, dz, xhat);
           return dz * xhat;
         });
+        if (slope)
+          part.c[idx] = lane_sum<acc_t>(
+              len, [=](int64_t i) { return slope_grad_term(acc_t(yb[i]), acc_t(db[i]), p); });
       },
       [&](int64_t n, int64_t k, int64_t off, int64_t rows) {
-        const scalar_t *yb = yp + off, *db = dyp + off;
-        acc_t* s1 = part.a.data() + part.index(bl, n, k, 0);
-        acc_t* s2 = part.b.data() + part.index(bl, n, k, 0);
-        const int64_t C = g.C;
-        std::fill(s1, s1 + C, acc_t(0));
-        std::fill(s2, s2 + C, acc_t(0));
-        const ActParam<acc_t> p = prm;
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t dz, xhat;
-            recover<A>(acc_t(yb[r * C + c]), acc_t(db[r * C + c]), af[c], p, dz, xhat);
-            s1[c] += dz;
-            s2[c] += dz * xhat;
-          }
+        const int64_t idx = part.index(bl, n, k, 0);
+        if (slope)
+          reduce_rows<true, A>(yp + off, dyp + off, rows, g.C, af.data(), ap.data(),
+                               part.a.data() + idx, part.b.data() + idx, part.c.data() + idx);
+        else
+          reduce_rows<false, A>(yp + off, dyp + off, rows, g.C, af.data(), ap.data(),
+                                part.a.data() + idx, part.b.data() + idx, (acc_t*)nullptr);
       });
   acc_t* s1p = ra.sum_dz.data_ptr<acc_t>();
   acc_t* s2p = ra.sum_dz_xhat.data_ptr<acc_t>();
+  if (slope) {
+    acc_t* s3p = ra.sum_dy_z.data_ptr<acc_t>();
+    merge_groups<acc_t, SlopeGradSums<acc_t>>(
+        bl, ra.per_sample,
+        [&](int64_t idx, int64_t, int64_t) {
+          return SlopeGradSums<acc_t>{part.a[idx], part.b[idx], part.c[idx]};
+        },
+        [&](int64_t gi, const SlopeGradSums<acc_t>& s) {
+          s1p[gi] = s.dz;
+          s2p[gi] = s.dz_xhat;
+          s3p[gi] = s.dy_z;
+        });
+    return;
+  }
   merge_groups<acc_t, GradSums<acc_t>>(
       bl, ra.per_sample,
       [&](int64_t idx, int64_t, int64_t) { return GradSums<acc_t>{part.a[idx], part.b[idx]}; },
@@ -259,7 +303,7 @@ void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, const at::
                                       s1 ? s1[gi] : acc_t(0), s2 ? s2[gi] : acc_t(0),
                                       acc_t(a.count));
   const std::vector<Affine<acc_t>> af = channel_affine<acc_t>(a.gamma, a.beta);
-  const ActParam<acc_t> prm(acc_t(a.param));
+  const std::vector<ActParam<acc_t>> ap = channel_act<acc_t>(a.slope, a.param, g.C);
   const scalar_t *yp = y.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   const bool ps = a.per_sample;
@@ -267,7 +311,7 @@ void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, const at::
       [&](int64_t n, int64_t c, int64_t, int64_t off, int64_t len) {
         const InputGradCoef<acc_t> k = coef[ps ? n * g.C + c : c];
         const Affine<acc_t> aff = af[c];
-        const ActParam<acc_t> p = prm;
+        const ActParam<acc_t> p = ap[c];
         for (int64_t i = off; i < off + len; ++i) {
           acc_t dz, xhat;
           recover<A>(acc_t(yp[i]), acc_t(dyp[i]), aff, p, dz, xhat);
@@ -277,12 +321,11 @@ void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, const at::
       [&](int64_t n, int64_t, int64_t off, int64_t rows) {
         const InputGradCoef<acc_t>* k = coef.data() + (ps ? n * g.C : 0);
         const int64_t C = g.C;
-        const ActParam<acc_t> p = prm;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < C; ++c) {
             const int64_t i = off + r * C + c;
             acc_t dz, xhat;
-            recover<A>(acc_t(yp[i]), acc_t(dyp[i]), af[c], p, dz, xhat);
+            recover<A>(acc_t(yp[i]), acc_t(dyp[i]), af[c], ap[c], dz, xhat);
             dxp[i] = scalar_t(input_grad_value(dz, xhat, k[c]));
           }
       });

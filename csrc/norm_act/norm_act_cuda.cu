@@ -11,6 +11,7 @@
 //   read consecutive channels.
 // Partial results are stored [N][P][C] for both layouts.
 #include <limits>
+#include <type_traits>
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -96,21 +97,37 @@ template <typename scalar_t, typename acc_t> struct StatsReducer {
   static __device__ Acc finish(const Local& a) { return moments(a); }
 };
 
-template <typename scalar_t, typename acc_t, Act A> struct GradReducer {
-  using Acc = GradSums<acc_t>;
-  using Local = GradSums<acc_t>;
-  using Chan = Affine<acc_t>;
+// Each channel's activation parameter: PReLU's own slope, or the op's one parameter.
+template <typename acc_t>
+__device__ ActParam<acc_t> channel_act(const acc_t* slope, const ActParam<acc_t>& param,
+                                       int64_t c) {
+  return slope != nullptr ? ActParam<acc_t>(slope[c]) : param;
+}
+
+// Backward sums; kSlope adds PReLU's sum(dy * z) over z <= 0 (SlopeGradSums).
+template <typename scalar_t, typename acc_t, Act A, bool kSlope = false> struct GradReducer {
+  using Acc = std::conditional_t<kSlope, SlopeGradSums<acc_t>, GradSums<acc_t>>;
+  using Local = Acc;
+  struct Chan {
+    Affine<acc_t> af;
+    ActParam<acc_t> p;
+  };
   const scalar_t* y;
   const scalar_t* dy;
   const acc_t* gamma;
   const acc_t* beta;
   ActParam<acc_t> param;
-  __device__ Chan channel(int64_t c) const { return {acc_t(1) / clamp_gamma(gamma[c]), beta[c]}; }
-  __device__ void add(Acc& a, const Chan& af, int64_t i) const {
+  const acc_t* slope;  // PReLU: (C,), else null
+  __device__ Chan channel(int64_t c) const {
+    return {{acc_t(1) / clamp_gamma(gamma[c]), beta[c]}, channel_act(slope, param, c)};
+  }
+  __device__ void add(Acc& a, const Chan& ch, int64_t i) const {
+    const acc_t yv = acc_t(y[i]), dyv = acc_t(dy[i]);
     acc_t dz, xhat;
-    recover<A>(acc_t(y[i]), acc_t(dy[i]), af, param, dz, xhat);
+    recover<A>(yv, dyv, ch.af, ch.p, dz, xhat);
     a.dz += dz;
     a.dz_xhat += dz * xhat;
+    if constexpr (kSlope) a.dy_z += slope_grad_term(yv, dyv, ch.p);
   }
   static __device__ Acc finish(const Local& a) { return a; }
 };
@@ -175,9 +192,15 @@ template <typename acc_t> struct StatsFinish {
 template <typename acc_t> struct SumsFinish {
   acc_t* sum_dz;
   acc_t* sum_dz_xhat;
+  acc_t* sum_dy_z;  // PReLU only
   __device__ void operator()(int64_t g, const GradSums<acc_t>& s) const {
     sum_dz[g] = s.dz;
     sum_dz_xhat[g] = s.dz_xhat;
+  }
+  __device__ void operator()(int64_t g, const SlopeGradSums<acc_t>& s) const {
+    sum_dz[g] = s.dz;
+    sum_dz_xhat[g] = s.dz_xhat;
+    sum_dy_z[g] = s.dy_z;
   }
 };
 
@@ -207,7 +230,10 @@ void reduce_groups(const at::Tensor& like, const Geometry& g, bool per_sample, c
 
 // Appliers: per-(n, c) coefficients computed once per thread, then one element at a time.
 template <typename scalar_t, typename acc_t, Act A> struct ForwardApplier {
-  using Coef = ForwardCoef<acc_t>;
+  struct Coef {
+    ForwardCoef<acc_t> k;
+    ActParam<acc_t> p;
+  };
   scalar_t* x;
   const acc_t* mean;
   const acc_t* var;
@@ -215,14 +241,15 @@ template <typename scalar_t, typename acc_t, Act A> struct ForwardApplier {
   const acc_t* beta;
   acc_t eps;
   ActParam<acc_t> param;
+  const acc_t* slope;  // PReLU: (C,), else null
   bool per_sample;
   int64_t C;
   __device__ Coef coef(int64_t n, int64_t c) const {
     const int64_t g = per_sample ? n * C + c : c;
-    return forward_coef(mean[g], var[g], gamma[c], beta[c], eps);
+    return {forward_coef(mean[g], var[g], gamma[c], beta[c], eps), channel_act(slope, param, c)};
   }
   __device__ void apply(const Coef& k, int64_t i) const {
-    x[i] = scalar_t(forward_value<A>(acc_t(x[i]), k, param));
+    x[i] = scalar_t(forward_value<A>(acc_t(x[i]), k.k, k.p));
   }
 };
 
@@ -230,6 +257,7 @@ template <typename scalar_t, typename acc_t, Act A> struct InputGradApplier {
   struct Coef {
     InputGradCoef<acc_t> k;
     Affine<acc_t> af;
+    ActParam<acc_t> p;
   };
   const scalar_t* y;
   const scalar_t* dy;
@@ -241,6 +269,7 @@ template <typename scalar_t, typename acc_t, Act A> struct InputGradApplier {
   const acc_t* sum_dz_xhat;
   acc_t eps;
   ActParam<acc_t> param;
+  const acc_t* slope;  // PReLU: (C,), else null
   acc_t count;
   bool per_sample;
   int64_t C;
@@ -249,11 +278,12 @@ template <typename scalar_t, typename acc_t, Act A> struct InputGradApplier {
     const bool batch = sum_dz != nullptr;
     return {input_grad_coef(var[g], gamma[c], eps, batch, batch ? sum_dz[g] : acc_t(0),
                             batch ? sum_dz_xhat[g] : acc_t(0), count),
-            {acc_t(1) / clamp_gamma(gamma[c]), beta[c]}};
+            {acc_t(1) / clamp_gamma(gamma[c]), beta[c]},
+            channel_act(slope, param, c)};
   }
   __device__ void apply(const Coef& k, int64_t i) const {
     acc_t dz, xhat;
-    recover<A>(acc_t(y[i]), acc_t(dy[i]), k.af, param, dz, xhat);
+    recover<A>(acc_t(y[i]), acc_t(dy[i]), k.af, k.p, dz, xhat);
     dx[i] = scalar_t(input_grad_value(dz, xhat, k.k));
   }
 };
@@ -289,6 +319,10 @@ template <typename F> void apply_elementwise(const Geometry& g, const F& f) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename acc_t> const acc_t* slope_ptr(const at::Tensor& slope) {
+  return slope.defined() ? slope.const_data_ptr<acc_t>() : nullptr;
+}
+
 struct CudaKernels {
   static void stats(const at::Tensor& x, const StatsArgs& a) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_stats", [&] {
@@ -306,7 +340,7 @@ struct CudaKernels {
                                  x.data_ptr<scalar_t>(), a.mean.const_data_ptr<acc_t>(),
                                  a.var.const_data_ptr<acc_t>(), a.gamma.const_data_ptr<acc_t>(),
                                  a.beta.const_data_ptr<acc_t>(), acc_t(a.eps),
-                                 ActParam<acc_t>(acc_t(a.param)),
+                                 ActParam<acc_t>(acc_t(a.param)), slope_ptr<acc_t>(a.slope),
                                  a.per_sample, a.g.C});
     });
   }
@@ -314,12 +348,18 @@ struct CudaKernels {
   static void backward_reduce(const at::Tensor& y, const at::Tensor& dy, const ReduceArgs& a) {
     dispatch_dtype_activation(y.scalar_type(), a.act, [&]<typename scalar_t, Act A>() {
       using acc_t = at::opmath_type<scalar_t>;
-      reduce_groups(y, a.g, a.per_sample,
-                    GradReducer<scalar_t, acc_t, A>{
-                        y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-                        a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
-                        ActParam<acc_t>(acc_t(a.param))},
-                    SumsFinish<acc_t>{a.sum_dz.data_ptr<acc_t>(), a.sum_dz_xhat.data_ptr<acc_t>()});
+      const SumsFinish<acc_t> finish{a.sum_dz.data_ptr<acc_t>(), a.sum_dz_xhat.data_ptr<acc_t>(),
+                                     a.slope.defined() ? a.sum_dy_z.data_ptr<acc_t>() : nullptr};
+      const auto reducer = [&]<bool kSlope>() {
+        return GradReducer<scalar_t, acc_t, A, kSlope>{
+            y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+            a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
+            ActParam<acc_t>(acc_t(a.param)), slope_ptr<acc_t>(a.slope)};
+      };
+      if (a.slope.defined())
+        reduce_groups(y, a.g, a.per_sample, reducer.template operator()<true>(), finish);
+      else
+        reduce_groups(y, a.g, a.per_sample, reducer.template operator()<false>(), finish);
     });
   }
 
@@ -334,8 +374,8 @@ struct CudaKernels {
                    a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
                    a.batch_stats ? a.sum_dz.const_data_ptr<acc_t>() : nullptr,
                    a.batch_stats ? a.sum_dz_xhat.const_data_ptr<acc_t>() : nullptr,
-                   acc_t(a.eps), ActParam<acc_t>(acc_t(a.param)), acc_t(a.count), a.per_sample,
-                   a.g.C});
+                   acc_t(a.eps), ActParam<acc_t>(acc_t(a.param)), slope_ptr<acc_t>(a.slope),
+                   acc_t(a.count), a.per_sample, a.g.C});
     });
   }
 };

@@ -93,6 +93,25 @@ inline at::Tensor channel_param(const std::optional<at::Tensor>& t, const at::Te
   return t->to(opts).contiguous();
 }
 
+// The per-channel PReLU slope as a contiguous (C,) accumulation-type tensor. A slope <= 0 would
+// make the activation non-invertible; on the CPU it is checked here (O(C)), on a GPU by the
+// Python layer, since reading a device tensor here would synchronize every call.
+inline at::Tensor slope_param(const at::Tensor& t, const at::Tensor& x, const Geometry& g) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == g.C, "effseg: slope must have shape (", g.C,
+                    ",) to match the input's channels, got ", t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
+                   "effseg: slope must be floating point, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "effseg: slope is on ", t.device(),
+                    " but the input is on ", x.device());
+  at::Tensor s = t.to(x.options().dtype(acc_type_of(x))).contiguous();
+  if (s.is_cpu()) {
+    TORCH_CHECK_VALUE(s.gt(0).all().item<bool>(),
+                      "effseg: prelu needs every slope > 0 to be invertible, got min ",
+                      s.min().item<double>());
+  }
+  return s;
+}
+
 // Per-group statistics: (C,) for one value per channel, (N, C) for one per sample and channel.
 // Returns the tensor as a contiguous accumulation-type tensor and whether it is per sample.
 inline at::Tensor group_stat(const at::Tensor& t, const at::Tensor& x, const Geometry& g,

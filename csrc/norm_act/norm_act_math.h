@@ -158,6 +158,28 @@ template <typename acc_t> EFFSEG_HD GradSums<acc_t> merge(const GradSums<acc_t>&
   return {a.dz + b.dz, a.dz_xhat + b.dz_xhat};
 }
 
+// PReLU runs the LeakyRelu activation with each channel's own learned slope (an ActParam per
+// channel). Its slope gradient is sum(dy * z) over the non-positive outputs; z is recovered from
+// y by the same inverse, so backward needs no more than for leaky_relu. A slope <= 0 is refused
+// before any kernel runs (y would not determine z).
+template <typename acc_t>
+EFFSEG_HD acc_t slope_grad_term(acc_t y, acc_t dy, const ActParam<acc_t>& a) {
+  const acc_t neg = dy * (y * a.inv);
+  return y > acc_t(0) ? acc_t(0) : neg;
+}
+
+// The three per-group sums of a PReLU backward: GradSums plus sum(dy * z) over z <= 0.
+template <typename acc_t> struct SlopeGradSums {
+  acc_t dz;
+  acc_t dz_xhat;
+  acc_t dy_z;
+};
+
+template <typename acc_t> EFFSEG_HD SlopeGradSums<acc_t> merge(const SlopeGradSums<acc_t>& a,
+                                                                const SlopeGradSums<acc_t>& b) {
+  return {a.dz + b.dz, a.dz_xhat + b.dz_xhat, a.dy_z + b.dy_z};
+}
+
 // Per-channel constants that turn y back into z and xhat: xhat = (z - beta) * inv_gamma.
 template <typename acc_t> struct Affine {
   acc_t inv_gamma;

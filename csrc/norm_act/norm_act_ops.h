@@ -5,8 +5,12 @@
 //   static void stats(const at::Tensor& x, const StatsArgs&);
 //   static void forward(at::Tensor& x, const ForwardArgs&);
 //   static void backward_reduce(const at::Tensor& y, const at::Tensor& dy, const ReduceArgs&);
+//       (also writes sum_dy_z when ReduceArgs::slope is defined)
 //   static void backward_input(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& dx,
 //                              const InputGradArgs&);   // dx may be dy
+//
+// PReLU (the *_prelu ops) is the LeakyRelu kernels with a per-channel slope: `slope` is defined
+// in the arguments, and each channel's ActParam comes from it instead of `param`.
 #pragma once
 
 #include <c10/core/DeviceGuard.h>
@@ -30,6 +34,7 @@ struct ForwardArgs {
   bool per_sample;
   at::Tensor mean, var, gamma, beta;
   double eps, param;
+  at::Tensor slope;  // PReLU: (C,), else undefined
 };
 
 struct ReduceArgs {
@@ -38,7 +43,8 @@ struct ReduceArgs {
   bool per_sample;
   at::Tensor gamma, beta;
   double param;
-  at::Tensor sum_dz, sum_dz_xhat;  // outputs
+  at::Tensor slope;                         // PReLU: (C,), else undefined
+  at::Tensor sum_dz, sum_dz_xhat, sum_dy_z;  // outputs (sum_dy_z with a slope only)
 };
 
 struct InputGradArgs {
@@ -49,6 +55,7 @@ struct InputGradArgs {
   int64_t count;
   at::Tensor var, gamma, beta, sum_dz, sum_dz_xhat;
   double eps, param;
+  at::Tensor slope;  // PReLU: (C,), else undefined
 };
 
 inline std::vector<int64_t> group_shape(const Geometry& g, bool per_sample) {
@@ -61,12 +68,12 @@ inline InputGradArgs prepare_input_grad(const at::Tensor& y, const at::Tensor& d
                                         const std::optional<at::Tensor>& bias,
                                         const std::optional<at::Tensor>& sum_dz,
                                         const std::optional<at::Tensor>& sum_dz_xhat,
-                                        std::optional<int64_t> count, double eps,
-                                        c10::string_view activation, double activation_param) {
+                                        std::optional<int64_t> count, double eps, Act act,
+                                        double activation_param) {
   InputGradArgs a;
   a.g = check_input(y, "output");
   check_same_layout(y, dy, "output", "grad_output");
-  a.act = parse_activation(activation, activation_param);
+  a.act = act;
   a.var = group_stat(var, y, a.g, "var", &a.per_sample);
   a.gamma = channel_param(weight, y, a.g, 1.0, "weight");
   a.beta = channel_param(bias, y, a.g, 0.0, "bias");
@@ -110,9 +117,27 @@ template <typename Kernels> struct NormActOps {
                                 const std::optional<at::Tensor>& bias, double eps,
                                 c10::string_view activation, double activation_param) {
     const c10::DeviceGuard guard(x.device());
+    forward(x, mean, var, weight, bias, eps, parse_activation(activation, activation_param),
+            activation_param, nullptr);
+  }
+
+  static void norm_act_forward_prelu_(at::Tensor& x, const at::Tensor& mean,
+                                      const at::Tensor& var,
+                                      const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias, double eps,
+                                      const at::Tensor& slope) {
+    const c10::DeviceGuard guard(x.device());
+    forward(x, mean, var, weight, bias, eps, Act::LeakyRelu, 0.0, &slope);
+  }
+
+  static void forward(at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                      const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, double eps, Act act, double param,
+                      const at::Tensor* slope) {
     ForwardArgs a;
     a.g = check_input(x, "input");
-    a.act = parse_activation(activation, activation_param);
+    a.act = act;
+    if (slope != nullptr) a.slope = slope_param(*slope, x, a.g);
     bool ps_var = false;
     a.mean = group_stat(mean, x, a.g, "mean", &a.per_sample);
     a.var = group_stat(var, x, a.g, "var", &ps_var);
@@ -121,7 +146,7 @@ template <typename Kernels> struct NormActOps {
     a.gamma = channel_param(weight, x, a.g, 1.0, "weight");
     a.beta = channel_param(bias, x, a.g, 0.0, "bias");
     a.eps = eps;
-    a.param = activation_param;
+    a.param = param;
     Kernels::forward(x, a);
   }
 
@@ -130,19 +155,41 @@ template <typename Kernels> struct NormActOps {
       const std::optional<at::Tensor>& bias, bool per_sample, c10::string_view activation,
       double activation_param) {
     const c10::DeviceGuard guard(y.device());
+    const ReduceArgs a = reduce(y, dy, weight, bias, per_sample,
+                                parse_activation(activation, activation_param), activation_param,
+                                nullptr);
+    return {a.sum_dz, a.sum_dz_xhat};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward_reduce_prelu(
+      const at::Tensor& y, const at::Tensor& dy, const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias, const at::Tensor& slope, bool per_sample) {
+    const c10::DeviceGuard guard(y.device());
+    const ReduceArgs a = reduce(y, dy, weight, bias, per_sample, Act::LeakyRelu, 0.0, &slope);
+    return {a.sum_dz, a.sum_dz_xhat, a.sum_dy_z};
+  }
+
+  static ReduceArgs reduce(const at::Tensor& y, const at::Tensor& dy,
+                           const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, bool per_sample, Act act,
+                           double param, const at::Tensor* slope) {
     ReduceArgs a;
     a.g = check_input(y, "output");
     check_same_layout(y, dy, "output", "grad_output");
-    a.act = parse_activation(activation, activation_param);
+    a.act = act;
     a.per_sample = per_sample;
     a.gamma = channel_param(weight, y, a.g, 1.0, "weight");
     a.beta = channel_param(bias, y, a.g, 0.0, "bias");
-    a.param = activation_param;
+    a.param = param;
     const auto opts = y.options().dtype(acc_type_of(y));
     a.sum_dz = at::empty(group_shape(a.g, per_sample), opts);
     a.sum_dz_xhat = at::empty(group_shape(a.g, per_sample), opts);
+    if (slope != nullptr) {
+      a.slope = slope_param(*slope, y, a.g);
+      a.sum_dy_z = at::empty(group_shape(a.g, per_sample), opts);
+    }
     Kernels::backward_reduce(y, dy, a);
-    return {a.sum_dz, a.sum_dz_xhat};
+    return a;
   }
 
   static at::Tensor norm_act_backward_input(
@@ -152,8 +199,23 @@ template <typename Kernels> struct NormActOps {
       std::optional<int64_t> count, double eps, c10::string_view activation,
       double activation_param) {
     const c10::DeviceGuard guard(y.device());
-    const InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat,
-                                               count, eps, activation, activation_param);
+    const InputGradArgs a =
+        prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count, eps,
+                           parse_activation(activation, activation_param), activation_param);
+    at::Tensor dx = at::empty_like(y);
+    Kernels::backward_input(y, dy, dx, a);
+    return dx;
+  }
+
+  static at::Tensor norm_act_backward_input_prelu(
+      const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
+      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+      const at::Tensor& slope, const std::optional<at::Tensor>& sum_dz,
+      const std::optional<at::Tensor>& sum_dz_xhat, std::optional<int64_t> count, double eps) {
+    const c10::DeviceGuard guard(y.device());
+    InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count,
+                                         eps, Act::LeakyRelu, 0.0);
+    a.slope = slope_param(slope, y, a.g);
     at::Tensor dx = at::empty_like(y);
     Kernels::backward_input(y, dy, dx, a);
     return dx;
@@ -166,8 +228,9 @@ template <typename Kernels> struct NormActOps {
       std::optional<int64_t> count, double eps, c10::string_view activation,
       double activation_param) {
     const c10::DeviceGuard guard(y.device());
-    const InputGradArgs a = prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat,
-                                               count, eps, activation, activation_param);
+    const InputGradArgs a =
+        prepare_input_grad(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count, eps,
+                           parse_activation(activation, activation_param), activation_param);
     Kernels::backward_input(y, dy, dy, a);
   }
 };
@@ -181,6 +244,9 @@ template <typename Kernels> struct NormActOps {
     m.impl("norm_act_backward_reduce", &Ops::norm_act_backward_reduce);                \
     m.impl("norm_act_backward_input", &Ops::norm_act_backward_input);                  \
     m.impl("norm_act_backward_input_", &Ops::norm_act_backward_input_);                \
+    m.impl("norm_act_forward_prelu_", &Ops::norm_act_forward_prelu_);                  \
+    m.impl("norm_act_backward_reduce_prelu", &Ops::norm_act_backward_reduce_prelu);    \
+    m.impl("norm_act_backward_input_prelu", &Ops::norm_act_backward_input_prelu);      \
   }
 
 }  // namespace effseg

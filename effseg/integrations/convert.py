@@ -1,8 +1,10 @@
 """Converting an existing network's norm + activation pairs to effseg's fused in-place modules.
 
-`convert(model)` replaces `nn.BatchNorm{1,2,3}d` / `nn.InstanceNorm{1,2,3}d` followed by
-`nn.LeakyReLU` (slope > 0), `nn.ELU` (alpha > 0) or `nn.Identity` with `InPlaceABN` /
-`InPlaceAIN` carrying that activation, and the activation module with `nn.Identity`. An effseg
+`convert(model)` replaces `nn.BatchNorm{1,2,3}d` / `nn.InstanceNorm{1,2,3}d` / `nn.GroupNorm`
+followed by `nn.LeakyReLU` (slope > 0), `nn.ELU` (alpha > 0), `nn.PReLU` (every slope > 0 at
+conversion) or `nn.Identity` with `InPlaceABN` / `InPlaceAIN` / `InPlaceAGN` carrying that
+activation, and the activation module with `nn.Identity` (a PReLU with `FusedPReLU`, the identity
+that keeps the slope parameter under its own key; the fused norm reads it from there). An effseg
 norm with the identity activation (what `effseg.monai.register()` puts into MONAI blocks) absorbs
 the activation that follows it the same way. Parameters and buffers are moved over as they are
 (the same tensors: weights, running statistics, num_batches_tracked; eps, momentum, affine and
@@ -28,10 +30,12 @@ called:
 - the norm, the activation and the producing layer have no hooks.
 Everything else stays stock and is listed in the report's `skipped`, with the reason (every
 normalization module convert meets is in the report, replaced or skipped): ReLU (not
-invertible), PReLU (learnable slope), other activations, a norm not followed by an activation (an
+invertible), PReLU with a slope <= 0, other activations, a norm not followed by an activation (an
 in-place norm alone keeps its output where the stock one keeps its input: nothing to gain),
 norm inputs that are also read elsewhere (a residual branch) or come from outside what could be
-traced, SyncBatchNorm and subclasses with their own forward. Tensors the converted model
+traced, SyncBatchNorm and subclasses with their own forward. A fused PReLU whose slope training
+later drives to 0 or below makes the fused norm raise a ValueError (the activation would no
+longer be invertible). Tensors the converted model
 returns must not be modified in place by the caller before backward (autograd then raises an
 error; it never computes a wrong gradient silently).
 """
@@ -45,11 +49,13 @@ import torch.fx as fx
 from torch import nn
 
 from ..functional import resolve_activation
-from ..nn.norm_act import InPlaceABN, InPlaceAIN, _InPlaceNormAct
+from ..nn.norm_act import FusedPReLU, InPlaceABN, InPlaceAGN, InPlaceAIN, _InPlaceNormAct
 from ..nn.sync import convert_sync
 
 _BATCH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _INSTANCE = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_STOCK = _BATCH + _INSTANCE + (nn.GroupNorm,)
+_EFFSEG = (_InPlaceNormAct, InPlaceAGN)
 # Layers whose backward does not read their output, so the output may be overwritten.
 _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
               nn.ConvTranspose3d, nn.Linear)
@@ -101,7 +107,7 @@ class ConversionReport:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, _BATCH + _INSTANCE + (nn.SyncBatchNorm, _InPlaceNormAct))
+    return isinstance(m, _STOCK + (nn.SyncBatchNorm,) + _EFFSEG)
 
 
 _OTHER_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
@@ -136,7 +142,7 @@ class _Tracer(fx.Tracer):
     so the graph shows how every norm's input and output are used."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _InPlaceNormAct) or super().is_leaf_module(m, qualname)
+        return isinstance(m, _EFFSEG) or super().is_leaf_module(m, qualname)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -218,8 +224,10 @@ def _is_activation(m: nn.Module) -> bool:
         type(m).__module__ == nn.modules.activation.__name__)
 
 
-def _activation(m: nn.Module) -> tuple[tuple[str, float | None] | None, str | None]:
-    """(effseg activation, None) for a fusable activation module, else (None, reason)."""
+def _activation(m: nn.Module, norm: nn.Module) -> tuple[tuple[str, float | None] | None,
+                                                         str | None]:
+    """(effseg activation, None) for a fusable activation module after `norm`, else
+    (None, reason)."""
     if type(m) is nn.Identity:
         return ("identity", None), None
     if type(m) is nn.LeakyReLU:
@@ -235,11 +243,18 @@ def _activation(m: nn.Module) -> tuple[tuple[str, float | None] | None, str | No
         return None, (f"followed by {type(m).__name__}, which is not invertible: the in-place "
                       "op could not recover its input in backward (use LeakyReLU to fuse, or "
                       "effseg.nn.RecomputeBlock3d for exact ReLU)")
-    if isinstance(m, nn.PReLU):
-        return None, ("followed by PReLU, whose slope is a learned parameter; the fused op "
-                      "supports LeakyReLU, ELU and identity")
+    if type(m) is nn.PReLU:
+        channels = norm.num_channels if isinstance(norm, (nn.GroupNorm, InPlaceAGN)) else (
+            norm.num_features)
+        if m.num_parameters not in (1, channels):
+            return None, (f"PReLU with {m.num_parameters} slopes after a norm of {channels} "
+                          "channels")
+        if not bool((m.weight.detach() > 0).all()):
+            return None, (f"PReLU with a slope <= 0 (min {m.weight.detach().min().item():.4g}) "
+                          "is not invertible (the fused op needs every slope > 0)")
+        return ("prelu", None), None
     return None, (f"followed by {type(m).__name__}, not by an activation the fused op has "
-                  "(LeakyReLU, ELU, Identity)")
+                  "(LeakyReLU, ELU, PReLU, Identity)")
 
 
 def _site(norm_node: fx.Node, modules: dict[str, nn.Module], prefix: str,
@@ -286,7 +301,7 @@ def _site(norm_node: fx.Node, modules: dict[str, nn.Module], prefix: str,
             cur = nxt
             continue
         break
-    act, reason = _activation(m)
+    act, reason = _activation(m, norm)
     if act is None:
         return _Site(reason=reason)
     if _has_hooks(m):
@@ -308,6 +323,13 @@ def _site(norm_node: fx.Node, modules: dict[str, nn.Module], prefix: str,
 
 def _fused(norm: nn.Module, activation: str, param: float | None) -> nn.Module:
     """The effseg module for `norm` + activation, holding the norm's own tensors."""
+    if isinstance(norm, nn.GroupNorm):
+        new = InPlaceAGN(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine,
+                         activation=activation, activation_param=param, device="meta")
+        for name in ("weight", "bias"):
+            setattr(new, name, getattr(norm, name))
+        new.train(norm.training)
+        return new
     cls = InPlaceAIN if isinstance(norm, _INSTANCE) else InPlaceABN
     new = cls(norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
               track_running_stats=norm.track_running_stats, activation=activation,
@@ -337,7 +359,7 @@ def _plan(graphs: list, failed: dict[str, str], norms: dict[str, nn.Module],
             path = prefix + str(node.target)
             if node.op == "call_module" and path in sites:
                 m = modules[node.target]
-                site = _site(node, modules, prefix, not isinstance(m, _InPlaceNormAct))
+                site = _site(node, modules, prefix, not isinstance(m, _EFFSEG))
                 sites[path].append(site)
                 if site.activation_path is not None:
                     fused_into.setdefault(site.activation_path, []).append(path)
@@ -353,7 +375,7 @@ def _plan(graphs: list, failed: dict[str, str], norms: dict[str, nn.Module],
         if isinstance(norm, nn.SyncBatchNorm):
             plan[path] = ("SyncBatchNorm is not converted: its statistics span processes, "
                           "which the fused module computes only in its Sync variant")
-        elif not isinstance(norm, _InPlaceNormAct) and type(norm) not in _BATCH + _INSTANCE:
+        elif not isinstance(norm, _EFFSEG) and type(norm) not in _STOCK:
             plan[path] = (f"{type(norm).__name__} is a subclass of a stock norm, possibly with "
                           "its own forward")
         elif hidden:
@@ -419,7 +441,7 @@ def convert(model: nn.Module, inplace: bool = False, sync: bool = False,
         paths.setdefault(id(m), []).append(path)
     # Stock norms, and effseg norms without an activation (which can take one in).
     norms = {p: m for p, m in target.named_modules() if _is_norm(m) and not (
-        isinstance(m, _InPlaceNormAct) and m.activation != "identity")}
+        isinstance(m, _EFFSEG) and m.activation != "identity")}
     plan = _plan(graphs, failed, norms, paths, target)
 
     report = ConversionReport()
@@ -431,26 +453,31 @@ def convert(model: nn.Module, inplace: bool = False, sync: bool = False,
             report.skipped.append(Skipped(path, site))
             continue
         name, param = site.activation
-        if isinstance(norm, _InPlaceNormAct):
-            norm.activation, norm.activation_param = resolve_activation(name, param)
-            new = norm
-        else:
-            new = _fused(norm, name, param)
-            for p in paths[id(norm)]:
-                _set(target, p, new)
         act = site.activation_path
         if act is not None and act not in identities:
-            identities[act] = nn.Identity()
+            # A PReLU keeps its slope (and key) in the module that replaces it.
+            identities[act] = FusedPReLU(before[act]) if name == "prelu" else nn.Identity()
             for p in paths[id(before[act])]:
                 _set(target, p, identities[act])
+        # The effseg module takes the activation as identity first: a PReLU's slope is not a
+        # number but the parameter it then reads from the FusedPReLU.
+        resolved = ("identity", None) if name == "prelu" else (name, param)
+        if isinstance(norm, _EFFSEG):
+            norm.activation, norm.activation_param = resolve_activation(*resolved)
+            new = norm
+        else:
+            new = _fused(norm, *resolved)
+            for p in paths[id(norm)]:
+                _set(target, p, new)
+        if name == "prelu":
+            new.fuse_prelu(identities[act])
         report.replaced.append(Replaced(
-            path, f"{type(new).__name__}(activation={new.activation!r}, "
-                  f"activation_param={new.activation_param})", site.activation_path))
+            path, f"{type(new).__name__}({new._activation_repr()})", site.activation_path))
     for path, m in before.items():
         if _other_norm(m):
             report.skipped.append(Skipped(path, (
-                f"{type(m).__name__} is not a norm effseg has a fused module for (BatchNorm "
-                "and InstanceNorm 1-3d)")))
+                f"{type(m).__name__} is not a norm effseg has a fused module for (BatchNorm, "
+                "InstanceNorm and GroupNorm)")))
     if sync:
         target = convert_sync(target, process_group)
     return target, report

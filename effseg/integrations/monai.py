@@ -1,11 +1,14 @@
 """effseg norms in MONAI's `Norm` factory.
 
-`register()` adds two entries to `monai.networks.layers.factories.Norm`:
+`register()` adds three entries to `monai.networks.layers.factories.Norm`:
 - "effseg_batch": `InPlaceABN` with `activation="identity"`, defaults as `nn.BatchNorm{1,2,3}d`;
 - "effseg_instance": `InPlaceAIN` with `activation="identity"`, defaults as
-  `nn.InstanceNorm{1,2,3}d` (affine=False, track_running_stats=False), as MONAI's "instance".
+  `nn.InstanceNorm{1,2,3}d` (affine=False, track_running_stats=False), as MONAI's "instance";
+- "effseg_group": `InPlaceAGN` with `activation="identity"`, arguments as MONAI's "group"
+  (`("effseg_group", {"num_groups": 8})`; the channels come from the block).
 The same class serves every spatial dimension. Their state dicts equal those of MONAI's "batch" /
-"instance" norms, so weights load both ways.
+"instance" / "group" norms, so weights load both ways. MONAI's activation factory needs no entry:
+`convert` fuses its stock "leakyrelu", "elu" and "prelu" (MONAI's default) modules.
 
 So `UNet(..., norm="effseg_batch")` builds with in-place norms. MONAI's blocks still apply their
 own activation module after the norm, so that entry alone does not fuse the activation: the norm
@@ -23,12 +26,13 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..nn.norm_act import InPlaceABN, InPlaceAIN
+from ..nn.norm_act import InPlaceABN, InPlaceAGN, InPlaceAIN
 
 ENTRIES = {
     "effseg_batch": partial(InPlaceABN, activation="identity"),
     "effseg_instance": partial(InPlaceAIN, activation="identity", affine=False,
                                track_running_stats=False),
+    "effseg_group": partial(InPlaceAGN, activation="identity"),
 }
 
 

@@ -29,6 +29,8 @@ def _synchronized(norm: InPlaceABN, process_group) -> InPlaceABNSync:
         setattr(new, name, param)
     for name, buffer in norm.named_buffers(recurse=False):
         setattr(new, name, buffer)
+    if norm._slope_source is not None:
+        new.fuse_prelu(norm._slope_source)
     new.train(norm.training)
     return new
 

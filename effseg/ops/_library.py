@@ -97,6 +97,9 @@ OP_NAMES = (
     "norm_act_backward_reduce",
     "norm_act_backward_input",
     "norm_act_backward_input_",
+    "norm_act_forward_prelu_",
+    "norm_act_backward_reduce_prelu",
+    "norm_act_backward_input_prelu",
     "dice_ce_forward",
     "dice_ce_backward",
 )
@@ -197,6 +200,25 @@ if HAVE_EXTENSION:
         _check_devices(output, grad_output=grad_output, var=var, weight=weight, bias=bias,
                        sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
         return None
+
+    @torch.library.register_fake("effseg::norm_act_forward_prelu_")
+    def _forward_prelu_fake(input, mean, var, weight, bias, eps, slope):
+        _check_devices(input, mean=mean, var=var, weight=weight, bias=bias, slope=slope)
+        return None
+
+    @torch.library.register_fake("effseg::norm_act_backward_reduce_prelu")
+    def _backward_reduce_prelu_fake(output, grad_output, weight, bias, slope, per_sample):
+        _check_devices(output, grad_output=grad_output, weight=weight, bias=bias, slope=slope)
+        shape = _group_shape(output, per_sample)
+        acc = _acc_dtype(output)
+        return tuple(output.new_empty(shape, dtype=acc) for _ in range(3))
+
+    @torch.library.register_fake("effseg::norm_act_backward_input_prelu")
+    def _backward_input_prelu_fake(output, grad_output, var, weight, bias, slope, sum_dz,
+                                   sum_dz_xhat, count, eps):
+        _check_devices(output, grad_output=grad_output, var=var, weight=weight, bias=bias,
+                       slope=slope, sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
+        return torch.empty_like(output)
 
     @torch.library.register_fake("effseg::dice_ce_forward")
     def _dice_ce_forward_fake(logits, labels, weight, ignore_index):

@@ -34,7 +34,15 @@ def clamp_gamma(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w.abs() >= GAMMA_MIN, w, torch.where(w < 0, -lo, lo))
 
 
-def act_forward(z: torch.Tensor, activation: str, param: float) -> torch.Tensor:
+def _slope(param, z: torch.Tensor):
+    """PReLU's (C,) slope, shaped to broadcast against z of shape (N, C, *)."""
+    return param.to(z.dtype).reshape((1, -1) + (1,) * (z.dim() - 2))
+
+
+def act_forward(z: torch.Tensor, activation: str, param) -> torch.Tensor:
+    """`param`: the leaky slope or ELU alpha; for "prelu" the (C,) slope tensor."""
+    if activation == "prelu":
+        return torch.where(z > 0, z, z * _slope(param, z))
     if activation == "identity":
         return z
     if activation == "leaky_relu":
@@ -44,7 +52,9 @@ def act_forward(z: torch.Tensor, activation: str, param: float) -> torch.Tensor:
     raise ValueError(f"effseg: unknown activation {activation!r}")
 
 
-def act_inverse(y: torch.Tensor, activation: str, param: float) -> torch.Tensor:
+def act_inverse(y: torch.Tensor, activation: str, param) -> torch.Tensor:
+    if activation == "prelu":
+        return torch.where(y > 0, y, y / _slope(param, y))
     if activation == "identity":
         return y
     if activation == "leaky_relu":
@@ -55,7 +65,9 @@ def act_inverse(y: torch.Tensor, activation: str, param: float) -> torch.Tensor:
     raise ValueError(f"effseg: unknown activation {activation!r}")
 
 
-def act_derivative(y: torch.Tensor, activation: str, param: float) -> torch.Tensor:
+def act_derivative(y: torch.Tensor, activation: str, param) -> torch.Tensor:
+    if activation == "prelu":
+        return torch.where(y > 0, torch.ones_like(y), _slope(param, y).expand_as(y))
     if activation == "identity":
         return torch.ones_like(y)
     if activation == "leaky_relu":
@@ -119,6 +131,34 @@ def norm_act_backward_input_(output, grad_output, var, weight, bias, sum_dz, sum
     grad_output.copy_(norm_act_backward_input(output, grad_output, var, weight, bias, sum_dz,
                                               sum_dz_xhat, count, eps, activation,
                                               activation_param))
+
+
+def _check_slope(slope: torch.Tensor) -> None:
+    if not bool((slope > 0).all()):
+        raise ValueError(f"effseg: prelu needs every slope > 0 to be invertible, got min "
+                         f"{slope.min().item()}")
+
+
+def norm_act_forward_prelu_(input, mean, var, weight, bias, eps, slope):
+    _check_slope(slope)
+    norm_act_forward_(input, mean, var, weight, bias, eps, "prelu", slope.to(_acc(input)))
+
+
+def norm_act_backward_reduce_prelu(output, grad_output, weight, bias, slope, per_sample):
+    _check_slope(slope)
+    slope = slope.to(_acc(output))
+    dz, xhat, _ = _dz_xhat(output, grad_output, weight, bias, "prelu", slope)
+    y = output.to(_acc(output))
+    dy_z = torch.where(y > 0, torch.zeros_like(y), grad_output.to(y.dtype) * y / _slope(slope, y))
+    dims = _reduce_dims(output, per_sample)
+    return dz.sum(dims), (dz * xhat).sum(dims), dy_z.sum(dims)
+
+
+def norm_act_backward_input_prelu(output, grad_output, var, weight, bias, slope, sum_dz,
+                                  sum_dz_xhat, count, eps):
+    _check_slope(slope)
+    return norm_act_backward_input(output, grad_output, var, weight, bias, sum_dz, sum_dz_xhat,
+                                   count, eps, "prelu", slope.to(_acc(output)))
 
 
 

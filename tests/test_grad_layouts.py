@@ -66,14 +66,16 @@ def _check_same(model, stock, x, consumer):
 
 @pytest.mark.parametrize("consumer", sorted(CONSUMERS))
 @pytest.mark.parametrize("n", [1, 2])
-@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("norm", ["instance", "batch", "group", "batch+prelu"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
 def test_converted_norm_act_accepts_any_gradient_layout(consumer, n, norm, memory_format):
     torch.manual_seed(0)
-    norm_layer = (torch.nn.InstanceNorm3d(4, affine=True) if norm == "instance"
-                  else torch.nn.BatchNorm3d(4))
-    stock = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), norm_layer,
-                                torch.nn.LeakyReLU(0.01)).double()
+    norm_layer = {"instance": lambda: torch.nn.InstanceNorm3d(4, affine=True),
+                  "batch": lambda: torch.nn.BatchNorm3d(4),
+                  "group": lambda: torch.nn.GroupNorm(2, 4),
+                  "batch+prelu": lambda: torch.nn.BatchNorm3d(4)}[norm]()
+    act = torch.nn.PReLU(4, init=0.2) if norm.endswith("prelu") else torch.nn.LeakyReLU(0.01)
+    stock = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), norm_layer, act).double()
     with torch.no_grad():
         stock[1].weight.uniform_(0.5, 1.5)
         stock[1].bias.uniform_(-0.3, 0.3)

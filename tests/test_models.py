@@ -44,6 +44,34 @@ def test_any_volume_size_is_padded_and_cropped_back(shape):
         assert aniso(torch.randn(shape)).shape == (shape[0], 2) + shape[2:]
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_output_is_dense_in_the_input_format_and_trains_with_dice_ce(layout, deep_supervision):
+    """A volume that is no multiple of the total stride (padded, cropped back): every output is a
+    dense tensor in the input's memory format, and DiceCELoss takes it as it is; loss and input
+    gradient equal the stock twin's in float64."""
+    from effseg.losses import DeepSupervisionLoss, dice_ce_reference
+    torch.manual_seed(0)
+    fcn = randomize(FullVolumeFCN(out_channels=3, deep_supervision=deep_supervision,
+                                  **SMALL)).double()
+    stock = fcn.to_stock()
+    x = torch.randn(2, 1, 11, 10, 7, dtype=torch.float64).contiguous(memory_format=layout)
+    labels = torch.randint(0, 3, (2, 11, 10, 7))
+    results = []
+    for model, loss in ((fcn, DiceCELoss()), (stock, dice_ce_reference)):
+        xi = x.clone(memory_format=layout).requires_grad_()
+        outs = model(xi)
+        for out in outs if deep_supervision else [outs]:
+            assert out.is_contiguous(memory_format=layout), (out.shape, out.stride())
+        if deep_supervision:
+            loss = DeepSupervisionLoss(loss, model.output_strides())
+        value = loss(outs, labels)
+        value.backward()
+        results.append((value.detach(), xi.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize("norm", ["batch", "instance"])
 @pytest.mark.parametrize("act", [("leaky_relu", {"negative_slope": 0.05}), "relu", "elu"])
 def test_recompute_on_off_and_stock_twin_agree_float64(norm, act):

@@ -66,10 +66,11 @@ class FullVolumeFCN(UNetBase):
         self.recompute = tuple(per_level)
         self._build(
             lambda ci, co, s, i: RecomputeBlock3d(ci, co, kernel_size, s, norm, act,
-                                                  recompute=per_level[i], keep_output=i > 0),
+                                                  recompute=per_level[i], keep_output=i > 0,
+                                                  lean=i == 0),
             lambda low, skip, co, s, i: DecoderBlock3d(low, skip, co, s, kernel_size, norm, act,
                                                        recompute=per_level[i],
-                                                       keep_output=i > 0))
+                                                       keep_output=i > 0, lean=i == 0))
 
     def to_stock(self):
         """The same network (same weights and statistics) built from stock layers."""

@@ -163,12 +163,15 @@ def blocks_of(t: torch.Tensor, parts: int = 4):
 def norm_act_backward_into(pre, dy_block, u: Unit, stats, gamma, beta, blocks):
     """The norm-act backward of one unit written into `pre`'s storage (the pre-activation's
     holder, which the caller no longer needs), one block at a time: `dy_block(n0, n1, c0, c1)`
-    gives a fresh dL/dy of a block (called twice per block: for the sums, then for the input
-    gradient), so that no tensor of `pre`'s full size exists beside it. Returns (dgamma, dbeta)
-    like `_norm_act_backward`."""
+    gives a fresh dL/dy of a block, so that no tensor of `pre`'s full size exists beside it.
+    Where a block holds every value its statistics were taken over (all samples of its channels,
+    or per-sample statistics) and nothing is synchronized, each block is done in one pass;
+    otherwise the sums of all blocks come first and `dy_block` is called again for the input
+    gradient. Returns (dgamma, dbeta) like `_norm_act_backward`."""
     act, param = u.fused_activation
     per_group = stats[1].dim() == 2
-    C = pre.shape[1]
+    N, C = pre.shape[:2]
+    one_pass = u.sync is None and (per_group or all(b[0] == 0 and b[1] == N for b in blocks))
 
     def index(n0, n1, c0, c1):
         return (slice(n0, n1), slice(c0, c1)) if per_group else (slice(c0, c1),)
@@ -181,31 +184,40 @@ def norm_act_backward_into(pre, dy_block, u: Unit, stats, gamma, beta, blocks):
         # the sample stride of the whole), which the kernels' layout check would refuse.
         return dy_block(n0, n1, c0, c1).contiguous().as_strided(sub.shape, sub.stride())
 
-    totals = None
-    for n0, n1, c0, c1 in blocks:
-        sub = pre[n0:n1, c0:c1]
-        sums = op("norm_act_backward_reduce", pre.device)(
-            sub, block_grad(sub, n0, n1, c0, c1), part(gamma, c0, c1),
-            part(beta, c0, c1), per_group, act, param)
-        if totals is None:
-            totals = [sums[0].new_zeros(stats[1].shape), sums[1].new_zeros(stats[1].shape)]
-        for total, value in zip(totals, sums):
-            total[index(n0, n1, c0, c1)] += value
-    s_dz, s_dzx = totals
-    sums = input_grad_sums(s_dz, s_dzx, pre, u.sync) if u.use_batch_stats else (None,) * 3
-    count = sums[2]
-    if count is None and u.use_batch_stats and not per_group:
-        count = pre.numel() // C  # a block's own count would be that of its samples only
-    for n0, n1, c0, c1 in blocks:
-        i = index(n0, n1, c0, c1)
-        sub = pre[n0:n1, c0:c1]
-        dy = block_grad(sub, n0, n1, c0, c1)
+    def reduce(sub, dy, c0, c1):
+        return op("norm_act_backward_reduce", pre.device)(
+            sub, dy, part(gamma, c0, c1), part(beta, c0, c1), per_group, act, param)
+
+    def input_grad(sub, dy, i, c0, c1, sums, count):
         op("norm_act_backward_input_", pre.device)(
             sub, dy, stats[1][i], part(gamma, c0, c1), part(beta, c0, c1),
             None if sums[0] is None else sums[0][i], None if sums[1] is None else sums[1][i],
             count, u.eps, act, param)
         sub.copy_(dy)
+
+    totals = None
+    for n0, n1, c0, c1 in blocks:
+        sub, i = pre[n0:n1, c0:c1], index(n0, n1, c0, c1)
+        dy = block_grad(sub, n0, n1, c0, c1)
+        sums = reduce(sub, dy, c0, c1)
+        if totals is None:
+            totals = [sums[0].new_zeros(stats[1].shape), sums[1].new_zeros(stats[1].shape)]
+        for total, value in zip(totals, sums):
+            total[i] += value
+        if one_pass:
+            local = (totals[0], totals[1]) if u.use_batch_stats else (None, None)
+            input_grad(sub, dy, i, c0, c1, local, None)
         del dy
+    s_dz, s_dzx = totals
+    if not one_pass:
+        sums = input_grad_sums(s_dz, s_dzx, pre, u.sync) if u.use_batch_stats else (None,) * 3
+        count = sums[2]
+        if count is None and u.use_batch_stats and not per_group:
+            count = pre.numel() // C  # a block's own count would be that of its samples only
+        for n0, n1, c0, c1 in blocks:
+            sub = pre[n0:n1, c0:c1]
+            input_grad(sub, block_grad(sub, n0, n1, c0, c1), index(n0, n1, c0, c1), c0, c1,
+                       sums, count)
     if per_group:
         s_dz, s_dzx = s_dz.sum(0), s_dzx.sum(0)
     return s_dzx, s_dz

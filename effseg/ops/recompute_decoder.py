@@ -69,7 +69,8 @@ def concatenates(skip, w_skip, w_cat_up, u1: Unit) -> bool:
         return conv_backend((N, cin) + spatial, skip.to(w_skip.dtype), (w[0], cin) + w[2:],
                             u1.stride, u1.padding)
     whole = backend(Cs + Cu)
-    return whole == int(torch._C._ConvBackend.Mkldnn) and (backend(Cs) != whole or backend(Cu) != whole)
+    mkldnn = int(torch._C._ConvBackend.Mkldnn)
+    return whole == mkldnn and (backend(Cs) != whole or backend(Cu) != whole)
 
 
 def decoder_forward(low, skip, spec: DecoderSpec, w_up, w_skip, w_cat_up, g1, b1, w2, g2, b2,

@@ -152,6 +152,17 @@ def dice_ce_failures(gpu, E=None):
         logits, labels, w, grad, coef_dice, coef_ce = (
             None if t is None else t.to(gpu, copy=True)
             for t in (logits_c, labels_c, w_c, grad_c, coef_dice_c, coef_ce_c))
+        # 5-D logits rotate over the layouts the kernels read in place (channels-last, strided
+        # reads) and one they get a contiguous copy of (a crop); values stay logits_c's.
+        layout = ("contiguous", "channels-last", "crop")[i % 3] if len(shape) == 5 \
+            else "contiguous"
+        if layout == "channels-last":
+            logits = logits.contiguous(memory_format=torch.channels_last_3d)
+        elif layout == "crop":
+            D, H, W = shape[2:]
+            big = logits.new_zeros((N, K, D + 1, H, W + 2))
+            big[:, :, 1:, :, :W] = logits
+            logits = big[:, :, 1:, :, :W]
         stats, ce = E.dice_ce_forward(logits, labels, w, ignore_index)
         rstats, rce = reference.dice_ce_forward(logits_c, labels_c, w_c, ignore_index)
         dz = E.dice_ce_backward(grad, logits, labels, w, ignore_index, coef_dice, coef_ce)
@@ -162,7 +173,7 @@ def dice_ce_failures(gpu, E=None):
             if not close(a, r, dtype):
                 failures += 1
                 print(f"MISMATCH dice_ce {what} shape={shape} {dtype} labels={label_dtype} "
-                      f"weighted={weighted} ignore_index={ignore_index}")
+                      f"weighted={weighted} ignore_index={ignore_index} layout={layout}")
     # Bad labels: forward must refuse them, backward must only zero their voxels; neither may
     # read outside the logits or the weights (memcheck watches).
     labels_c = torch.randint(0, 3, (2, 4, 5))

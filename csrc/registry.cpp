@@ -43,8 +43,9 @@ TORCH_LIBRARY(effseg, m) {
       "norm_act_backward_input_prelu(Tensor output, Tensor grad_output, Tensor var, "
       "Tensor? weight, Tensor? bias, Tensor slope, Tensor? sum_dz, Tensor? sum_dz_xhat, "
       "int? count, float eps) -> Tensor");
-  // Fused softmax + cross-entropy + soft-Dice loss on contiguous logits (N, K, *spatial) and
-  // integer labels (N, *spatial); voxels labelled ignore_index are left out of every sum.
+  // Fused softmax + cross-entropy + soft-Dice loss on logits (N, K, *spatial) (contiguous and
+  // channels-last read in place, other layouts copied once) and integer labels (N, *spatial);
+  // voxels labelled ignore_index are left out of every sum.
   // stats (N, K, 3) holds, per sample and class, I = sum p_k [y == k], P = sum p_k and
   // G = sum [y == k]; ce holds (sum w_y * -log p_y, sum w_y). Both are float32 (float64 for
   // float64 logits). A label outside [0, K) that is not ignore_index is an error.

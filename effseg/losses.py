@@ -19,14 +19,17 @@ label of a voxel and w the class weights (ones when not given):
   as in torch, does not make a Dice-only loss NaN).
 
 Memory: it never builds one-hot targets, and saves for backward only the logits, the labels, the
-class weights and O(N*K) coefficients; backward recomputes the softmax from the logits. The
+class weights and O(N*K) coefficients; backward recomputes the softmax from the logits.
+Layouts: contiguous and channels-last logits are read in place (the kernels follow their
+strides) and their gradient has the same layout; any other layout (a crop of a larger tensor,
+permuted spatial axes) is copied once to a contiguous tensor in forward and again in backward,
+each copy freed when the kernel returns. The
 result is a 0-dim tensor in float32 (float64 for float64 logits), whatever the logits' dtype
 (float64, float32, float16, bfloat16; low precision is accumulated in float32). Gradients flow to
 the logits only.
 
 What it refuses, with a ValueError or TypeError naming the argument:
-- logits that are not floating point, not (N, K, *spatial) with N >= 1 and K >= 2, empty, or not
-  contiguous (channels-last included: call .contiguous());
+- logits that are not floating point, not (N, K, *spatial) with N >= 1 and K >= 2, or empty;
 - labels that are not int64, int32 or uint8, not of shape (N, *spatial), or on another device;
 - labels outside [0, K) that are not `ignore_index` (one device synchronization per call checks
   this on CUDA);
@@ -93,11 +96,6 @@ def check_dice_ce_args(logits, labels, weight, ignore_index, smooth, lambda_ce,
         raise ValueError(
             f"effseg: logits need K >= 2 classes along dim 1 (softmax over one class is "
             f"constant), got shape {tuple(logits.shape)}"
-        )
-    if not logits.is_contiguous():
-        raise ValueError(
-            f"effseg: logits must be contiguous (N, K, *spatial) (strides {logits.stride()}); "
-            "channels-last and other layouts are not supported. Call .contiguous() first."
         )
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"effseg: labels must be a tensor, got {type(labels).__name__}")
@@ -193,8 +191,7 @@ class DeepSupervisionLoss(torch.nn.Module):
 
     `strides` come from the network (`FullVolumeFCN.output_strides()`); a single tensor (a
     network without deep supervision, or in eval mode) goes to `loss` with the full labels.
-    Outputs are made contiguous first (the network's crop leaves strided views; the fused loss
-    takes contiguous logits).
+    Outputs go to `loss` as they are (the fused loss reads any layout).
     """
 
     def __init__(self, loss: torch.nn.Module, strides, weights=None) -> None:
@@ -215,7 +212,7 @@ class DeepSupervisionLoss(torch.nn.Module):
 
     def forward(self, outputs, labels: torch.Tensor) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
-            return self.loss(outputs.contiguous(), labels)
+            return self.loss(outputs, labels)
         if len(outputs) != len(self.strides):
             raise ValueError(f"effseg: {len(outputs)} outputs for {len(self.strides)} strides")
         total = None
@@ -224,7 +221,7 @@ class DeepSupervisionLoss(torch.nn.Module):
                 continue
             sub = labels if (a, b, c) == (1, 1, 1) else \
                 labels[:, ::a, ::b, ::c].contiguous()
-            term = w * self.loss(out.contiguous(), sub)
+            term = w * self.loss(out, sub)
             total = term if total is None else total + term
         return total
 

@@ -1,6 +1,7 @@
 """FullVolumeFCN against itself without recompute and against its stock twin."""
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from effseg.losses import DiceCELoss
 from effseg.memory import peak_allocated, saved_bytes
@@ -42,6 +43,34 @@ def test_any_volume_size_is_padded_and_cropped_back(shape):
     assert aniso.total_stride == (2, 4, 4)
     with torch.no_grad():
         assert aniso(torch.randn(shape)).shape == (shape[0], 2) + shape[2:]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_output_is_dense_in_the_input_format_and_trains_with_dice_ce(layout, deep_supervision):
+    """A volume that is no multiple of the total stride (padded, cropped back): every output is a
+    dense tensor in the input's memory format, and DiceCELoss takes it as it is; loss and input
+    gradient equal the stock twin's in float64."""
+    from effseg.losses import DeepSupervisionLoss, dice_ce_reference
+    torch.manual_seed(0)
+    fcn = randomize(FullVolumeFCN(out_channels=3, deep_supervision=deep_supervision,
+                                  **SMALL)).double()
+    stock = fcn.to_stock()
+    x = torch.randn(2, 1, 11, 10, 7, dtype=torch.float64).contiguous(memory_format=layout)
+    labels = torch.randint(0, 3, (2, 11, 10, 7))
+    results = []
+    for model, loss in ((fcn, DiceCELoss()), (stock, dice_ce_reference)):
+        xi = x.clone(memory_format=layout).requires_grad_()
+        outs = model(xi)
+        for out in outs if deep_supervision else [outs]:
+            assert out.is_contiguous(memory_format=layout), (out.shape, out.stride())
+        if deep_supervision:
+            loss = DeepSupervisionLoss(loss, model.output_strides())
+        value = loss(outs, labels)
+        value.backward()
+        results.append((value.detach(), xi.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])
@@ -157,9 +186,13 @@ def test_saved_for_backward_at_most_25_percent_of_stock_at_ct_size():
     assert ours / theirs <= 0.25, (ours, theirs, ours / theirs)
 
 
-def test_training_step_peak_at_most_25_percent_of_stock_at_ct_size():
-    """The whole step (forward, fused Dice + CE, backward, Adam) at 1x1x96^3, 16 base channels:
-    peak bytes held by tensors, tracked op by op (deterministic on CPU). Measured 0.245."""
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
+def test_second_training_step_peak_at_most_22_percent_of_stock_at_ct_size(amp):
+    """The whole second step (forward, fused Dice + CE, backward, Adam; the first step made the
+    optimizer state) at 1x1x96^3, 16 base channels: peak bytes of the tensors the step allocates,
+    tracked op by op (deterministic on CPU). Measured 0.210 (float32) and 0.218 (bf16 autocast);
+    the peak is in the full-resolution decoder block's backward, where the skip tensor (kept by
+    the next encoder block) and two tensors of the block's own live at once."""
     torch.manual_seed(0)
     fcn = FullVolumeFCN(in_channels=1, out_channels=3)
     stock = fcn.to_stock()
@@ -171,13 +204,16 @@ def test_training_step_peak_at_most_25_percent_of_stock_at_ct_size():
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
         def run():
-            loss_fn(model(x), target).backward()
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                loss = loss_fn(model(x), target)
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        run()
         return run
 
     ours, theirs = peak_allocated(step(fcn)), peak_allocated(step(stock))
-    assert ours / theirs <= 0.25, (ours, theirs, ours / theirs)
+    assert ours / theirs <= 0.22, (ours, theirs, ours / theirs)
 
 
 def test_peak_allocated_follows_tensor_lifetimes():
@@ -213,6 +249,82 @@ def test_decoder_with_fused_head_equals_head_after_decoder(act, keep_output):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="1x1x1 nn.Conv3d"):
         dec(low, skip, head=torch.nn.Conv3d(4, 2, 3))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("norm", ["batch", "instance", ("batch", {"affine": False})])
+@pytest.mark.parametrize("head", [False, True])
+def test_lean_blocks_equal_stock_layers_float64(batch, norm, head):
+    """The lean decoder (norm-act gradients written into the pre-activations block by block, in
+    one pass or two) and the lean encoder block (first unit recomputed) against the same layers
+    without recompute, in float64: outputs, input gradients, parameter gradients, buffers."""
+    from effseg.nn import RecomputeBlock3d
+    torch.manual_seed(batch)
+    dec = randomize(DecoderBlock3d(6, 5, 5, norm=norm, lean=True)).double()
+    enc = randomize(RecomputeBlock3d(2, 5, norm=norm, lean=True)).double()
+    head_conv = torch.nn.Conv3d(5, 3, 1).double() if head else None
+    low = torch.randn(batch, 6, 3, 4, 2, dtype=torch.float64)
+    skip = torch.randn(batch, 5, 6, 8, 4, dtype=torch.float64)
+    x = torch.randn(batch, 2, 6, 8, 4, dtype=torch.float64)
+    results = []
+    for recompute in (True, False):
+        dec.recompute = enc.recompute = recompute
+        lo, sk, xi = (t.clone().requires_grad_() for t in (low, skip, x))
+        y = dec(lo, sk, head=head_conv)
+        e = enc(xi)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+        ge = torch.randn(e.shape, generator=torch.Generator().manual_seed(2), dtype=e.dtype)
+        (y * g).sum().add((e * ge).sum()).backward()
+        params = list(dec.parameters()) + list(enc.parameters()) + (
+            list(head_conv.parameters()) if head else [])
+        results.append([y.detach(), e.detach(), lo.grad, sk.grad, xi.grad]
+                       + [p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+class _ConvBackends(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records, for every convolution forward and backward, the backend ATen selects for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.convolution.default,
+                    torch.ops.aten.convolution_backward.default):
+            backward = func is torch.ops.aten.convolution_backward.default
+            x, w = args[1:3] if backward else args[:2]
+            stride, padding, dilation, transposed, output_padding, groups = args[4:10] \
+                if backward else args[3:9]
+            backend = torch._C._select_conv_backend(x, w, None, stride, padding, dilation,
+                                                    transposed, output_padding, groups, None)
+            key = ("backward" if backward else "forward", tuple(x.shape[2:]), transposed)
+            self.seen.setdefault(key, set()).add(str(backend).rsplit(".", 1)[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_convolutions_run_on_the_backends_stock_uses():
+    """At the phantom's size (batch 1, float32 on a CPU, where ATen sends small inputs to its
+    slow reference kernel and larger ones to oneDNN), every resolution of FullVolumeFCN's
+    training step uses the same convolution backends as its stock twin's, forward and backward:
+    the concatenation-free skip fusion must not push a level's convolutions onto slow_conv3d."""
+    torch.manual_seed(0)
+    fcn = FullVolumeFCN(in_channels=1, out_channels=4, channels=(16, 32, 64, 128),
+                        strides=(1, 2, 2, 2), norm="instance")
+    stock = fcn.to_stock()
+    x = torch.randn(1, 1, 40, 40, 28)
+    target = torch.randint(0, 4, (1, 40, 40, 28))
+    seen = []
+    for model in (fcn, stock):
+        with _ConvBackends() as rec:
+            DiceCELoss()(model(x), target).backward()
+        seen.append(rec.seen)
+    assert seen[0] == seen[1]
+    assert any("Slow3d" in b for b in seen[1].values()) and any(
+        "Mkldnn" in b for b in seen[1].values()), seen[1]
 
 
 def test_bad_model_input():

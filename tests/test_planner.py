@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import needs_cuda
-from effseg.pipeline.planner import (Fit, ModelConfig, calibrate, choose, measure_step, parse_bytes,
-                            plan, scaled_shape)
+import effseg.pipeline.planner as planner
+from effseg.pipeline.planner import (Fit, ModelConfig, calibrate, choose, conv_backends,
+                                     measure_step, parse_bytes, plan, scaled_shape)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="CPU peak memory is measured through Linux /proc")
@@ -39,9 +40,12 @@ def test_prediction_within_15_percent_of_a_measured_step_on_cuda():
 
 
 def test_plan_picks_the_first_recompute_setting_that_fits():
-    shape = (48, 48, 40)
+    # calibrated at 12^3 to 20^3: every convolution of the two finest levels runs on the
+    # target's backend (ATen's slow kernel for these small float32 inputs)
+    shape = (32, 32, 28)
     cpu = torch.device("cpu")
-    roomy = plan(CONFIG, 2**40, shape, cpu, cap_voxels=32 ** 3)
+    roomy = plan(CONFIG, 2**40, shape, cpu, cap_voxels=20 ** 3)
+    assert all(o.fit.same_backends for o in roomy.options)
     assert [sum(o.recompute) for o in roomy.options] == [0, 1, 2, 3]
     assert roomy.chosen is roomy.options[0]
     for option in roomy.options:
@@ -66,3 +70,25 @@ def test_fit_and_units():
     with pytest.raises(ValueError):
         parse_bytes("lots")
     assert scaled_shape((100, 100, 50), 100 * 100 * 50 / 8, (4, 4, 4)) == (48, 48, 24)
+
+
+def test_calibration_across_an_algorithm_switch_is_flagged(monkeypatch):
+    """At 48x48x40 the finest decoder level's skip fusion runs on oneDNN; on calibration volumes
+    of at most 32^3 it would run on ATen's slow kernel (im2col scratch): a line through them is
+    flagged, never chosen, however well it fits the points and however large the budget."""
+    cpu = torch.device("cpu")
+    shape = (48, 48, 40)
+    target = conv_backends(CONFIG, shape, cpu)
+    small = conv_backends(CONFIG, (32, 32, 28), cpu)
+    assert target != small
+    assert int(torch._C._ConvBackend.Mkldnn) in target
+    # a perfectly linear (fake) measurement: only the backends can flag it
+    monkeypatch.setattr(planner, "measure_step",
+                        lambda config, recompute, s, *args: 1000 + 7 * math.prod(s))
+    fit = calibrate(CONFIG, True, shape, cpu, cap_voxels=32 ** 3)
+    assert not fit.same_backends and not fit.linear
+    assert len(fit.points) == 3
+    options = [planner.Option((True,) * 3, fit, fit.predict(math.prod(shape)))]
+    assert choose(options, 2**40) is None
+    same = calibrate(CONFIG, True, (32, 32, 28), cpu, cap_voxels=20 ** 3)
+    assert same.same_backends and same.linear

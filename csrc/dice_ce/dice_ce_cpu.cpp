@@ -1,8 +1,10 @@
-// CPU kernels of the dice_ce ops: hand-written loops over the (N, K, S) view of contiguous logits,
-// parallel over tiles of voxels with at::parallel_for. A tile holds a few thousand logits, so it
-// stays in L1/L2 across the passes each kernel makes over it (maximum, exponentials, sums or
-// gradients); every inner loop runs over the tile's voxels, which are contiguous in memory, so the
-// compiler can vectorize them. Sums are two-level: each tile writes its own partial result and
+// CPU kernels of the dice_ce ops: hand-written loops over the (N, K, S) view of the logits
+// (contiguous or channels-last, Geometry), parallel over tiles of voxels with at::parallel_for.
+// A tile holds a few thousand logits, so it stays in L1/L2 across the passes each kernel makes
+// over it (maximum, exponentials, sums or gradients), whichever way its logits are laid out; every
+// inner loop runs over the tile's voxels. Each kernel is compiled twice: for a voxel stride of 1
+// (contiguous logits: the loops read consecutive addresses and vectorize as before) and for any
+// voxel stride (channels-last: the tile's K * voxels logits are one block of memory). Sums are two-level: each tile writes its own partial result and
 // the partials are merged in a fixed order, so results do not depend on the thread count.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -55,37 +57,42 @@ template <typename acc_t> struct Buffers {
   Buffers(int64_t K, int64_t T) : cls(T), max(T), sum(T), ce_w(T), cbar(T), e(K * T) {}
 };
 
+// The voxel stride: a constant 1 for contiguous logits, so that their loops stay unit-stride.
+template <bool kUnit> inline int64_t voxel_stride(const Geometry& g) { return kUnit ? 1 : g.sv; }
+
 // Classes, maximum, e_k and exp-sum of the voxels [0, len) of one tile. z points at the tile's
-// first voxel in class 0; class k is S elements further on.
-template <typename scalar_t, typename label_t, typename acc_t>
+// first voxel in class 0; class k is sk elements further on, voxel i is i * sv.
+template <bool kUnit, typename scalar_t, typename label_t, typename acc_t>
 void softmax_tile(const scalar_t* z, const label_t* y, int64_t len, const Geometry& g,
                   int64_t ignore_index, Buffers<acc_t>& b) {
+  const int64_t sv = voxel_stride<kUnit>(g);
   int32_t* cls = b.cls.data();
   acc_t *m = b.max.data(), *s = b.sum.data();
   for (int64_t i = 0; i < len; ++i) cls[i] = int32_t(label_class(int64_t(y[i]), g.K, ignore_index));
-  for (int64_t i = 0; i < len; ++i) m[i] = acc_t(z[i]);
+  for (int64_t i = 0; i < len; ++i) m[i] = acc_t(z[i * sv]);
   for (int64_t k = 1; k < g.K; ++k) {
-    const scalar_t* zk = z + k * g.S;
+    const scalar_t* zk = z + k * g.sk;
     for (int64_t i = 0; i < len; ++i) {
-      const acc_t v = acc_t(zk[i]);
+      const acc_t v = acc_t(zk[i * sv]);
       m[i] = v > m[i] ? v : m[i];  // NaN never replaces the maximum; it propagates through e_k
     }
   }
   std::fill(s, s + len, acc_t(0));
   for (int64_t k = 0; k < g.K; ++k) {
-    const scalar_t* zk = z + k * g.S;
+    const scalar_t* zk = z + k * g.sk;
     acc_t* ek = b.e.data() + k * len;
     for (int64_t i = 0; i < len; ++i) {
-      ek[i] = softmax_exp(acc_t(zk[i]), m[i]);
+      ek[i] = softmax_exp(acc_t(zk[i * sv]), m[i]);
       s[i] += ek[i];
     }
   }
 }
 
-template <typename scalar_t, typename label_t>
+template <bool kUnit, typename scalar_t, typename label_t>
 void forward_kernel(const at::Tensor& logits, const at::Tensor& labels, const ForwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
+  const int64_t sv = voxel_stride<kUnit>(g);
   const Tiles tiles(g);
   std::vector<ClassSums<acc_t>> class_part(tiles.count() * g.K);
   std::vector<CeSums<acc_t>> ce_part(tiles.count());
@@ -94,15 +101,15 @@ void forward_kernel(const at::Tensor& logits, const at::Tensor& labels, const Fo
   const acc_t* wp = a.weight.const_data_ptr<acc_t>();
   tiles.run<Buffers<acc_t>>([&](int64_t t, int64_t n, int64_t v0, int64_t len,
                                 Buffers<acc_t>& b) {
-    const scalar_t* z = zp + n * g.K * g.S + v0;
-    softmax_tile(z, yp + n * g.S + v0, len, g, a.ignore_index, b);
+    const scalar_t* z = zp + n * g.sn + v0 * sv;
+    softmax_tile<kUnit>(z, yp + n * g.S + v0, len, g, a.ignore_index, b);
     const int32_t* cls = b.cls.data();
     acc_t *m = b.max.data(), *s = b.sum.data();
     CeSums<acc_t> ce{};
     for (int64_t i = 0; i < len; ++i) {
       const int64_t c = cls[i];
       if (c >= 0) {
-        ce.wnll += wp[c] * nll(acc_t(z[c * g.S + i]), m[i], s[i]);
+        ce.wnll += wp[c] * nll(acc_t(z[c * g.sk + i * sv]), m[i], s[i]);
         ce.w += wp[c];
       } else if (c == kInvalid) {
         ce.invalid += 1;
@@ -158,11 +165,12 @@ void forward_kernel(const at::Tensor& logits, const at::Tensor& labels, const Fo
   a.invalid.data_ptr<int64_t>()[0] = ce.invalid;
 }
 
-template <typename scalar_t, typename label_t>
+template <bool kUnit, typename scalar_t, typename label_t>
 void backward_kernel(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& dz,
                      const BackwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& g = a.g;
+  const int64_t sv = voxel_stride<kUnit>(g);
   const acc_t grad = a.grad.const_data_ptr<acc_t>()[0];
   const acc_t ce_scale = grad * a.coef_ce.const_data_ptr<acc_t>()[0];
   // alpha and beta of every (n, k), times the incoming gradient, as [N][K] arrays.
@@ -178,8 +186,9 @@ void backward_kernel(const at::Tensor& logits, const at::Tensor& labels, const a
   scalar_t* dzp = dz.data_ptr<scalar_t>();
   Tiles(g).run<Buffers<acc_t>>([&](int64_t, int64_t n, int64_t v0, int64_t len,
                                    Buffers<acc_t>& b) {
-    const int64_t base = n * g.K * g.S + v0;
-    softmax_tile(zp + base, yp + n * g.S + v0, len, g, a.ignore_index, b);
+    // dz has the logits' strides (dice_ce_ops.h), so one offset serves both.
+    const int64_t base = n * g.sn + v0 * sv;
+    softmax_tile<kUnit>(zp + base, yp + n * g.S + v0, len, g, a.ignore_index, b);
     const int32_t* cls = b.cls.data();
     acc_t *inv = b.sum.data(), *ce_w = b.ce_w.data(), *cbar = b.cbar.data();
     for (int64_t i = 0; i < len; ++i) {
@@ -199,12 +208,12 @@ void backward_kernel(const at::Tensor& logits, const at::Tensor& labels, const a
     }
     for (int32_t k = 0; k < int32_t(g.K); ++k) {
       const acc_t* pk = b.e.data() + k * len;
-      scalar_t* out = dzp + base + k * g.S;
+      scalar_t* out = dzp + base + k * g.sk;
       for (int64_t i = 0; i < len; ++i) {
         const bool is_label = cls[i] == k;
         const acc_t d = logit_grad(pk[i], is_label, ce_w[i], dice_coef(al[k], be[k], is_label),
                                    cbar[i]);
-        out[i] = scalar_t(cls[i] >= 0 ? d : acc_t(0));
+        out[i * sv] = scalar_t(cls[i] >= 0 ? d : acc_t(0));
       }
     }
   });
@@ -214,14 +223,20 @@ struct CpuKernels {
   static void forward(const at::Tensor& logits, const at::Tensor& labels, const ForwardArgs& a) {
     dispatch_types(logits.scalar_type(), labels.scalar_type(),
                    [&]<typename scalar_t, typename label_t>() {
-                     forward_kernel<scalar_t, label_t>(logits, labels, a);
+                     if (a.g.sv == 1)
+                       forward_kernel<true, scalar_t, label_t>(logits, labels, a);
+                     else
+                       forward_kernel<false, scalar_t, label_t>(logits, labels, a);
                    });
   }
   static void backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& dz,
                        const BackwardArgs& a) {
     dispatch_types(logits.scalar_type(), labels.scalar_type(),
                    [&]<typename scalar_t, typename label_t>() {
-                     backward_kernel<scalar_t, label_t>(logits, labels, dz, a);
+                     if (a.g.sv == 1)
+                       backward_kernel<true, scalar_t, label_t>(logits, labels, dz, a);
+                     else
+                       backward_kernel<false, scalar_t, label_t>(logits, labels, dz, a);
                    });
   }
 };

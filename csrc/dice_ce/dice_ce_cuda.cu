@@ -1,6 +1,6 @@
-// CUDA kernels of the dice_ce ops, over the (N, K, S) view of contiguous logits. One thread per
-// voxel: it walks the voxel's K logits (S elements apart, so the threads of a warp read
-// consecutive addresses) with the online softmax of dice_ce_math.h, then walks them again for the
+// CUDA kernels of the dice_ce ops, over the (N, K, S) view of the logits (contiguous or
+// channels-last, Geometry). One thread per voxel: it walks the voxel's K logits (sk elements
+// apart; with contiguous logits the threads of a warp read consecutive addresses) with the online softmax of dice_ce_math.h, then walks them again for the
 // per-class sums (forward) or the gradient (backward). All indexing is 64-bit.
 //
 // Forward sums per (n, k) are split over many blocks, each covering kVoxels voxels of one sample:
@@ -48,7 +48,7 @@ template <typename scalar_t, typename label_t, typename acc_t> struct ForwardPar
   const label_t* labels;
   const acc_t* weight;
   int64_t ignore_index;
-  int64_t K, S;
+  int64_t K, S, sn, sk, sv;
   int64_t blocks_per_sample;
   ClassSums<acc_t>* class_part;  // [N][blocks_per_sample][K]
   CeSums<acc_t>* ce_part;        // [N][blocks_per_sample]
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ CeSums<acc_t> s_ce[kThreads];
   const int64_t n = blockIdx.x / a.blocks_per_sample, b = blockIdx.x % a.blocks_per_sample;
   const int64_t v0 = b * kVoxels, v1 = min(v0 + kVoxels, a.S);
-  const scalar_t* z = a.logits + n * a.K * a.S;
+  const scalar_t* z = a.logits + n * a.sn;
   const label_t* y = a.labels + n * a.S;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   CeSums<acc_t> ce{};
@@ -84,14 +84,14 @@ __global__ void __launch_bounds__(kThreads)
       acc_t max = acc_t(0), inv_sum = acc_t(0);
       if (v < v1) {
         cls = label_class(int64_t(y[v]), a.K, a.ignore_index);
-        OnlineSoftmax<acc_t> sm(acc_t(z[v]), acc_t(0));
-        for (int64_t k = 1; k < a.K; ++k) sm.push(acc_t(z[k * a.S + v]), acc_t(0));
+        OnlineSoftmax<acc_t> sm(acc_t(z[v * a.sv]), acc_t(0));
+        for (int64_t k = 1; k < a.K; ++k) sm.push(acc_t(z[k * a.sk + v * a.sv]), acc_t(0));
         max = sm.max;
         inv_sum = acc_t(1) / sm.sum;
         if (k0 == 0) {
           if (cls >= 0) {
             const acc_t w = a.weight[cls];
-            ce.wnll += w * nll(acc_t(z[cls * a.S + v]), sm.max, sm.sum);
+            ce.wnll += w * nll(acc_t(z[cls * a.sk + v * a.sv]), sm.max, sm.sum);
             ce.w += w;
           } else if (cls == kInvalid) {
             ce.invalid += 1;
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
         acc_t prob = acc_t(0), inter = acc_t(0);
         int count = 0;
         if (cls >= 0) {
-          prob = softmax_exp(acc_t(z[k * a.S + v]), max) * inv_sum;
+          prob = softmax_exp(acc_t(z[k * a.sk + v * a.sv]), max) * inv_sum;
           inter = cls == k ? prob : acc_t(0);
           count = cls == k;
         }
@@ -175,7 +175,7 @@ template <typename scalar_t, typename label_t, typename acc_t> struct BackwardPa
   const acc_t* coef_ce;    // (1,)
   scalar_t* dz;
   int64_t ignore_index;
-  int64_t N, K, S;
+  int64_t N, K, S, sn, sk, sv;  // dz has the logits' strides
 };
 
 // Grid-stride over the N * S voxels; each thread writes the K gradients of its voxel.
@@ -188,27 +188,27 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * kThreads) {
     const int64_t n = i / a.S, v = i % a.S;
-    const scalar_t* z = a.logits + n * a.K * a.S + v;
-    scalar_t* dz = a.dz + n * a.K * a.S + v;
+    const scalar_t* z = a.logits + n * a.sn + v * a.sv;
+    scalar_t* dz = a.dz + n * a.sn + v * a.sv;
     const int64_t cls = label_class(int64_t(a.labels[i]), a.K, a.ignore_index);
     if (cls < 0) {
       // Ignored voxels (and invalid labels, which forward rejects) get no gradient; their class
       // is never used as an index.
-      for (int64_t k = 0; k < a.K; ++k) dz[k * a.S] = scalar_t(0);
+      for (int64_t k = 0; k < a.K; ++k) dz[k * a.sk] = scalar_t(0);
       continue;
     }
     const acc_t* cd = a.coef_dice + n * a.K * 2;
     OnlineSoftmax<acc_t> sm(acc_t(z[0]), grad * dice_coef(cd[0], cd[1], cls == 0));
     for (int64_t k = 1; k < a.K; ++k)
-      sm.push(acc_t(z[k * a.S]), grad * dice_coef(cd[2 * k], cd[2 * k + 1], cls == k));
+      sm.push(acc_t(z[k * a.sk]), grad * dice_coef(cd[2 * k], cd[2 * k + 1], cls == k));
     const acc_t inv_sum = acc_t(1) / sm.sum;
     const acc_t cbar = sm.dot * inv_sum;
     const acc_t ce_w = ce_scale * a.weight[cls];
     for (int64_t k = 0; k < a.K; ++k) {
       const bool is_label = cls == k;
-      const acc_t p = softmax_exp(acc_t(z[k * a.S]), sm.max) * inv_sum;
+      const acc_t p = softmax_exp(acc_t(z[k * a.sk]), sm.max) * inv_sum;
       const acc_t c = grad * dice_coef(cd[2 * k], cd[2 * k + 1], is_label);
-      dz[k * a.S] = scalar_t(logit_grad(p, is_label, ce_w, c, cbar));
+      dz[k * a.sk] = scalar_t(logit_grad(p, is_label, ce_w, c, cbar));
     }
   }
 }
@@ -233,8 +233,8 @@ struct CudaKernels {
       auto* ce_part = reinterpret_cast<CeSums<acc_t>*>(ce_buf.data_ptr());
       const ForwardParams<scalar_t, label_t, acc_t> p{
           logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(),
-          a.weight.const_data_ptr<acc_t>(),  a.ignore_index, g.K, g.S, per_sample,
-          class_part, ce_part};
+          a.weight.const_data_ptr<acc_t>(),  a.ignore_index, g.K, g.S, g.sn, g.sk, g.sv,
+          per_sample, class_part, ce_part};
       forward_partials_kernel<<<blocks, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       merge_class_kernel<<<g.N * g.K, kThreads, 0, stream>>>(class_part, g.K, per_sample,
@@ -261,7 +261,7 @@ struct CudaKernels {
           logits.const_data_ptr<scalar_t>(), labels.const_data_ptr<label_t>(),
           a.weight.const_data_ptr<acc_t>(),  a.grad.const_data_ptr<acc_t>(),
           a.coef_dice.const_data_ptr<acc_t>(), a.coef_ce.const_data_ptr<acc_t>(),
-          dz.data_ptr<scalar_t>(), a.ignore_index, g.N, g.K, g.S};
+          dz.data_ptr<scalar_t>(), a.ignore_index, g.N, g.K, g.S, g.sn, g.sk, g.sv};
       backward_kernel<<<blocks, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -27,11 +27,17 @@
 namespace effseg {
 namespace dice_ce {
 
-// The (N, K, S) view of contiguous (N, K, *spatial) logits; labels are (N, S).
+// The (N, K, S) view of (N, K, *spatial) logits whose spatial axes flatten to one strided axis
+// (contiguous: sk = S, sv = 1; channels-last: sk = 1, sv = K); labels are contiguous (N, S).
+// Logits element (n, k, v) is at n * sn + k * sk + v * sv, and so is its gradient: backward's
+// output has the logits' strides.
 struct Geometry {
   int64_t N;
   int64_t K;
   int64_t S;
+  int64_t sn;
+  int64_t sk;
+  int64_t sv;
 };
 
 struct ForwardArgs {
@@ -56,6 +62,21 @@ inline at::ScalarType acc_type_of(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Whether the kernels can read `x` in place: no element twice and no gap (so that backward's
+// gradient, allocated like `x`, has the same strides), and spatial axes that flatten to one
+// strided axis. True for contiguous and channels-last tensors; false for crops, transposed
+// spatial axes and the like.
+inline bool flattens(const at::Tensor& x) {
+  if (!x.is_non_overlapping_and_dense()) return false;
+  int64_t inner = -1;  // the spatial axis inside the current one, skipping size-1 axes
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (x.size(d) == 1) continue;
+    if (inner >= 0 && x.stride(d) != x.stride(inner) * x.size(inner)) return false;
+    inner = d;
+  }
+  return true;
+}
+
 inline Geometry check_logits(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 2, "effseg: logits must have shape (N, K, *spatial), got ",
                     x.dim(), " dimension(s)");
@@ -67,9 +88,23 @@ inline Geometry check_logits(const at::Tensor& x) {
                     x.size(1));
   TORCH_CHECK_VALUE(x.size(1) <= std::numeric_limits<int32_t>::max(),
                     "effseg: too many classes: ", x.size(1));
-  TORCH_CHECK_VALUE(x.is_contiguous(), "effseg: logits must be contiguous (N, K, *spatial), got "
-                    "strides ", x.strides(), "; call .contiguous() first");
-  return {x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1))};
+  TORCH_CHECK(flattens(x), "effseg: internal error: logits of strides ", x.strides(),
+              " reached the kernels without readable_logits");
+  const int64_t N = x.size(0), K = x.size(1), S = x.numel() / (N * K);
+  int64_t sv = 1;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (x.size(d) != 1) {
+      sv = x.stride(d);
+      break;
+    }
+  }
+  return {N, K, S, x.stride(0), x.stride(1), sv};
+}
+
+// The logits as the kernels read them: `x` itself when its spatial axes flatten (contiguous,
+// channels-last), else one contiguous copy.
+inline at::Tensor readable_logits(const at::Tensor& x) {
+  return flattens(x) ? x : x.contiguous();
 }
 
 // Labels as a contiguous (N, *spatial) integer tensor (a copy only when they are strided).
@@ -136,11 +171,12 @@ void dispatch_types(at::ScalarType logits, at::ScalarType labels, const F& f) {
 }
 
 template <typename Kernels> struct DiceCeOps {
-  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits,
+  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& given,
                                                     const at::Tensor& labels,
                                                     const std::optional<at::Tensor>& weight,
                                                     int64_t ignore_index) {
-    const c10::DeviceGuard guard(logits.device());
+    const c10::DeviceGuard guard(given.device());
+    const at::Tensor logits = readable_logits(given);
     ForwardArgs a;
     a.g = check_logits(logits);
     const at::Tensor y = check_labels(labels, logits);
@@ -159,11 +195,12 @@ template <typename Kernels> struct DiceCeOps {
     return {a.stats, a.ce};
   }
 
-  static at::Tensor backward(const at::Tensor& grad, const at::Tensor& logits,
+  static at::Tensor backward(const at::Tensor& grad, const at::Tensor& given,
                              const at::Tensor& labels, const std::optional<at::Tensor>& weight,
                              int64_t ignore_index, const at::Tensor& coef_dice,
                              const at::Tensor& coef_ce) {
-    const c10::DeviceGuard guard(logits.device());
+    const c10::DeviceGuard guard(given.device());
+    const at::Tensor logits = readable_logits(given);
     BackwardArgs a;
     a.g = check_logits(logits);
     const at::Tensor y = check_labels(labels, logits);
@@ -176,7 +213,8 @@ template <typename Kernels> struct DiceCeOps {
                       "effseg: coef_dice must have shape (", a.g.N, ", ", a.g.K, ", 2), got ",
                       coef_dice.sizes());
     a.coef_dice = coefficient(coef_dice, logits, a.g.N * a.g.K * 2, "coef_dice", "(N, K, 2)");
-    at::Tensor dz = at::empty_like(logits, at::MemoryFormat::Contiguous);
+    // The logits' own strides (dense: see flattens), so that the kernels index both alike.
+    at::Tensor dz = at::empty_like(logits, at::MemoryFormat::Preserve);
     Kernels::backward(logits, y, dz, a);
     return dz;
   }

@@ -37,7 +37,21 @@ def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> tuple[torch.Ten
     return x, shape
 
 
-def crop(y: torch.Tensor, shape: Sequence[int], factor: Sequence[int] = (1, 1, 1)) -> torch.Tensor:
-    """The part of `y` (on a grid `factor` times coarser than the input) covering `shape`."""
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a network's output takes from its input: channels-last for a
+    channels-last input, contiguous otherwise. With one channel both formats can hold at once;
+    the channel stride tells them apart (1 in channels-last)."""
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and (
+            not x.is_contiguous() or (x.stride(1) == 1 and x[0, 0].numel() > 1)):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def crop(y: torch.Tensor, shape: Sequence[int], factor: Sequence[int] = (1, 1, 1),
+         memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The part of `y` (on a grid `factor` times coarser than the input) covering `shape`, as a
+    dense tensor in `memory_format`: a copy only where padding is cut off or the layout differs
+    (the padded `y` dies with the copy, so the copy adds no memory after the call), so that
+    consumers that read dense layouts (the fused loss, exporters) get one."""
     d, h, w = (math.ceil(n / f) for n, f in zip(shape, factor))
-    return y[:, :, :d, :h, :w]
+    return y[:, :, :d, :h, :w].contiguous(memory_format=memory_format)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ._shape import as_strides, crop, pad_to_multiple, total_stride
+from ._shape import as_strides, crop, output_format, pad_to_multiple, total_stride
 
 
 class UNetBase(nn.Module):
@@ -63,6 +63,7 @@ class UNetBase(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"effseg: {self._name} expects {self.in_channels} input channels, "
                              f"got {x.shape[1]}")
+        fmt = output_format(x)
         x, shape = pad_to_multiple(x, self.total_stride)
         skips = []
         h = x
@@ -79,7 +80,7 @@ class UNetBase(nn.Module):
             logits = self.decoder[last](h, skips[-2 - last], head=self.head)
         else:
             logits = self.head(self.decoder[last](h, skips[-2 - last]))
-        out = crop(logits, shape)
+        out = crop(logits, shape, memory_format=fmt)
         if not (self.deep_supervision and self.training):
             return out
         outs = [out]
@@ -87,5 +88,5 @@ class UNetBase(nn.Module):
         for i in reversed(range(len(coarse))):
             level = len(self.channels) - 2 - i
             factor = total_stride(self.strides[: level + 1])
-            outs.append(crop(self.ds_heads[i](coarse[i]), shape, factor))
+            outs.append(crop(self.ds_heads[i](coarse[i]), shape, factor, memory_format=fmt))
         return outs

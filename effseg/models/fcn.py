@@ -9,11 +9,18 @@ spares recomputing its second unit.
 
 The step's memory peak is in the backward of the full-resolution blocks, so there the network
 trades a little time for it: the full-resolution encoder and decoder blocks recompute their
-second unit instead of keeping their output (nobody else holds it by then), and the head runs
-inside the last decoder block's Function, so the gradient of the decoder's output is born
-and dies inside that backward (written in place) instead of being held by autograd. At the
-peak live about four full-resolution tensors of the first level's width (measured:
-`effseg.memory.peak_allocated`, 0.245x the stock twin's step at 1x1x96^3).
+second unit instead of keeping their output (nobody else holds it by then), the head runs
+inside the last decoder block's Function (the gradient of the decoder's output is born and dies
+inside that backward), and both blocks are `lean`: every convolution's weight gradient comes
+before its input gradient, the decoder writes its norm-act gradients into the recomputed
+pre-activations a quarter at a time, and the encoder block recomputes its cheap first unit (one
+input channel) rather than keep it. At the peak live three full-resolution tensors of the first
+level's width (the skip, which the next encoder block keeps, and two of the decoder's) besides
+the coarser levels' saved tensors (measured: `effseg.memory.peak_allocated`, second step,
+0.210x the stock twin's at 1x1x96^3, 0.218x in bf16 autocast).
+
+Outputs are dense tensors in the input's memory format (contiguous or channels-last), also when
+the padding is cropped off, so `DiceCELoss` and exporters take them as they are.
 
 Inputs of any spatial size: padded with zeros to a multiple of the total stride and the output
 cropped back, so the output has the input's spatial shape. Constructor names follow MONAI's
@@ -66,10 +73,11 @@ class FullVolumeFCN(UNetBase):
         self.recompute = tuple(per_level)
         self._build(
             lambda ci, co, s, i: RecomputeBlock3d(ci, co, kernel_size, s, norm, act,
-                                                  recompute=per_level[i], keep_output=i > 0),
+                                                  recompute=per_level[i], keep_output=i > 0,
+                                                  lean=i == 0),
             lambda low, skip, co, s, i: DecoderBlock3d(low, skip, co, s, kernel_size, norm, act,
                                                        recompute=per_level[i],
-                                                       keep_output=i > 0))
+                                                       keep_output=i > 0, lean=i == 0))
 
     def to_stock(self):
         """The same network (same weights and statistics) built from stock layers."""

@@ -13,6 +13,11 @@ unit keeps its output).
 keeps it anyway (another block, a convolution, a concatenation), which is the usual case inside
 a network; it has no effect with `residual` or act="relu" (the output does not determine the
 second unit's pre-activation there).
+
+`lean=True` (without `keep_output`) makes backward hold at most two tensors of the output's size
+besides the incoming gradient, for two more computations of the first unit: for a block whose
+first unit is cheap (a network's first block, with one or a few input channels) at the step's
+memory peak. No effect with `residual` or act="relu".
 """
 from __future__ import annotations
 
@@ -52,13 +57,14 @@ class RecomputeBlock3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, norm: Spec = "batch",
                  act: Spec = ("leaky_relu", {"negative_slope": 0.01}), residual: bool = False,
-                 recompute: bool = True, keep_output: bool = False) -> None:
+                 recompute: bool = True, keep_output: bool = False, lean: bool = False) -> None:
         super().__init__()
         self.unit1 = ConvNormAct3d(in_channels, out_channels, kernel_size, stride, norm, act)
         self.unit2 = ConvNormAct3d(out_channels, out_channels, kernel_size, 1, norm, act)
         self.residual = residual
         self.recompute = recompute
         self.keep_output = keep_output
+        self.lean = lean
         self.skip = None
         if residual and (in_channels != out_channels or _triple(stride) != (1, 1, 1)):
             self.skip = nn.Conv3d(in_channels, out_channels, 1, stride, bias=False)
@@ -96,7 +102,7 @@ class RecomputeBlock3d(nn.Module):
                           unit_spec(self.unit2.norm, self.unit2.conv, self.unit2.act_name)),
                          self.residual,
                          _triple(self.skip.stride) if self.skip is not None else (1, 1, 1),
-                         _compute_dtype(x), self.keep_output)
+                         _compute_dtype(x), self.keep_output, self.lean)
         n1, n2 = self.unit1.norm, self.unit2.norm
         return RecomputeBlockFunction.apply(
             x, spec, self.unit1.conv.weight, n1.weight, n1.bias, self.unit2.conv.weight,
@@ -104,4 +110,4 @@ class RecomputeBlock3d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"residual={self.residual}, recompute={self.recompute}, "
-                f"keep_output={self.keep_output}")
+                f"keep_output={self.keep_output}, lean={self.lean}")

@@ -7,7 +7,9 @@ Conv -> norm-act units.
 `conv_skip(skip) + conv_up(up)` is exactly `conv(cat(skip, up))` with the concatenating conv's
 weight split along its input channels (`concat_weight()` gives that weight back), but the
 concatenated tensor never exists. With `recompute=True` a training step keeps only `low`, `skip`
-and O(C) statistics (`effseg.ops.recompute_decoder`).
+and O(C) statistics (`effseg.ops.recompute_decoder`). `lean=True` (for the level at the step's
+memory peak) writes the backward's norm-act gradients into the recomputed pre-activations half a
+tensor at a time: at most three tensors of the level's size at once, skip included.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class DecoderBlock3d(nn.Module):
     def __init__(self, low_channels: int, skip_channels: int, out_channels: int,
                  up_stride=2, kernel_size: int = 3, norm: Spec = "batch",
                  act: Spec = ("leaky_relu", {"negative_slope": 0.01}), recompute: bool = True,
-                 keep_output: bool = False) -> None:
+                 keep_output: bool = False, lean: bool = False) -> None:
         super().__init__()
         self.up_stride = _triple(up_stride)
         self.up = nn.ConvTranspose3d(low_channels, out_channels, self.up_stride, self.up_stride,
@@ -41,6 +43,7 @@ class DecoderBlock3d(nn.Module):
         self.unit2 = ConvNormAct3d(out_channels, out_channels, kernel_size, 1, norm, act)
         self.recompute = recompute
         self.keep_output = keep_output
+        self.lean = lean
 
     def concat_weight(self) -> torch.Tensor:
         """The weight of the equivalent conv over cat(skip, up) (skip channels first)."""
@@ -100,7 +103,7 @@ class DecoderBlock3d(nn.Module):
         unit1 = unit_spec(self.norm1, conv, self.act_name)
         unit2 = unit_spec(self.unit2.norm, self.unit2.conv, self.unit2.act_name)
         spec = DecoderSpec(self.up_stride, (unit1, unit2), _compute_dtype(skip),
-                           self.keep_output)
+                           self.keep_output, self.lean)
         return DecoderBlockFunction.apply(
             low, skip, spec, self.up.weight, self.conv_skip.weight, self.conv_up.weight,
             self.norm1.weight, self.norm1.bias, self.unit2.conv.weight, self.unit2.norm.weight,
@@ -108,4 +111,4 @@ class DecoderBlock3d(nn.Module):
             None if head is None else head.bias)
 
     def extra_repr(self) -> str:
-        return f"recompute={self.recompute}, keep_output={self.keep_output}"
+        return f"recompute={self.recompute}, keep_output={self.keep_output}, lean={self.lean}"

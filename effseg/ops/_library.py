@@ -158,6 +158,19 @@ def _group_shape(t: torch.Tensor, per_sample: bool) -> tuple[int, ...]:
     return (t.shape[0], t.shape[1]) if per_sample else (t.shape[1],)
 
 
+def _dice_ce_reads_in_place(x: torch.Tensor) -> bool:
+    """dice_ce_ops.h's `flattens`: no element twice and no gap, and spatial axes that flatten to
+    one strided axis (contiguous and channels-last logits)."""
+    expected = 1
+    for size, stride in sorted((v for v in zip(x.shape, x.stride()) if v[0] != 1),
+                               key=lambda v: v[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    spatial = [(n, st) for n, st in zip(x.shape[2:], x.stride()[2:]) if n != 1]
+    return all(outer[1] == inner[1] * inner[0] for outer, inner in zip(spatial, spatial[1:]))
+
+
 def _check_devices(first: torch.Tensor, **others) -> None:
     """Tensors on different devices dispatch to the highest-priority device's kernel, which can
     be this fake one (a 'meta' weight beside a CPU input): refuse instead of doing nothing."""
@@ -231,4 +244,7 @@ if HAVE_EXTENSION:
     def _dice_ce_backward_fake(grad, logits, labels, weight, ignore_index, coef_dice, coef_ce):
         _check_devices(logits, grad=grad, labels=labels, weight=weight, coef_dice=coef_dice,
                        coef_ce=coef_ce)
-        return logits.new_empty(logits.shape)
+        # The kernel's gradient has the logits' layout where it reads them in place
+        # (dice_ce_ops.h: dense, spatial axes flattening to one), else the contiguous copy's.
+        return logits.new_empty_strided(logits.shape, logits.stride()) if _dice_ce_reads_in_place(
+            logits) else logits.new_empty(logits.shape)

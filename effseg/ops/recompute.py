@@ -56,10 +56,20 @@ class BlockSpec:
     # unit is recomputed. Only where the output is that unit's output (no residual) and it
     # determines the pre-activation (not ReLU).
     keep_output: bool = False
+    # Backward holds at most two tensors of the block's output size besides the incoming
+    # gradient, at the price of computing the first unit three times instead of once (see
+    # `_lean_backward`): where that unit is cheap (few input channels) and the block sits at the
+    # step's memory peak (full resolution). Only without a kept output, residual or ReLU.
+    lean: bool = False
 
     @property
     def keeps_output(self) -> bool:
         return self.keep_output and not self.residual and self.units[1].activation != "relu"
+
+    @property
+    def is_lean(self) -> bool:
+        return (self.lean and not self.keeps_output and not self.residual
+                and all(u.activation != "relu" for u in self.units))
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -113,10 +123,112 @@ def block_forward(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip, stats=None
     return out, used, units_out
 
 
-def _conv_backward(grad, inp, w, u_stride, u_padding, u_dilation, groups, need_input):
+def _conv_backward(grad, inp, w, u_stride, u_padding, u_dilation, groups, need_input,
+                   need_weight=True):
     return torch.ops.aten.convolution_backward(
         grad, inp, w, None, list(u_stride), list(u_padding), list(u_dilation), False, [0, 0, 0],
-        groups, [need_input, True, False])[:2]
+        groups, [need_input, need_weight, False])[:2]
+
+
+def shape_only(t: torch.Tensor) -> torch.Tensor:
+    """A tensor with `t`'s shape, dtype and device and no memory (every stride 0): the input
+    argument of a convolution backward that computes only the input gradient, which reads the
+    input's shape but not its values. ATen picks the backend from the same shapes."""
+    return t.new_empty(()).expand(t.shape)
+
+
+def conv_backend(x_shape, like: torch.Tensor, w_shape, stride, padding, transposed=False):
+    """The backend ATen picks for a convolution of an input of `x_shape` (dtype and device of
+    `like`) with a weight of `w_shape` (asked with memoryless stand-ins), as its enum's integer
+    value (some values have no Python name, and unnamed values compare by identity)."""
+    def stand_in(shape):
+        return like.new_empty(()).expand(tuple(shape))
+    return int(torch._C._select_conv_backend(
+        stand_in(x_shape), stand_in(w_shape), None, list(stride), list(padding), [1, 1, 1],
+        transposed, [0, 0, 0], 1, None))
+
+
+def blocks_of(t: torch.Tensor, parts: int = 4):
+    """Blocks (n0, n1, c0, c1) of about 1/`parts` of `t` each (or one sample, if that is less)
+    that are contiguous slices of a contiguous `t`: channel ranges of one sample. None where `t`
+    is not contiguous (channels-last) or has fewer channels than parts per sample."""
+    if not t.is_contiguous():
+        return None
+    N, C = t.shape[:2]
+    per_sample = -(-parts // N)
+    if per_sample > C:
+        return None
+    edges = [C * i // per_sample for i in range(per_sample + 1)]
+    return [(n, n + 1, c0, c1) for n in range(N) for c0, c1 in zip(edges, edges[1:])]
+
+
+def norm_act_backward_into(pre, dy_block, u: Unit, stats, gamma, beta, blocks):
+    """The norm-act backward of one unit written into `pre`'s storage (the pre-activation's
+    holder, which the caller no longer needs), one block at a time: `dy_block(n0, n1, c0, c1)`
+    gives a fresh dL/dy of a block, so that no tensor of `pre`'s full size exists beside it.
+    Where a block holds every value its statistics were taken over (all samples of its channels,
+    or per-sample statistics) and nothing is synchronized, each block is done in one pass;
+    otherwise the sums of all blocks come first and `dy_block` is called again for the input
+    gradient. Returns (dgamma, dbeta) like `_norm_act_backward`."""
+    act, param = u.fused_activation
+    per_group = stats[1].dim() == 2
+    N, C = pre.shape[:2]
+    one_pass = u.sync is None and (per_group or all(b[0] == 0 and b[1] == N for b in blocks))
+
+    def index(n0, n1, c0, c1):
+        return (slice(n0, n1), slice(c0, c1)) if per_group else (slice(c0, c1),)
+
+    def part(t, c0, c1):
+        return None if t is None else t[c0:c1]
+
+    def block_grad(sub, n0, n1, c0, c1):
+        # Both contiguous; the strides of their size-1 axes differ (a block of `pre` keeps
+        # the sample stride of the whole), which the kernels' layout check would refuse.
+        return dy_block(n0, n1, c0, c1).contiguous().as_strided(sub.shape, sub.stride())
+
+    def reduce(sub, dy, c0, c1):
+        return op("norm_act_backward_reduce", pre.device)(
+            sub, dy, part(gamma, c0, c1), part(beta, c0, c1), per_group, act, param)
+
+    def input_grad(sub, dy, i, c0, c1, sums, count):
+        op("norm_act_backward_input_", pre.device)(
+            sub, dy, stats[1][i], part(gamma, c0, c1), part(beta, c0, c1),
+            None if sums[0] is None else sums[0][i], None if sums[1] is None else sums[1][i],
+            count, u.eps, act, param)
+        sub.copy_(dy)
+
+    totals = None
+    for n0, n1, c0, c1 in blocks:
+        sub, i = pre[n0:n1, c0:c1], index(n0, n1, c0, c1)
+        dy = block_grad(sub, n0, n1, c0, c1)
+        sums = reduce(sub, dy, c0, c1)
+        if totals is None:
+            totals = [sums[0].new_zeros(stats[1].shape), sums[1].new_zeros(stats[1].shape)]
+        for total, value in zip(totals, sums):
+            total[i] += value
+        if one_pass:
+            local = (totals[0], totals[1]) if u.use_batch_stats else (None, None)
+            input_grad(sub, dy, i, c0, c1, local, None)
+        del dy
+    s_dz, s_dzx = totals
+    if not one_pass:
+        sums = input_grad_sums(s_dz, s_dzx, pre, u.sync) if u.use_batch_stats else (None,) * 3
+        count = sums[2]
+        if count is None and u.use_batch_stats and not per_group:
+            count = pre.numel() // C  # a block's own count would be that of its samples only
+        for n0, n1, c0, c1 in blocks:
+            sub = pre[n0:n1, c0:c1]
+            input_grad(sub, block_grad(sub, n0, n1, c0, c1), index(n0, n1, c0, c1), c0, c1,
+                       sums, count)
+    if per_group:
+        s_dz, s_dzx = s_dz.sum(0), s_dzx.sum(0)
+    return s_dzx, s_dz
+
+
+def converted(ws, cd):
+    """The weights in the compute dtype, converted once per step (forward keeps them for
+    backward) rather than once per convolution call."""
+    return tuple(None if w is None else w.to(cd) for w in ws)
 
 
 def _norm_act_backward(pre, dy, u: Unit, stats, gamma, beta, owned: bool):
@@ -143,9 +255,44 @@ def _norm_act_backward(pre, dy, u: Unit, stats, gamma, beta, owned: bool):
     return dz, s_dzx, s_dz
 
 
+def _lean_backward(ctx, x, grad_out, w1, g1, b1, w2, g2, b2, stats):
+    """The block's backward holding at most the incoming gradient and two tensors of the
+    output's size: the first unit's output is computed three times (for the second unit, for
+    the second convolution's weight gradient, for its own norm-act backward) and dropped in
+    between, and the second convolution's two gradients are computed apart, so that its input
+    and its input gradient never coexist."""
+    spec = ctx.spec
+    cd = spec.compute_dtype
+    u1, u2 = spec.units
+
+    def first_unit():
+        return block_forward(x, spec, w1, g1, b1, w2, g2, b2, None, stats=stats, units=1)[2][0][1]
+
+    y1 = first_unit()
+    pre2 = _norm_act_(_conv(y1, w2, u2), u2, stats[1], g2, b2)[0]
+    del y1
+    dz2, dg2, db2 = _norm_act_backward(pre2, grad_out.to(cd), u2, stats[1], g2, b2, owned=False)
+    del pre2
+    y1 = first_unit()
+    args = (u2.stride, u2.padding, u2.dilation, u2.groups)
+    dw2 = _conv_backward(dz2, y1, w2, *args, False)[1]
+    shape = shape_only(y1)
+    del y1
+    dy1 = _conv_backward(dz2, shape, w2, *args, True, False)[0]
+    del dz2
+    y1 = first_unit()
+    dz1, dg1, db1 = _norm_act_backward(y1, dy1, u1, stats[0], g1, b1, owned=True)
+    del y1, dy1
+    dx, dw1 = _conv_backward(dz1, x.to(cd), w1, u1.stride, u1.padding, u1.dilation, u1.groups,
+                             ctx.needs_input_grad[0])
+    return dx, dw1, dg1, db1, dw2, dg2, db2
+
+
 class RecomputeBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip):
+        ctx.weight_dtypes = [None if w is None else w.dtype for w in (w1, w2, w_skip)]
+        w1, w2, w_skip = converted((w1, w2, w_skip), spec.compute_dtype)
         out, stats, _ = block_forward(x, spec, w1, g1, b1, w2, g2, b2, w_skip)
         (m1, v1), (m2, v2) = stats
         # Statistics are copied (O(C)) so that later updates of running buffers (eval-mode
@@ -161,6 +308,16 @@ class RecomputeBlockFunction(torch.autograd.Function):
         spec = ctx.spec
         cd = spec.compute_dtype
         u1, u2 = spec.units
+        dt1, dt2, _ = ctx.weight_dtypes
+        if spec.is_lean:
+            with torch.no_grad():
+                dx, dw1, dg1, db1, dw2, dg2, db2 = _lean_backward(
+                    ctx, x, grad_out, w1, g1, b1, w2, g2, b2, ((m1, v1), (m2, v2)))
+            return (None if dx is None else dx.to(x.dtype), None, dw1.to(dt1),
+                    None if g1 is None else dg1.to(g1.dtype),
+                    None if b1 is None else db1.to(b1.dtype), dw2.to(dt2),
+                    None if g2 is None else dg2.to(g2.dtype),
+                    None if b2 is None else db2.to(b2.dtype), None)
         with torch.no_grad():
             _, _, recomputed = block_forward(x, spec, w1, g1, b1, w2, g2, b2, w_skip,
                                              stats=((m1, v1), (m2, v2)),
@@ -171,7 +328,7 @@ class RecomputeBlockFunction(torch.autograd.Function):
             dz2, dg2, db2 = _norm_act_backward(pre2, grad_out.to(cd), u2, (m2, v2), g2,
                                                b2, owned=False)
             del pre2
-            dy1, dw2 = _conv_backward(dz2, y1, w2.to(cd), u2.stride, u2.padding, u2.dilation,
+            dy1, dw2 = _conv_backward(dz2, y1, w2, u2.stride, u2.padding, u2.dilation,
                                       u2.groups, True)
             del dz2, y1
             dz1, dg1, db1 = _norm_act_backward(pre1, dy1, u1, (m1, v1), g1, b1,
@@ -179,7 +336,7 @@ class RecomputeBlockFunction(torch.autograd.Function):
             del pre1, dy1
             need_x = ctx.needs_input_grad[0]
             xc = x.to(cd)
-            dx, dw1 = _conv_backward(dz1, xc, w1.to(cd), u1.stride, u1.padding, u1.dilation,
+            dx, dw1 = _conv_backward(dz1, xc, w1, u1.stride, u1.padding, u1.dilation,
                                      u1.groups, need_x)
             dw_skip = None
             if spec.residual:
@@ -187,12 +344,12 @@ class RecomputeBlockFunction(torch.autograd.Function):
                 if w_skip is None:
                     dx_skip = g
                 else:
-                    dx_skip, dw_skip = _conv_backward(g, xc, w_skip.to(cd), spec.skip_stride,
+                    dx_skip, dw_skip = _conv_backward(g, xc, w_skip, spec.skip_stride,
                                                       (0, 0, 0), (1, 1, 1), 1, need_x)
-                    dw_skip = dw_skip.to(w_skip.dtype)
+                    dw_skip = dw_skip.to(ctx.weight_dtypes[2])
                 if need_x:
                     dx = dx + dx_skip
-        return (None if dx is None else dx.to(x.dtype), None, dw1.to(w1.dtype),
+        return (None if dx is None else dx.to(x.dtype), None, dw1.to(dt1),
                 None if g1 is None else dg1.to(g1.dtype), None if b1 is None else db1.to(b1.dtype),
-                dw2.to(w2.dtype), None if g2 is None else dg2.to(g2.dtype),
+                dw2.to(dt2), None if g2 is None else dg2.to(g2.dtype),
                 None if b2 is None else db2.to(b2.dtype), dw_skip)

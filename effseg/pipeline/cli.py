@@ -92,7 +92,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps({
             "device": str(device), "shape": list(result.shape), "budget_bytes": budget,
             "options": [{"recompute": list(o.recompute), "predicted_bytes": o.predicted,
-                         "calibration": o.fit.points, "linear": o.fit.linear}
+                         "calibration": o.fit.points, "linear": o.fit.linear,
+                         "same_backends": o.fit.same_backends}
                         for o in result.options],
             "chosen": None if result.chosen is None else list(result.chosen.recompute),
             "largest_shape": list(result.largest_shape),
@@ -103,8 +104,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"({math.prod(shape) / 1e6:.1f} M voxels); budget {budget / gib:.2f} GiB")
     for o in result.options:
         mark = "  <- chosen" if o is result.chosen else (
-            "" if o.fit.linear else "  (calibration not linear: peak fell as the volume grew; "
-            "calibrate closer to the target with --cap)")
+            "" if o.fit.linear else "  (calibration not linear: " + (
+                "peak fell as the volume grew" if o.fit.same_backends else
+                "its volumes ran other convolution backends than the target's") +
+            "; calibrate closer to the target with --cap)")
         print(f"  {o.label:<32} predicted peak {o.predicted / gib:8.2f} GiB{mark}")
     full = result.options[-1].fit
     if not any(o.fit.linear for o in result.options):

@@ -7,9 +7,16 @@ activation, workspace and gradient is proportional to the volume; parameters and
 state are the constant). The planner measures `effseg.memory.step_peak` at three volumes with
 the target's aspect ratio, fits peak = a + b * voxels by least squares and extrapolates.
 Calibration volumes are the target's half and its 0.75 and 0.5 multiples, capped (`cap_voxels`)
-so that calibration stays short. Caveat, seen on CPUs: convolution libraries switch algorithms
-with size (oneDNN's small-volume path keeps large scratch buffers), so the line holds only
-among volumes on the same side of such a switch; calibrate close to the target there.
+so that calibration stays short.
+
+Algorithm switches: on CPUs ATen sends a convolution of a small input (batch 1, float32) to its
+reference kernel (`slow_conv3d`, whose im2col scratch costs 27 input channels per voxel) and a
+larger one to oneDNN, so the cost per voxel of a step changes where a level's convolution
+crosses that size, and a line through volumes on one side mispredicts the other. The planner
+asks ATen which backend every convolution of the network would get (`conv_backends`, no
+computation) at the two finest levels at the target and at each calibration volume, and a fit
+whose calibration volumes disagree with the target is flagged (`Fit.same_backends`, hence not
+`linear`): `choose` never picks it and `effseg plan` says why.
 """
 from __future__ import annotations
 
@@ -54,22 +61,26 @@ class Fit:
     intercept: float
     slope: float
     points: list[tuple[int, int]]
+    # Whether every calibration volume ran each convolution on the backend the target will.
+    same_backends: bool = True
 
     @classmethod
-    def of(cls, points: Sequence[tuple[int, int]]) -> "Fit":
+    def of(cls, points: Sequence[tuple[int, int]], same_backends: bool = True) -> "Fit":
         n = len(points)
         mx = sum(v for v, _ in points) / n
         my = sum(p for _, p in points) / n
         sxx = sum((v - mx) ** 2 for v, _ in points)
         slope = sum((v - mx) * (p - my) for v, p in points) / sxx
-        return cls(my - slope * mx, slope, list(points))
+        return cls(my - slope * mx, slope, list(points), same_backends)
 
     @property
     def linear(self) -> bool:
-        """Whether the measured peaks grow with the volume, as a line through them assumes; not
-        so when a convolution library switched algorithms between the calibration volumes."""
+        """Whether the line can be trusted: the measured peaks grow with the volume, and the
+        calibration volumes ran on the target's convolution backends (no algorithm switch
+        between them and the target)."""
         peaks = [p for _, p in sorted(self.points)]
-        return self.slope > 0 and all(b >= a for a, b in zip(peaks, peaks[1:]))
+        return (self.same_backends and self.slope > 0
+                and all(b >= a for a, b in zip(peaks, peaks[1:])))
 
     def predict(self, voxels: int) -> float:
         return self.intercept + self.slope * voxels
@@ -124,21 +135,67 @@ class Plan:
     largest_predicted: float | None = None
 
 
+def conv_backends(config: ModelConfig, shape: Sequence[int], device: torch.device,
+                  amp: torch.dtype | None = None, batch: int = 1) -> tuple:
+    """The backend ATen would pick for each convolution of a FullVolumeFCN training step on
+    an input of `shape` at the two finest levels, which hold most of the step's voxels and so
+    decide its cost per voxel (encoder units, upsampling into them, skip fusion as the decoder
+    runs it, decoder units, head), asked with memoryless stand-in tensors: nothing is
+    computed."""
+    from .ops.recompute import conv_backend
+    dtype = amp or torch.float32
+    like = torch.empty((), dtype=dtype, device=device)
+    strides = as_strides(config.strides, len(config.channels))
+    k = 3
+    sizes, cur = [], tuple(int(n) for n in shape)
+    for s in strides:
+        cur = tuple(-(-n // f) for n, f in zip(cur, s))
+        sizes.append(cur)
+    chans = config.channels
+    out = []
+    cin = config.in_channels
+    fine = min(2, len(chans))
+    for i, (c, s, size) in enumerate(zip(chans[:fine], strides, sizes)):
+        prev = tuple(shape) if i == 0 else sizes[i - 1]
+        out.append(conv_backend((batch, cin) + prev, like, (c, cin, k, k, k), s, (1, 1, 1)))
+        out.append(conv_backend((batch, c) + size, like, (c, c, k, k, k), (1, 1, 1), (1, 1, 1)))
+        cin = c
+    for i in range(min(fine, len(chans) - 1)):
+        c, size, up = chans[i], sizes[i], strides[i + 1]
+        out.append(conv_backend((batch, chans[i + 1]) + sizes[i + 1], like,
+                                (chans[i + 1], c) + up, up, (0, 0, 0), transposed=True))
+        halves = [conv_backend((batch, c) + size, like, (c, c, k, k, k), (1, 1, 1), (1, 1, 1))]
+        whole = conv_backend((batch, 2 * c) + size, like, (c, 2 * c, k, k, k), (1, 1, 1),
+                             (1, 1, 1))
+        # the decoder concatenates where the whole would run on oneDNN and a half would not
+        out.append(whole if device.type == "cpu" and whole == int(torch._C._ConvBackend.Mkldnn)
+                   else halves[0])
+        out.append(halves[0])
+    out.append(conv_backend((batch, chans[0]) + tuple(shape), like,
+                            (config.out_channels, chans[0], 1, 1, 1), (1, 1, 1), (0, 0, 0)))
+    return tuple(out)
+
+
 def calibrate(config: ModelConfig, recompute, shape: Sequence[int], device: torch.device,
               amp: torch.dtype | None = None, cap_voxels: int | None = None,
               batch: int = 1) -> Fit:
-    """Fits peak(voxels) for one configuration from three small training steps."""
+    """Fits peak(voxels) for one configuration from three small training steps; flagged
+    (`same_backends`) where a calibration volume runs a convolution of the two finest levels on
+    another backend than the target will (module docstring)."""
     multiple = total_stride(as_strides(config.strides, len(config.channels)))
     target = math.prod(shape)
     cap = cap_voxels or (160 ** 3 if device.type == "cuda" else 96 ** 3)
+    want = conv_backends(config, shape, device, amp, batch)
+
     top = min(target / 2, cap)
     shapes = sorted({scaled_shape(shape, top * frac, multiple) for frac in (0.5, 0.75, 1.0)})
     if len(shapes) < 2:
         raise ValueError(f"effseg: {tuple(shape)} is too small to calibrate on smaller volumes "
                          f"(multiples of the total stride {multiple})")
+    same = all(conv_backends(config, s, device, amp, batch) == want for s in shapes)
     points = [(math.prod(s), measure_step(config, recompute, s, device, amp, batch))
               for s in shapes]
-    return Fit.of(points)
+    return Fit.of(points, same)
 
 
 def measure_step(config: ModelConfig, recompute, shape: Sequence[int], device: torch.device,

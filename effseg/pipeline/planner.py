@@ -142,7 +142,7 @@ def conv_backends(config: ModelConfig, shape: Sequence[int], device: torch.devic
     decide its cost per voxel (encoder units, upsampling into them, skip fusion as the decoder
     runs it, decoder units, head), asked with memoryless stand-in tensors: nothing is
     computed."""
-    from .ops.recompute import conv_backend
+    from ..ops.recompute import conv_backend
     dtype = amp or torch.float32
     like = torch.empty((), dtype=dtype, device=device)
     strides = as_strides(config.strides, len(config.channels))

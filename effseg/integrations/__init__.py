@@ -1,0 +1,1 @@
+"""effseg meeting other ecosystems: nnU-Net v2 (`effseg.integrations.nnunet`)."""

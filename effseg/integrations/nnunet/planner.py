@@ -88,11 +88,12 @@ class nnUNetPlannerEffseg(ExperimentPlanner):
 
     def save_plans(self, plans):
         configurations = {}
+        channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality")))
         for name, config in plans["configurations"].items():
             arch = config.get("architecture")
             if arch is None:  # a configuration that inherits another's network
                 continue
-            key = self._key(len(self.dataset_json["channel_names"]), len(self.dataset_json["labels"]),
+            key = self._key(channels, len(self.dataset_json["labels"]),
                             arch["network_class_name"], arch["arch_kwargs"])
             measured = self.memory_ratios.get(key)
             if measured is not None:

@@ -123,6 +123,17 @@ def test_nnunet_path_is_the_folder_nnunet_finds_the_trainer_in(monkeypatch):
     assert recursive_find_trainer_class_by_name("nnUNetTrainerEffseg") is nnUNetTrainerEffseg
 
 
+def test_nnunet_plan_reports_bad_input_in_one_line(tmp_path):
+    env = child_env(nnUNet_raw=str(tmp_path), nnUNet_preprocessed=str(tmp_path))
+    for args, message in ((["-d", "999"], "Could not find a dataset with the ID 999"),
+                          (["-d", "999", "-gpu_memory_target", "0"], "must be positive")):
+        result = subprocess.run([sys.executable, "-m", "effseg", "nnunet-plan", *args],
+                                capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("effseg nnunet-plan: error: ") and message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 # ------------------------------------------------------------------ the converted network
 
 def test_trainer_network_holds_effseg_norms_with_stock_state_dict_keys():

@@ -113,6 +113,8 @@ write_build_config(with_cuda, archs, version)
 setup(
     version=version,
     packages=find_packages(include=["effseg", "effseg.*"]),
+    # nnU-Net imports this folder's modules by path (nnUNet_extTrainer): data, not a package.
+    package_data={"effseg.integrations.nnunet": ["ext_trainers/*.py"]},
     ext_modules=[extension(with_cuda)],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -8,6 +8,8 @@
 - `effseg.checkpoint`: activation checkpointing that is safe with batch norm;
 - `effseg.convert`: fuses the norm + activation pairs of an existing network (MONAI's included)
   into the in-place modules; `effseg.monai.register()`: effseg norms in MONAI's Norm factory;
+- `effseg.nnunet` (not imported here; `pip install effseg[nnunet]`): `nnUNetTrainerEffseg` and
+  `nnUNetPlannerEffseg` for nnU-Net v2;
 - `effseg.functional`: the same as functions;
 - `effseg.ops`: the autograd binding of `torch.ops.effseg.*` and the pure-PyTorch references.
 

@@ -31,6 +31,9 @@ fi
 stage "installing the test and data dependencies (numpy, nibabel, scipy, matplotlib, tqdm, pytest, monai, onnx...; under a minute when cached)"
 pip install --progress-bar on numpy pytest expecttest ninja "cmake==3.31.10" nibabel scipy matplotlib tqdm monai onnx onnxscript onnxruntime \
   | grep -v "^Requirement already satisfied" || true
+# nnU-Net v2 for the tests of effseg's nnU-Net trainer and planner (never needed by `import effseg`).
+stage "installing nnunetv2 2.8.1 (the nnU-Net integration's tests; under a minute when cached)"
+pip install --progress-bar on "nnunetv2==2.8.1" | grep -v "^Requirement already satisfied" || true
 
 # CUDA toolkit location (torch's own guess stops at /usr/local when nvcc there is a wrapper),
 # architectures (needed when no GPU is visible) and parallel jobs (each nvcc job takes ~1.5 GB).

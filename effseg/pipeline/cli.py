@@ -8,6 +8,9 @@
   phantom), with checkpoints, metrics and curves in the run folder (`effseg.pipeline.train`).
 - `predict`: label maps from a checkpoint, in the source images' geometry (`effseg.pipeline.predict`).
 - `evaluate`: Dice and HD95 (mm) of predictions against references (`effseg.pipeline.evaluate`).
+- `nnunet-path`: the folder for nnU-Net v2's `nnUNet_extTrainer` (it holds `nnUNetTrainerEffseg`).
+- `nnunet-plan`: nnU-Net v2 plans with effseg's measured memory saving, then preprocessing
+  (`effseg.nnunet.plan_and_preprocess`).
 
 Errors a user can fix (a bad dataset file, a bad checkpoint, a run folder in use) print one line
 and exit with status 2; an interrupted training exits with 130 after saving its state.
@@ -224,6 +227,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nnunet_path(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from ..integrations.nnunet import EXT_TRAINER_DIR, MISSING_NNUNET
+
+    # Only a path is printed, but one that nnU-Net cannot use helps nobody.
+    if importlib.util.find_spec("nnunetv2") is None:
+        return _fail("nnunet-path", ImportError(MISSING_NNUNET))
+    print(EXT_TRAINER_DIR)
+    return 0
+
+
+def cmd_nnunet_plan(args: argparse.Namespace) -> int:
+    try:
+        from ..nnunet import plan_and_preprocess
+    except ImportError as exc:
+        return _fail("nnunet-plan", exc)
+    try:
+        identifier = plan_and_preprocess(
+            args.d, args.gpu_memory_target, args.c, args.np, not args.no_pp,
+            args.overwrite_target_spacing, args.plans_name)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        return _fail("nnunet-plan", exc)
+    print(f"plans: {identifier} (train with: nnUNetv2_train D CONFIGURATION FOLD "
+          f"-tr nnUNetTrainerEffseg -p {identifier})")
+    return 0
+
+
+def _add_nnunet(sub) -> None:
+    n = sub.add_parser("nnunet-path", help="the folder to export as nnUNet_extTrainer (nnU-Net "
+                       "v2 then finds nnUNetTrainerEffseg)")
+    n.set_defaults(func=cmd_nnunet_path)
+    p = sub.add_parser("nnunet-plan", help="nnU-Net v2 plans for effseg's networks (larger "
+                       "patches for the same GPU memory), then nnU-Net's preprocessing")
+    p.add_argument("-d", nargs="+", type=int, required=True, metavar="DATASET_ID",
+                   help="nnU-Net dataset ids (in nnUNet_raw)")
+    p.add_argument("-gpu_memory_target", "--gpu-memory-target", dest="gpu_memory_target",
+                   type=float, default=8.0, metavar="GB",
+                   help="GPU memory target in GB, as nnU-Net's planners take it (default 8)")
+    p.add_argument("-c", nargs="+", default=["3d_fullres"], metavar="CONFIGURATION",
+                   help="configurations to preprocess (default 3d_fullres)")
+    p.add_argument("-np", type=int, default=1, help="processes for fingerprint and "
+                   "preprocessing (default 1)")
+    p.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
+    p.add_argument("-overwrite_target_spacing", nargs=3, type=float, metavar="MM",
+                   help="3d_fullres target spacing instead of nnU-Net's choice")
+    p.add_argument("-plans_name", default="nnUNetPlansEffseg",
+                   help="plans identifier (default nnUNetPlansEffseg)")
+    p.set_defaults(func=cmd_nnunet_plan)
+
+
 def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train on whole CT volumes (default: the built-in phantom)")
     t.add_argument("--out", required=True, metavar="RUN_DIR",
@@ -355,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_nnunet(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

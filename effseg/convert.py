@@ -84,6 +84,10 @@ class Skipped:
 class ConversionReport:
     replaced: list[Replaced] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    # recompute=True: the recomputing segments (effseg.recompute_convert.Segment) and the parts
+    # of the forward left stock, with the reason
+    segments: list = field(default_factory=list)
+    not_recomputed: list[Skipped] = field(default_factory=list)
 
     def reason(self, path: str) -> str | None:
         """Why the norm at `path` was left stock (None if it was replaced or is unknown)."""
@@ -95,6 +99,11 @@ class ConversionReport:
                                                 if r.activation else "")
                   for r in self.replaced]
         lines += [f"  {s.path}: left stock: {s.reason}" for s in self.skipped]
+        if self.segments or self.not_recomputed:
+            lines.append(f"recomputing {len(self.segments)} segment(s), "
+                         f"{len(self.not_recomputed)} left stock")
+            lines += [f"  {seg}" for seg in self.segments]
+            lines += [f"  {s.path}: not recomputed: {s.reason}" for s in self.not_recomputed]
         return "\n".join(lines)
 
 
@@ -374,8 +383,13 @@ def _plan(graphs: list, failed: dict[str, str], norms: dict[str, nn.Module],
     return plan
 
 
-def convert(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
+def convert(model: nn.Module, inplace: bool = False, recompute: bool = False
+            ) -> tuple[nn.Module, ConversionReport]:
     """Fuses norm + activation pairs of `model` into effseg's in-place modules.
+
+    With `recompute=True` it also cuts the training forward into recomputing segments that keep
+    only their inputs and O(C) statistics (effseg.recompute_convert); the report's `segments`
+    lists them and `not_recomputed` what stays stock, with the reason.
 
     Returns `(converted model, report)`. With `inplace=False` (default) `model` is left as it is
     and a deep copy is converted; with `inplace=True` `model` itself is changed (its parameters
@@ -386,6 +400,9 @@ def convert(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, Convers
         raise TypeError(f"effseg.convert: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"effseg.convert: inplace must be a bool, got {type(inplace).__name__}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"effseg.convert: recompute must be a bool, got "
+                        f"{type(recompute).__name__}")
     target = model if inplace else copy.deepcopy(model)
     # Tracing runs the forwards' Python code, which may store proxies on the modules: trace
     # copies. Forwards may branch on self.training: a pair must be safe in both modes.
@@ -426,6 +443,9 @@ def convert(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, Convers
         report.replaced.append(Replaced(
             path, f"{type(new).__name__}(activation={new.activation!r}, "
                   f"activation_param={new.activation_param})", site.activation_path))
+    if recompute:
+        from .recompute_convert import add_recompute
+        report.segments, report.not_recomputed = add_recompute(target)
     return target, report
 
 

@@ -1,0 +1,516 @@
+"""Recomputing segments for an existing network: what `effseg.convert(model, recompute=True)`
+adds to the norm + activation fusion.
+
+The same torch.fx data-flow analysis that proves fusions safe cuts a traced forward into
+segments. A value is a segment boundary (kept for backward) where it is read by more than one
+node (an encoder output that feeds the next stage and a skip connection, a residual block's
+input), where it leaves the traced forward, where it feeds an upsampling (transposed)
+convolution, and where a chain of convolutions has reached two of them (one conv block). Every
+other value is read by exactly one node, so it belongs to exactly one segment: the nodes between
+boundaries, with one output.
+
+A segment worth recomputing (it holds a norm or two convolutions) runs through
+`effseg.checkpoint` in training: its forward keeps only its inputs (boundary values, which are
+kept anyway as some segment's output or the network input) and the O(C) batch statistics of its
+norms. In backward torch's non-reentrant checkpoint recomputes it and hands each recomputed
+tensor to autograd once, freeing it as soon as its backward has run; effseg norms and the stock
+norms in the segment replay the recorded statistics (`effseg.ops.replay`: no second reduction,
+running statistics updated once, exact). Stock batch and instance norms that could not be fused
+run as `effseg.ops.replay_norm` inside segments (out of place: residual additions and shared
+activations may follow them), so ReLU and residual blocks are recomputed like the rest.
+Where a segment computes `conv(cat(a, b, ...))` (channel dimension, one group) the convolution
+runs on each part with its slice of the weight and the results are added: the concatenated
+tensor never exists, in forward or in the recomputation.
+
+What it refuses, per segment, with the reason in the report (the segment then runs stock):
+modules with hooks (they would run twice), SyncBatchNorm (its reduction spans processes), a
+value the segment keeps that is modified in place anywhere in the traced forward (the
+recomputation would read the modified tensor), an input of a forward whose caller could not be
+traced (the caller might modify it in place). A forward that cannot be traced keeps its own
+code and is listed with the reason; its children are analysed one by one. A module whose
+forward is already replaced on the instance, or takes *args/**kwargs, is left alone.
+
+The converted forward is used in training mode with gradients enabled, when every module whose
+code was traced is in training mode (the trace followed the training branches); otherwise the
+module's own forward runs. Module paths, parameters and buffers do not change, so state dicts
+load both ways.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.node import map_aggregate
+
+from .checkpoint import checkpoint
+from .convert import (_BATCH, _INSTANCE, _Tracer, _describe, _has_hooks, _modified_in_place,
+                      Skipped)
+from .nn.norm_act import InPlaceABNSync, _InPlaceNormAct
+from .ops.replay_norm import replayed_norm
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+# Convolutions a segment holds before the next one starts a new segment (one conv block).
+CONVS_PER_SEGMENT = 2
+
+
+@dataclass
+class Segment:
+    """A recomputed segment of the forward of `path` ('' for the model).
+
+    `modules`: the module calls inside it, in order; `keeps`: what its forward keeps for
+    backward besides parameters (its inputs, and the statistics of its norms); `replayed`: the
+    norms whose batch statistics the recomputation replays; `concat_free`: convolutions over a
+    concatenation that run on its parts instead."""
+
+    path: str
+    output: str
+    modules: list[str]
+    keeps: list[str]
+    replayed: list[str] = field(default_factory=list)
+    concat_free: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        extra = f"; concatenation-free: {', '.join(self.concat_free)}" if self.concat_free else ""
+        return (f"{self.path or 'model'}: segment -> {self.output} ({len(self.modules)} module "
+                f"call(s)); keeps {', '.join(self.keeps)}; replays {len(self.replayed)} "
+                f"norm(s){extra}")
+
+
+# ------------------------------------------------------------------------------ the program
+
+class _Slot:
+    """A value of the program, by its index in the environment."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass
+class _Step:
+    kind: str  # input | attr | module | function | method | norm | split_conv | segment | output
+    target: Any
+    args: Any
+    kwargs: Any
+    out: int
+    free: tuple[int, ...] = ()
+
+
+@dataclass
+class _Program:
+    steps: list[_Step]
+    size: int
+    inputs: list[int]  # slots of the inputs, in order
+
+
+def _load(env: list, a):
+    return map_aggregate(a, lambda v: env[v.i] if isinstance(v, _Slot) else v)
+
+
+def _split_conv(conv: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
+    """conv(cat(parts, 1)) as the sum of the convolutions of the parts with their weight
+    slices: the concatenation never exists."""
+    transposed = isinstance(conv, _CONV_T)
+    nd = conv.weight.dim() - 2
+    out, start = None, 0
+    for i, part in enumerate(parts):
+        c = part.shape[1]
+        if transposed:
+            w = conv.weight[start:start + c]
+            y = _CONV_T_FN[nd](part, w, conv.bias if i == 0 else None, conv.stride,
+                               conv.padding, conv.output_padding, 1, conv.dilation)
+        else:
+            w = conv.weight[:, start:start + c]
+            y = _CONV_FN[nd](part, w, conv.bias if i == 0 else None, conv.stride, conv.padding,
+                             conv.dilation, 1)
+        out = y if out is None else out.add_(y)
+        start += c
+    if start != (conv.in_channels):
+        raise RuntimeError(f"effseg: the parts of a concatenation have {start} channels, but "
+                           f"the convolution that read it has {conv.in_channels} input channels")
+    return out
+
+
+def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A stock batch or instance norm call inside a segment: statistics replayed (see
+    effseg.ops.replay_norm) where it normalizes with batch statistics, as the module itself
+    would otherwise (running statistics and num_batches_tracked as the stock module does)."""
+    instance = isinstance(module, _INSTANCE)
+    if instance:
+        batch = module.training or not module.track_running_stats
+        if not batch or x.dim() != module._get_no_batch_dim() + 1 or (
+                torch.is_autocast_enabled(x.device.type)):
+            return module(x)
+        momentum = module.momentum if module.momentum is not None else 0.0
+        return replayed_norm(x, module.weight, module.bias, module.running_mean,
+                             module.running_var, True, momentum, module.eps)
+    batch = module.training or module.running_mean is None
+    if not batch or torch.is_autocast_enabled(x.device.type):
+        return module(x)
+    module._check_input_dim(x)
+    momentum = 0.0 if module.momentum is None else module.momentum
+    track = module.training and module.track_running_stats
+    if track and module.num_batches_tracked is not None:
+        # In the recomputation the stock module's own count would move too; effseg.checkpoint
+        # restores it, as it restores the running statistics.
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            momentum = 1.0 / float(module.num_batches_tracked)
+    return replayed_norm(x, module.weight, module.bias,
+                         module.running_mean if track else None,
+                         module.running_var if track else None, False, momentum, module.eps)
+
+
+def _run(program: _Program, module: nn.Module, inputs) -> Any:
+    env: list = [None] * program.size
+    for slot, value in zip(program.inputs, inputs):
+        env[slot] = value
+    for s in program.steps:
+        kind = s.kind
+        if kind == "output":
+            return _load(env, s.args)
+        args, kwargs = _load(env, s.args), _load(env, s.kwargs)
+        if kind == "module":
+            value = module.get_submodule(s.target)(*args, **kwargs)
+        elif kind == "function":
+            value = s.target(*args, **kwargs)
+        elif kind == "method":
+            value = getattr(args[0], s.target)(*args[1:], **kwargs)
+        elif kind == "attr":
+            value = _fetch(module, s.target)
+        elif kind == "norm":
+            value = _norm(module.get_submodule(s.target), *args)
+        elif kind == "split_conv":
+            value = _split_conv(module.get_submodule(s.target), *args)
+        else:  # segment
+            value = checkpoint(_run_segment, module, s.target, *args)
+        env[s.out] = value
+        for i in s.free:
+            env[i] = None
+    raise RuntimeError("effseg: a recomputing program has no output")
+
+
+def _run_segment(module, program, *inputs):
+    return _run(program, module, inputs)
+
+
+def _fetch(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class RecomputedForward:
+    """The forward of a converted module (stored on the instance, so the class, the module paths
+    and the state dict stay as they were): the segment program in training with gradients,
+    the module's own forward otherwise."""
+
+    def __init__(self, owner: nn.Module, program: _Program, names: list[str],
+                 traced: list[str]) -> None:
+        self.owner = owner
+        self.program = program
+        self.names = names  # the forward's parameter per program input
+        self.traced = traced  # modules whose forward code the program inlines
+        self.signature = inspect.signature(type(owner).forward)
+
+    def active(self) -> bool:
+        m = self.owner
+        return (m.training and torch.is_grad_enabled() and not torch.compiler.is_exporting()
+                and all(m.get_submodule(p).training for p in self.traced))
+
+    def __call__(self, *args, **kwargs):
+        m = self.owner
+        if not self.active():
+            return type(m).forward(m, *args, **kwargs)
+        bound = self.signature.bind(m, *args, **kwargs)
+        bound.apply_defaults()
+        return _run(self.program, m, [bound.arguments[n] for n in self.names])
+
+
+# ------------------------------------------------------------------------------ the analysis
+
+def _is_conv(m) -> bool:
+    return isinstance(m, _CONVS)
+
+
+def _boundaries(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    compute = ("call_module", "call_function", "call_method")
+    cut: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op not in compute:
+            continue
+        if len(n.users) != 1 or next(iter(n.users)).op == "output":
+            cut.add(n)
+    convs: dict[fx.Node, int] = {}
+    for n in graph.nodes:
+        if n.op not in compute:
+            continue
+        m = modules.get(n.target) if n.op == "call_module" else None
+        first = n.args[0] if n.args else None
+        if isinstance(first, fx.Node) and first.op in compute and first not in cut and (
+                (_is_conv(m) and convs.get(first, 0) >= CONVS_PER_SEGMENT)
+                or (isinstance(m, _CONV_T) and convs.get(first, 0) >= 1)):
+            cut.add(first)
+        inner = [a for a in n.all_input_nodes if a.op in compute and a not in cut]
+        convs[n] = int(_is_conv(m)) + sum(convs[a] for a in inner)
+    return cut
+
+
+def _value(n: fx.Node, modules, prefix: str) -> str:
+    """A value named by the layer that computed it (not by an nn.Identity left by fusion)."""
+    while n.op == "call_module" and type(modules[n.target]) is nn.Identity and n.args and (
+            isinstance(n.args[0], fx.Node)):
+        n = n.args[0]
+    if n.op == "placeholder":
+        return f"input '{n.target}'" + (f" of '{prefix.rstrip('.')}'" if prefix else "")
+    return f"the output of {_describe(n, modules, prefix)}"
+
+
+def _members(out: fx.Node, cut: set[fx.Node]) -> list[fx.Node]:
+    seen, todo = {out}, [out]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a.op in ("call_module", "call_function", "call_method") and a not in cut and (
+                    a not in seen):
+                seen.add(a)
+                todo.append(a)
+    return [n for n in out.graph.nodes if n in seen]
+
+
+def _is_cat(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target is torch.cat) or (
+        n.op == "call_method" and n.target == "cat")
+
+
+def _cat_parts(n: fx.Node):
+    """The parts of a channel concatenation `n` (a list of nodes), or None."""
+    if not (n.op == "call_function" and n.target is torch.cat):
+        return None
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    if dim != 1 or not isinstance(parts, (list, tuple)) or len(parts) < 2 or not all(
+            isinstance(p, fx.Node) for p in parts) or len(n.kwargs) > (0 if len(n.args) > 1
+                                                                       else 1):
+        return None
+    return list(parts)
+
+
+def _split_target(n: fx.Node, members: set, modules) -> fx.Node | None:
+    """The convolution over the concatenation `n` that can run on its parts, if any."""
+    if len(n.users) != 1:
+        return None
+    (conv,) = n.users
+    m = modules.get(conv.target) if conv.op == "call_module" else None
+    if conv not in members or not isinstance(m, _CONVS + _CONV_T) or m.groups != 1 or (
+            m.padding_mode != "zeros" or _has_hooks(m) or conv.args != (n,) or conv.kwargs):
+        return None
+    if isinstance(m, _CONV_T) and any(isinstance(p, str) for p in (m.padding,)):
+        return None
+    if isinstance(m, _CONVS) and isinstance(m.padding, str) and m.padding != "valid":
+        return None
+    return conv
+
+
+@dataclass
+class _Plan:
+    segments: list[tuple[list[fx.Node], Segment, dict[fx.Node, list[fx.Node]], set]]
+    refused: list[Skipped]
+
+
+def _refusal(nodes: list[fx.Node], inputs: list[fx.Node], modules, prefix: str,
+             caller_unknown: bool) -> str | None:
+    for n in nodes:
+        if n.op != "call_module":
+            continue
+        m = modules[n.target]
+        if _has_hooks(m):
+            return f"{prefix}{n.target} has hooks, which the recomputation would run again"
+        if isinstance(m, (nn.SyncBatchNorm, InPlaceABNSync)):
+            return (f"{prefix}{n.target} ({type(m).__name__}) reduces across processes; "
+                    "recomputing it is not supported")
+    for a in inputs:
+        if a.op == "placeholder" and caller_unknown:
+            return (f"it keeps {_value(a, modules, prefix)}, whose caller cannot be traced "
+                    "and might modify it in place before backward")
+        writer = _modified_in_place(a, modules, caller_unknown)
+        if writer is not None:
+            where = "returned to a caller that cannot be traced" if writer.op == "output" else (
+                f"modified in place by {_describe(writer, modules, prefix)}")
+            return (f"it keeps {_value(a, modules, prefix)}, which is {where}: the "
+                    "recomputation would read the modified tensor")
+    return None
+
+
+def _plan(graph: fx.Graph, modules: dict[str, nn.Module], prefix: str,
+          caller_unknown: bool) -> _Plan:
+    cut = _boundaries(graph, modules)
+    plan = _Plan([], [])
+    for out in graph.nodes:
+        if out not in cut:
+            continue
+        nodes = _members(out, cut)
+        mods = [modules[n.target] for n in nodes if n.op == "call_module"]
+        norms = [m for m in mods if isinstance(m, _BATCH + _INSTANCE + (_InPlaceNormAct,
+                                                                        nn.SyncBatchNorm))]
+        if not norms and sum(isinstance(m, _CONVS + _CONV_T) for m in mods) < 2:
+            continue  # nothing inside it keeps more than its input would
+        members = set(nodes)
+        inputs = [a for a in dict.fromkeys(x for n in nodes for x in n.all_input_nodes)
+                  if a not in members and a.op != "get_attr"]
+        name = _value(out, modules, prefix)
+        reason = _refusal(nodes, inputs, modules, prefix, caller_unknown)
+        if reason is not None:
+            plan.refused.append(Skipped(f"{prefix.rstrip('.') or 'model'}: segment -> {name}",
+                                        reason))
+            continue
+        splits = {}
+        for n in nodes:
+            parts = _cat_parts(n) if _is_cat(n) else None
+            conv = _split_target(n, members, modules) if parts else None
+            if conv is not None:
+                splits[conv] = parts
+        skipped_cats = {p for conv in splits for p in conv.args}
+        replayed = [prefix + n.target for n in nodes if n.op == "call_module" and (
+            isinstance(modules[n.target], _InPlaceNormAct) or (
+                type(modules[n.target]) in _BATCH + _INSTANCE and len(n.args) == 1
+                and not n.kwargs))]
+        seg = Segment(prefix.rstrip("."), name,
+                      [prefix + n.target for n in nodes if n.op == "call_module"],
+                      [_value(a, modules, prefix) for a in inputs]
+                      + [f"O(C) statistics of {len(replayed)} norm(s)"], replayed,
+                      [prefix + c.target for c in splits])
+        plan.segments.append((nodes, seg, splits, skipped_cats))
+    return plan
+
+
+# ------------------------------------------------------------------------------ compiling
+
+def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module]) -> tuple[
+        _Program, list[str]]:
+    slots: dict[fx.Node, int] = {}
+    for n in graph.nodes:
+        slots[n] = len(slots)
+    in_segment = {n: i for i, (nodes, *_r) in enumerate(plan.segments) for n in nodes}
+    outputs = {nodes[-1]: i for i, (nodes, *_r) in enumerate(plan.segments)}
+
+    def ref(a):
+        return fx.node.map_arg(a, lambda n: _Slot(slots[n]))
+
+    def step_of(n: fx.Node, splits: dict, in_seg: bool) -> _Step:
+        if n.op == "call_module":
+            m = modules[n.target]
+            if n in splits:
+                return _Step("split_conv", n.target, (ref(splits[n]),), {}, slots[n])
+            if in_seg and type(m) in _BATCH + _INSTANCE and len(n.args) == 1 and not n.kwargs:
+                return _Step("norm", n.target, ref(n.args), {}, slots[n])
+            return _Step("module", n.target, ref(n.args), ref(n.kwargs), slots[n])
+        kind = {"call_function": "function", "call_method": "method", "get_attr": "attr"}[n.op]
+        return _Step(kind, n.target, ref(n.args), ref(n.kwargs), slots[n])
+
+    def with_frees(steps: list[_Step], keep: set[int]) -> list[_Step]:
+        last: dict[int, int] = {}
+        for i, s in enumerate(steps):
+            for v in _slots_in((s.args, s.kwargs)):
+                last[v] = i
+        for i, s in enumerate(steps):
+            s.free = tuple(v for v, j in last.items() if j == i and v not in keep)
+        return steps
+
+    top: list[_Step] = []
+    names: list[str] = []
+    inputs: list[int] = []
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            names.append(str(n.target))
+            inputs.append(slots[n])
+        elif n.op == "output":
+            top.append(_Step("output", None, ref(n.args[0]), {}, -1))
+        elif n in outputs:
+            nodes, _seg, splits, dropped = plan.segments[outputs[n]]
+            members = set(nodes)
+            ins = [a for a in dict.fromkeys(x for m in nodes for x in m.all_input_nodes)
+                   if a not in members and a.op != "get_attr"]
+            inner = [step_of(m, splits, True) for m in nodes if m not in dropped]
+            inner.append(_Step("output", None, _Slot(slots[n]), {}, -1))
+            sub = _Program(with_frees(inner, set()), len(slots), [slots[a] for a in ins])
+            top.append(_Step("segment", sub, tuple(_Slot(slots[a]) for a in ins), {}, slots[n]))
+        elif n not in in_segment:
+            top.append(step_of(n, {}, False))
+    return _Program(with_frees(top, set()), len(slots), inputs), names
+
+
+def _slots_in(a) -> list[int]:
+    found: list[int] = []
+    map_aggregate(a, lambda v: found.append(v.i) if isinstance(v, _Slot) else v)
+    return found
+
+
+# ------------------------------------------------------------------------------ entry point
+
+def _trace_train(module: nn.Module, prefix: str, graphs: list, failed: dict) -> None:
+    try:
+        graphs.append((prefix, _Tracer().trace(copy.deepcopy(module).train())))
+    except Exception as e:  # any error: this forward's data flow is unknown
+        failed[prefix.rstrip(".")] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        for name, child in module.named_children():
+            if next(child.children(), None) is not None:
+                _trace_train(child, f"{prefix}{name}.", graphs, failed)
+
+
+def _traced_modules(graph: fx.Graph) -> list[str]:
+    found: dict[str, None] = {}
+    for n in graph.nodes:
+        for path, _cls in n.meta.get("nn_module_stack", {}).values():
+            found[path] = None
+    return [p for p in found if p]
+
+
+def add_recompute(target: nn.Module) -> tuple[list[Segment], list[Skipped]]:
+    """Replaces the forward of `target` (or of its traceable children) by recomputing segment
+    programs, in place. Returns the segments and what was left stock, with the reason."""
+    graphs: list[tuple[str, fx.Graph]] = []
+    failed: dict[str, str] = {}
+    _trace_train(target, "", graphs, failed)
+    segments: list[Segment] = []
+    refused = [Skipped(path or "model", f"its forward cannot be traced by torch.fx ({why}); it "
+                       "keeps its own forward, its children are converted one by one")
+               for path, why in failed.items()]
+    for prefix, graph in graphs:
+        owner = target.get_submodule(prefix.rstrip(".")) if prefix else target
+        where = prefix.rstrip(".") or "model"
+        if "forward" in owner.__dict__:
+            refused.append(Skipped(where, "its forward is already replaced on the instance"))
+            continue
+        params = list(inspect.signature(type(owner).forward).parameters.values())[1:]
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            refused.append(Skipped(where, "its forward takes *args or **kwargs, which the "
+                                   "traced program cannot bind"))
+            continue
+        modules = dict(owner.named_modules())
+        plan = _plan(graph, modules, prefix, caller_unknown=prefix != "")
+        refused += plan.refused
+        if not plan.segments:
+            continue
+        program, names = _compile(graph, plan, modules)
+        owner.forward = RecomputedForward(owner, program, names, _traced_modules(graph))
+        segments += [seg for _n, seg, *_r in plan.segments]
+    return segments, refused
+
+
+__all__ = ["Segment", "RecomputedForward", "add_recompute"]

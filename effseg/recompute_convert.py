@@ -121,25 +121,42 @@ def _load(env: list, a):
     return map_aggregate(a, lambda v: env[v.i] if isinstance(v, _Slot) else v)
 
 
-def _split_conv(conv: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
-    """conv(cat(parts, 1)) as the sum of the convolutions of the parts with their weight
-    slices: the concatenation never exists."""
-    transposed = isinstance(conv, _CONV_T)
+def _part_conv(conv: nn.Module, part: torch.Tensor, start: int, bias: bool) -> torch.Tensor:
+    c = part.shape[1]
     nd = conv.weight.dim() - 2
+    b = conv.bias if bias else None
+    if isinstance(conv, _CONV_T):
+        return _CONV_T_FN[nd](part, conv.weight[start:start + c], b, conv.stride, conv.padding,
+                              conv.output_padding, 1, conv.dilation)
+    return _CONV_FN[nd](part, conv.weight[:, start:start + c], b, conv.stride, conv.padding,
+                        conv.dilation, 1)
+
+
+def _upsampled_part_conv(root: nn.Module, producer: str, conv_path: str, start: int, bias: bool,
+                         low: torch.Tensor) -> torch.Tensor:
+    return _part_conv(root.get_submodule(conv_path), root.get_submodule(producer)(low), start,
+                      bias)
+
+
+def _split_conv(root: nn.Module, conv_path: str, parts: list) -> torch.Tensor:
+    """conv(cat(parts, 1)) as the sum of the convolutions of the parts with their weight
+    slices: the concatenation never exists. A part given as (producer path, its input) is an
+    upsampling computed inside a nested checkpoint: it lives only while its convolution runs,
+    in forward and in backward alike (one transposed convolution again, a full-resolution
+    tensor less at the peak of the segment's backward)."""
+    conv = root.get_submodule(conv_path)
     out, start = None, 0
     for i, part in enumerate(parts):
-        c = part.shape[1]
-        if transposed:
-            w = conv.weight[start:start + c]
-            y = _CONV_T_FN[nd](part, w, conv.bias if i == 0 else None, conv.stride,
-                               conv.padding, conv.output_padding, 1, conv.dilation)
+        if isinstance(part, tuple):
+            producer, low = part
+            c = root.get_submodule(producer).out_channels
+            y = checkpoint(_upsampled_part_conv, root, producer, conv_path, start, i == 0, low)
         else:
-            w = conv.weight[:, start:start + c]
-            y = _CONV_FN[nd](part, w, conv.bias if i == 0 else None, conv.stride, conv.padding,
-                             conv.dilation, 1)
+            c = part.shape[1]
+            y = _part_conv(conv, part, start, i == 0)
         out = y if out is None else out.add_(y)
         start += c
-    if start != (conv.in_channels):
+    if start != conv.in_channels:
         raise RuntimeError(f"effseg: the parts of a concatenation have {start} channels, but "
                            f"the convolution that read it has {conv.in_channels} input channels")
     return out
@@ -195,7 +212,7 @@ def _run(program: _Program, module: nn.Module, inputs) -> Any:
         elif kind == "norm":
             value = _norm(module.get_submodule(s.target), *args)
         elif kind == "split_conv":
-            value = _split_conv(module.get_submodule(s.target), *args)
+            value = _split_conv(module, s.target, *args)
         else:  # segment
             value = checkpoint(_run_segment, module, s.target, *args)
         env[s.out] = value
@@ -245,7 +262,9 @@ class RecomputedForward:
 # ------------------------------------------------------------------------------ the analysis
 
 def _is_conv(m) -> bool:
-    return isinstance(m, _CONVS)
+    """A convolution that counts towards a conv block: a 1x1 one (a head, a projection) reads
+    and writes about as little as a norm, so it stays in the segment before it."""
+    return isinstance(m, _CONVS) and any(k != 1 for k in m.kernel_size)
 
 
 def _boundaries(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node]:
@@ -327,6 +346,16 @@ def _split_target(n: fx.Node, members: set, modules) -> fx.Node | None:
     return conv
 
 
+def _lazy(part: fx.Node, cat: fx.Node, modules) -> tuple[fx.Node, fx.Node] | None:
+    """(the upsampling node, its input) where a part of a concatenation is a transposed
+    convolution read by nothing else, which `_split_conv` recomputes lazily."""
+    m = modules.get(part.target) if part.op == "call_module" else None
+    if isinstance(m, _CONV_T) and not _has_hooks(m) and list(part.users) == [cat] and len(
+            part.args) == 1 and isinstance(part.args[0], fx.Node) and not part.kwargs:
+        return part, part.args[0]
+    return None
+
+
 @dataclass
 class _Plan:
     segments: list[tuple[list[fx.Node], Segment, dict[fx.Node, list[fx.Node]], set]]
@@ -384,8 +413,9 @@ def _plan(graph: fx.Graph, modules: dict[str, nn.Module], prefix: str,
             parts = _cat_parts(n) if _is_cat(n) else None
             conv = _split_target(n, members, modules) if parts else None
             if conv is not None:
-                splits[conv] = parts
-        skipped_cats = {p for conv in splits for p in conv.args}
+                splits[conv] = [_lazy(p, n, modules) or p for p in parts]
+        skipped_cats = {p for conv in splits for p in conv.args} | {
+            p[0] for parts in splits.values() for p in parts if isinstance(p, tuple)}
         replayed = [prefix + n.target for n in nodes if n.op == "call_module" and (
             isinstance(modules[n.target], _InPlaceNormAct) or (
                 type(modules[n.target]) in _BATCH + _INSTANCE and len(n.args) == 1
@@ -416,7 +446,9 @@ def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module]) -> tup
         if n.op == "call_module":
             m = modules[n.target]
             if n in splits:
-                return _Step("split_conv", n.target, (ref(splits[n]),), {}, slots[n])
+                parts = [(p[0].target, ref(p[1])) if isinstance(p, tuple) else ref(p)
+                         for p in splits[n]]
+                return _Step("split_conv", n.target, (parts,), {}, slots[n])
             if in_seg and type(m) in _BATCH + _INSTANCE and len(n.args) == 1 and not n.kwargs:
                 return _Step("norm", n.target, ref(n.args), {}, slots[n])
             return _Step("module", n.target, ref(n.args), ref(n.kwargs), slots[n])

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-import operator
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 
 from .checkpoint import checkpoint
-from .convert import (_BATCH, _INSTANCE, _Tracer, _describe, _has_hooks, _modified_in_place,
+from .convert import (_BATCH, _INSTANCE, _Proxy, _Tracer, _describe, _has_hooks, _modified_in_place,
                       Skipped)
 from .nn.norm_act import InPlaceABNSync, _InPlaceNormAct
 from .ops.replay_norm import replayed_norm
@@ -495,11 +496,60 @@ def _slots_in(a) -> list[int]:
 
 # ------------------------------------------------------------------------------ entry point
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class _CheckedProxy(_Proxy):
+    """Notes every `isinstance` test that a forward applies to a traced value. A Proxy is no
+    torch.Tensor, so such a test answers what it never answers when the forward runs, and the
+    trace may follow a branch the real forward never takes (a skip connection silently dropped
+    from the program). Python's isinstance reads `__class__` when the type test fails; torch's
+    own code (the tracer itself) is not the forward and is not noted."""
+
+    @property
+    def __class__(self):
+        frame = sys._getframe(1)
+        if not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            self.tracer.type_tests.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+        return type(self)
+
+
+def _jit_isinstance(obj, target_type):
+    """torch.jit.isinstance while tracing: a traced value is the tensor it stands for."""
+    if isinstance(obj, fx.Proxy) and target_type is torch.Tensor:
+        return True
+    return _JIT_ISINSTANCE(obj, target_type)
+
+
+_JIT_ISINSTANCE = torch.jit.isinstance
+
+
+class _ProgramTracer(_Tracer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.type_tests: list[str] = []
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _CheckedProxy(node, self)
+
+    def trace(self, root, concrete_args=None):
+        torch.jit.isinstance = _jit_isinstance
+        try:
+            graph = super().trace(root, concrete_args)
+        finally:
+            torch.jit.isinstance = _JIT_ISINSTANCE
+        if self.type_tests:
+            raise TypeError(f"the forward tests the type of a traced value "
+                            f"({self.type_tests[0]}), so the traced branch may not be the one "
+                            "that runs")
+        return graph
+
+
 def _trace_train(module: nn.Module, prefix: str, graphs: list, failed: dict) -> None:
     try:
-        graphs.append((prefix, _Tracer().trace(copy.deepcopy(module).train())))
+        graphs.append((prefix, _ProgramTracer().trace(copy.deepcopy(module).train())))
     except Exception as e:  # any error: this forward's data flow is unknown
-        failed[prefix.rstrip(".")] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        failed[prefix.rstrip(".")] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         for name, child in module.named_children():
             if next(child.children(), None) is not None:
                 _trace_train(child, f"{prefix}{name}.", graphs, failed)

@@ -86,6 +86,10 @@ class NormActFunction(torch.autograd.Function):
         fmt = (torch.channels_last_3d if y.dim() == 5 else torch.channels_last) if (
             not y.is_contiguous()) else torch.contiguous_format
         dy = grad_output.to(dtype=y.dtype).contiguous(memory_format=fmt)
+        if dy.stride() != y.stride():
+            # Dense in torch's sense but strided otherwise along a size-1 dimension (a channel
+            # slice of a batch of one, as the backward of torch.cat hands out).
+            dy = torch.empty_like(y).copy_(dy)
         per_group = var.dim() == 2
         sums = None
         if ctx.use_batch_stats or need_w or need_b:

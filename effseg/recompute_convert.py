@@ -54,6 +54,7 @@ from .checkpoint import checkpoint
 from .convert import (_BATCH, _INSTANCE, _Proxy, _Tracer, _describe, _has_hooks, _modified_in_place,
                       Skipped)
 from .nn.norm_act import InPlaceABNSync, _InPlaceNormAct
+from .ops import replay
 from .ops.replay_norm import replayed_norm
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -182,9 +183,8 @@ def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     module._check_input_dim(x)
     momentum = 0.0 if module.momentum is None else module.momentum
     track = module.training and module.track_running_stats
-    if track and module.num_batches_tracked is not None:
-        # In the recomputation the stock module's own count would move too; effseg.checkpoint
-        # restores it, as it restores the running statistics.
+    tape = replay.current()
+    if track and module.num_batches_tracked is not None and not (tape and tape.replaying):
         module.num_batches_tracked.add_(1)
         if module.momentum is None:
             momentum = 1.0 / float(module.num_batches_tracked)

@@ -36,7 +36,8 @@ class ReplayedNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean, var, eps: float, per_sample: bool):
         shape = (x.shape[0] if per_sample else 1, x.shape[1]) + (1,) * (x.dim() - 2)
         invstd = (var.to(_acc(x)) + eps).rsqrt()
-        y = (x - mean.to(x.dtype).reshape(shape)) * invstd.to(x.dtype).reshape(shape)
+        y = x - mean.to(x.dtype).reshape(shape)
+        y.mul_(invstd.to(x.dtype).reshape(shape))  # one full-size tensor, not two at a time
         if weight is not None:
             y.mul_(weight.reshape((1, -1) + (1,) * (x.dim() - 2)))
         if bias is not None:

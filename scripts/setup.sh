@@ -22,6 +22,10 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q "$TORCH_SPEC"
 fi
 pip install -q numpy pytest expecttest ninja "cmake==3.31.10" nibabel scipy matplotlib tqdm monai onnx onnxscript onnxruntime
+# nnU-Net's networks (PlainConvUNet, ResidualEncoderUNet) for the convert tests and
+# benchmarks/bench_networks.py, without the timm and einops it declares (the U-Nets need
+# neither). A test extra: effseg itself never imports it.
+pip install -q --no-deps "dynamic-network-architectures==0.4.4"
 
 # CUDA toolkit location (torch's own guess stops at /usr/local when nvcc there is a wrapper),
 # architectures (needed when no GPU is visible) and parallel jobs (each nvcc job takes ~1.5 GB).

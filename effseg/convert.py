@@ -383,13 +383,15 @@ def _plan(graphs: list, failed: dict[str, str], norms: dict[str, nn.Module],
     return plan
 
 
-def convert(model: nn.Module, inplace: bool = False, recompute: bool = False
-            ) -> tuple[nn.Module, ConversionReport]:
+def convert(model: nn.Module, inplace: bool = False, recompute: bool = False,
+            example_input=None) -> tuple[nn.Module, ConversionReport]:
     """Fuses norm + activation pairs of `model` into effseg's in-place modules.
 
     With `recompute=True` it also cuts the training forward into recomputing segments that keep
     only their inputs and O(C) statistics (effseg.recompute_convert); the report's `segments`
-    lists them and `not_recomputed` what stays stock, with the reason.
+    lists them and `not_recomputed` what stays stock, with the reason. `example_input` (a
+    tensor or a tuple of the forward's arguments) lets a forward that branches on shapes be
+    traced with those shapes; its program then runs for inputs of those shapes only.
 
     Returns `(converted model, report)`. With `inplace=False` (default) `model` is left as it is
     and a deep copy is converted; with `inplace=True` `model` itself is changed (its parameters
@@ -445,7 +447,7 @@ def convert(model: nn.Module, inplace: bool = False, recompute: bool = False
                   f"activation_param={new.activation_param})", site.activation_path))
     if recompute:
         from .recompute_convert import add_recompute
-        report.segments, report.not_recomputed = add_recompute(target)
+        report.segments, report.not_recomputed = add_recompute(target, example_input)
     return target, report
 
 

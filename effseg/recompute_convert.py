@@ -25,9 +25,12 @@ tensor never exists, in forward or in the recomputation.
 What it refuses, per segment, with the reason in the report (the segment then runs stock):
 modules with hooks (they would run twice), SyncBatchNorm (its reduction spans processes), a
 value the segment keeps that is modified in place anywhere in the traced forward (the
-recomputation would read the modified tensor), an input of a forward whose caller could not be
-traced (the caller might modify it in place). A forward that cannot be traced keeps its own
-code and is listed with the reason; its children are analysed one by one. A module whose
+recomputation would read the modified tensor). A kept value changed in place where the trace
+cannot see it (by the caller of a traced child of an untraceable forward) makes backward raise
+autograd's error: torch's non-reentrant checkpoint saves a segment's inputs with their version
+counters. A forward
+that cannot be traced keeps its own code and is listed with the reason; its children are
+analysed one by one. A module whose
 forward is already replaced on the instance, or takes *args/**kwargs, is left alone.
 
 The converted forward is used in training mode with gradients enabled, when every module whose
@@ -41,6 +44,7 @@ import copy
 import inspect
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +52,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer, proxys_to_metas
 from torch.fx.node import map_aggregate
+from torch.nn.modules.batchnorm import _NormBase
 
 from .checkpoint import checkpoint
 from .convert import (_BATCH, _INSTANCE, _Proxy, _Tracer, _describe, _has_hooks, _modified_in_place,
@@ -134,25 +140,26 @@ def _part_conv(conv: nn.Module, part: torch.Tensor, start: int, bias: bool) -> t
                         conv.dilation, 1)
 
 
-def _upsampled_part_conv(root: nn.Module, producer: str, conv_path: str, start: int, bias: bool,
-                         low: torch.Tensor) -> torch.Tensor:
-    return _part_conv(root.get_submodule(conv_path), root.get_submodule(producer)(low), start,
-                      bias)
+def _upsampled_part_conv(root: nn.Module, chain: "_Program", conv_path: str, start: int,
+                         bias: bool, *inputs) -> tuple[torch.Tensor, int]:
+    part = _run(chain, root, inputs)
+    return _part_conv(root.get_submodule(conv_path), part, start, bias), part.shape[1]
 
 
 def _split_conv(root: nn.Module, conv_path: str, parts: list) -> torch.Tensor:
     """conv(cat(parts, 1)) as the sum of the convolutions of the parts with their weight
-    slices: the concatenation never exists. A part given as (producer path, its input) is an
-    upsampling computed inside a nested checkpoint: it lives only while its convolution runs,
-    in forward and in backward alike (one transposed convolution again, a full-resolution
-    tensor less at the peak of the segment's backward)."""
+    slices: the concatenation never exists. A part given as (chain program, its inputs) is an
+    upsampling (and what follows it up to the concatenation) computed inside a nested
+    checkpoint: it lives only while its convolution runs, in forward and in backward alike
+    (one transposed convolution again; a full-resolution tensor less at the peak of the
+    segment's backward)."""
     conv = root.get_submodule(conv_path)
     out, start = None, 0
     for i, part in enumerate(parts):
         if isinstance(part, tuple):
-            producer, low = part
-            c = root.get_submodule(producer).out_channels
-            y = checkpoint(_upsampled_part_conv, root, producer, conv_path, start, i == 0, low)
+            chain, inputs = part
+            y, c = checkpoint(_upsampled_part_conv, root, chain, conv_path, start, i == 0,
+                              *inputs)
         else:
             c = part.shape[1]
             y = _part_conv(conv, part, start, i == 0)
@@ -239,11 +246,13 @@ class RecomputedForward:
     the module's own forward otherwise."""
 
     def __init__(self, owner: nn.Module, program: _Program, names: list[str],
-                 traced: list[str]) -> None:
+                 traced: list[str], shapes: tuple | None = None) -> None:
         self.owner = owner
         self.program = program
         self.names = names  # the forward's parameter per program input
         self.traced = traced  # modules whose forward code the program inlines
+        # A program traced with concrete shapes (example_input) holds for those shapes only.
+        self.shapes = shapes
         self.signature = inspect.signature(type(owner).forward)
 
     def active(self) -> bool:
@@ -253,11 +262,17 @@ class RecomputedForward:
 
     def __call__(self, *args, **kwargs):
         m = self.owner
-        if not self.active():
-            return type(m).forward(m, *args, **kwargs)
-        bound = self.signature.bind(m, *args, **kwargs)
-        bound.apply_defaults()
-        return _run(self.program, m, [bound.arguments[n] for n in self.names])
+        if self.active():
+            bound = self.signature.bind(m, *args, **kwargs)
+            bound.apply_defaults()
+            inputs = [bound.arguments[n] for n in self.names]
+            if self.shapes is None or self.shapes == _shapes(inputs):
+                return _run(self.program, m, inputs)
+        return type(m).forward(m, *args, **kwargs)
+
+
+def _shapes(inputs) -> tuple:
+    return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in inputs)
 
 
 # ------------------------------------------------------------------------------ the analysis
@@ -347,14 +362,29 @@ def _split_target(n: fx.Node, members: set, modules) -> fx.Node | None:
     return conv
 
 
-def _lazy(part: fx.Node, cat: fx.Node, modules) -> tuple[fx.Node, fx.Node] | None:
-    """(the upsampling node, its input) where a part of a concatenation is a transposed
-    convolution read by nothing else, which `_split_conv` recomputes lazily."""
-    m = modules.get(part.target) if part.op == "call_module" else None
-    if isinstance(m, _CONV_T) and not _has_hooks(m) and list(part.users) == [cat] and len(
-            part.args) == 1 and isinstance(part.args[0], fx.Node) and not part.kwargs:
-        return part, part.args[0]
-    return None
+_UPSAMPLING = _CONV_T + (nn.Upsample,)
+
+
+def _lazy(part: fx.Node, members: set, modules) -> tuple[list[fx.Node]] | None:
+    """The chain of nodes that computes a part of a concatenation from an upsampling (a
+    transposed convolution or nn.Upsample, then e.g. padding), each read by the next alone, for
+    `_split_conv` to recompute lazily; None where there is none."""
+    chain, n, upsampled = [], part, False
+    while n in members and len(n.users) == 1 and n.op in ("call_module", "call_function",
+                                                          "call_method"):
+        m = modules.get(n.target) if n.op == "call_module" else None
+        if m is not None and (isinstance(m, _NormBase) or _has_hooks(m)):
+            break
+        chain.insert(0, n)
+        upsampled = upsampled or isinstance(m, _UPSAMPLING)
+        inner = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        if len(inner) != 1:
+            break
+        n = inner[0]
+    while chain and not (chain[0].op == "call_module" and isinstance(
+            modules[chain[0].target], _UPSAMPLING)):
+        chain.pop(0)  # the chain starts at the upsampling: what is before it is kept anyway
+    return (chain,) if upsampled and chain else None
 
 
 @dataclass
@@ -363,8 +393,7 @@ class _Plan:
     refused: list[Skipped]
 
 
-def _refusal(nodes: list[fx.Node], inputs: list[fx.Node], modules, prefix: str,
-             caller_unknown: bool) -> str | None:
+def _refusal(nodes: list[fx.Node], inputs: list[fx.Node], modules, prefix: str) -> str | None:
     for n in nodes:
         if n.op != "call_module":
             continue
@@ -375,10 +404,7 @@ def _refusal(nodes: list[fx.Node], inputs: list[fx.Node], modules, prefix: str,
             return (f"{prefix}{n.target} ({type(m).__name__}) reduces across processes; "
                     "recomputing it is not supported")
     for a in inputs:
-        if a.op == "placeholder" and caller_unknown:
-            return (f"it keeps {_value(a, modules, prefix)}, whose caller cannot be traced "
-                    "and might modify it in place before backward")
-        writer = _modified_in_place(a, modules, caller_unknown)
+        writer = _modified_in_place(a, modules, caller_unknown=False)
         if writer is not None:
             where = "returned to a caller that cannot be traced" if writer.op == "output" else (
                 f"modified in place by {_describe(writer, modules, prefix)}")
@@ -387,8 +413,7 @@ def _refusal(nodes: list[fx.Node], inputs: list[fx.Node], modules, prefix: str,
     return None
 
 
-def _plan(graph: fx.Graph, modules: dict[str, nn.Module], prefix: str,
-          caller_unknown: bool) -> _Plan:
+def _plan(graph: fx.Graph, modules: dict[str, nn.Module], prefix: str) -> _Plan:
     cut = _boundaries(graph, modules)
     plan = _Plan([], [])
     for out in graph.nodes:
@@ -404,7 +429,7 @@ def _plan(graph: fx.Graph, modules: dict[str, nn.Module], prefix: str,
         inputs = [a for a in dict.fromkeys(x for n in nodes for x in n.all_input_nodes)
                   if a not in members and a.op != "get_attr"]
         name = _value(out, modules, prefix)
-        reason = _refusal(nodes, inputs, modules, prefix, caller_unknown)
+        reason = _refusal(nodes, inputs, modules, prefix)
         if reason is not None:
             plan.refused.append(Skipped(f"{prefix.rstrip('.') or 'model'}: segment -> {name}",
                                         reason))
@@ -414,9 +439,9 @@ def _plan(graph: fx.Graph, modules: dict[str, nn.Module], prefix: str,
             parts = _cat_parts(n) if _is_cat(n) else None
             conv = _split_target(n, members, modules) if parts else None
             if conv is not None:
-                splits[conv] = [_lazy(p, n, modules) or p for p in parts]
+                splits[conv] = [_lazy(p, members, modules) or p for p in parts]
         skipped_cats = {p for conv in splits for p in conv.args} | {
-            p[0] for parts in splits.values() for p in parts if isinstance(p, tuple)}
+            c for parts in splits.values() for p in parts if isinstance(p, tuple) for c in p[0]}
         replayed = [prefix + n.target for n in nodes if n.op == "call_module" and (
             isinstance(modules[n.target], _InPlaceNormAct) or (
                 type(modules[n.target]) in _BATCH + _INSTANCE and len(n.args) == 1
@@ -447,14 +472,22 @@ def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module]) -> tup
         if n.op == "call_module":
             m = modules[n.target]
             if n in splits:
-                parts = [(p[0].target, ref(p[1])) if isinstance(p, tuple) else ref(p)
-                         for p in splits[n]]
+                parts = [lazy(p[0]) if isinstance(p, tuple) else ref(p) for p in splits[n]]
                 return _Step("split_conv", n.target, (parts,), {}, slots[n])
             if in_seg and type(m) in _BATCH + _INSTANCE and len(n.args) == 1 and not n.kwargs:
                 return _Step("norm", n.target, ref(n.args), {}, slots[n])
             return _Step("module", n.target, ref(n.args), ref(n.kwargs), slots[n])
         kind = {"call_function": "function", "call_method": "method", "get_attr": "attr"}[n.op]
         return _Step(kind, n.target, ref(n.args), ref(n.kwargs), slots[n])
+
+    def lazy(chain: list[fx.Node]) -> tuple:
+        inside = set(chain)
+        ins = [a for a in dict.fromkeys(x for m in chain for x in m.all_input_nodes)
+               if a not in inside and a.op != "get_attr"]
+        steps = [step_of(m, {}, True) for m in chain]
+        steps.append(_Step("output", None, _Slot(slots[chain[-1]]), {}, -1))
+        return (_Program(with_frees(steps, set()), len(slots), [slots[a] for a in ins]),
+                [_Slot(slots[a]) for a in ins])
 
     def with_frees(steps: list[_Step], keep: set[int]) -> list[_Step]:
         last: dict[int, int] = {}
@@ -563,17 +596,90 @@ def _traced_modules(graph: fx.Graph) -> list[str]:
     return [p for p in found if p]
 
 
-def add_recompute(target: nn.Module) -> tuple[list[Segment], list[Skipped]]:
+class _CheckedMetaProxy(MetaProxy):
+    __class__ = _CheckedProxy.__dict__["__class__"]  # the same note of isinstance tests
+
+
+class _ConcreteTracer(MetaTracer):
+    """A trace that carries meta tensors of the example input's shapes, so that a forward
+    branching on shapes (padding for odd sizes) is followed down the branch those shapes take.
+    Norms get their input's shape without running (their running statistics are real tensors);
+    a value whose shape could not be computed fails the trace."""
+
+    allow_insert_stateless_mods = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.type_tests: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _InPlaceNormAct) or fx.Tracer.is_leaf_module(self, m, qualname)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _CheckedMetaProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        if kind == "call_module" and isinstance(self.root.get_submodule(target), _NormBase):
+            rv = fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr,
+                                        proxy_factory_fn)
+            rv.install_tensor_meta(proxys_to_metas(args[0]))
+            return rv
+        return super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                    proxy_factory_fn)
+
+
+def _trace_concrete(module: nn.Module, example: tuple) -> tuple[fx.Graph, tuple]:
+    names = list(inspect.signature(type(module).forward).parameters)[1:]
+    if len(example) > len(names):
+        raise TypeError(f"example_input has {len(example)} values for {len(names)} arguments")
+    metas = {n: t.to("meta") for n, t in zip(names, example) if isinstance(t, torch.Tensor)}
+    tracer = _ConcreteTracer()
+    torch.jit.isinstance = _jit_isinstance
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = tracer.trace(copy.deepcopy(module).train(), meta_args=metas,
+                                 concrete_args={n: None for n in names[len(example):]})
+    finally:
+        torch.jit.isinstance = _JIT_ISINSTANCE
+    lost = [str(w.message) for w in caught if "Could not compute metadata" in str(w.message)]
+    if lost:
+        raise RuntimeError(lost[0])
+    if tracer.type_tests:
+        raise TypeError(f"the forward tests the type of a traced value ({tracer.type_tests[0]})")
+    return graph, _shapes(example)
+
+
+def add_recompute(target: nn.Module, example_input=None) -> tuple[list[Segment],
+                                                                  list[Skipped]]:
     """Replaces the forward of `target` (or of its traceable children) by recomputing segment
-    programs, in place. Returns the segments and what was left stock, with the reason."""
-    graphs: list[tuple[str, fx.Graph]] = []
+    programs, in place. Returns the segments and what was left stock, with the reason.
+    `example_input` (a tensor or a tuple of the forward's arguments): where the model's own
+    forward cannot be traced symbolically (shape-dependent Python), it is traced with these
+    shapes, and its program runs for inputs of these shapes only."""
+    graphs: list[tuple[str, fx.Graph, tuple | None]] = []
     failed: dict[str, str] = {}
-    _trace_train(target, "", graphs, failed)
+    symbolic: list = []
+    _trace_train(target, "", symbolic, failed)
+    graphs += [(prefix, graph, None) for prefix, graph in symbolic]
+    refused = []
+    if "" in failed and example_input is not None:
+        example = example_input if isinstance(example_input, tuple) else (example_input,)
+        try:
+            graphs.append(("", *_trace_concrete(target, example)))
+        except Exception as e:  # any error: the concrete trace adds nothing
+            refused.append(Skipped("model", "its forward cannot be traced with the shapes of "
+                                   f"example_input either ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:160]})"))
+    refused += [Skipped(path or "model", f"its forward cannot be traced by torch.fx ({why}); "
+                        + ("traced with the shapes of example_input, its program runs for "
+                           "those shapes; " if not path and graphs and graphs[-1][0] == ""
+                           and graphs[-1][2] is not None else "")
+                        + "its children are converted one by one")
+                for path, why in failed.items()]
     segments: list[Segment] = []
-    refused = [Skipped(path or "model", f"its forward cannot be traced by torch.fx ({why}); it "
-                       "keeps its own forward, its children are converted one by one")
-               for path, why in failed.items()]
-    for prefix, graph in graphs:
+    for prefix, graph, shapes in graphs:
         owner = target.get_submodule(prefix.rstrip(".")) if prefix else target
         where = prefix.rstrip(".") or "model"
         if "forward" in owner.__dict__:
@@ -585,12 +691,13 @@ def add_recompute(target: nn.Module) -> tuple[list[Segment], list[Skipped]]:
                                    "traced program cannot bind"))
             continue
         modules = dict(owner.named_modules())
-        plan = _plan(graph, modules, prefix, caller_unknown=prefix != "")
+        plan = _plan(graph, modules, prefix)
         refused += plan.refused
         if not plan.segments:
             continue
         program, names = _compile(graph, plan, modules)
-        owner.forward = RecomputedForward(owner, program, names, _traced_modules(graph))
+        owner.forward = RecomputedForward(owner, program, names, _traced_modules(graph),
+                                          shapes)
         segments += [seg for _n, seg, *_r in plan.segments]
     return segments, refused
 

@@ -81,10 +81,11 @@ def _train_steps(model, x, w, steps=2):
     return out
 
 
-def assert_trains_like_stock(stock: nn.Module, shape, steps=2, segments=True):
+def assert_trains_like_stock(stock: nn.Module, shape, steps=2, segments=True,
+                             example_input=None):
     stock = stock.to(D).train()
     _randomize(stock)
-    converted, report = effseg.convert(stock, recompute=True)
+    converted, report = effseg.convert(stock, recompute=True, example_input=example_input)
     assert bool(report.segments) == segments, report
     assert converted.state_dict().keys() == stock.state_dict().keys()
     x = torch.randn(*shape, dtype=D)
@@ -105,6 +106,7 @@ def assert_trains_like_stock(stock: nn.Module, shape, steps=2, segments=True):
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(converted(x.clone()), fresh(x.clone()), rtol=1e-7, atol=0)
+    converted.train()
     return converted, report
 
 
@@ -253,18 +255,21 @@ class Untraceable(nn.Module):
         return self.block(-x)
 
 
-def test_untraceable_forward_is_reported_and_stays_exact():
+def test_untraceable_forward_is_reported_and_its_children_recompute():
     stock = Untraceable().to(D)
     converted, report = effseg.convert(stock, recompute=True)
     reasons = {s.path: s.reason for s in report.not_recomputed}
     assert "cannot be traced" in reasons["model"] and "TraceError" in reasons["model"]
-    # the block is traced on its own, but its input comes from a caller that could not be
-    # traced and might change it in place before backward: not recomputed, and said so
-    assert "whose caller cannot be traced" in reasons["block: segment -> the output of block.5 "
-                                                      "(ReLU)"]
-    assert report.segments == []
+    assert [s.path for s in report.segments] == ["block"]
+    assert "forward" not in converted.__dict__
+    assert isinstance(converted.block.forward, RecomputedForward)
     x = torch.randn(2, 1, 6, 6, 6, dtype=D)
-    torch.testing.assert_close(converted(x), stock(x))
+    w = torch.randn(2, 4, 6, 6, 6, dtype=D)
+    for (yc, gc, pc), (ys, gs, ps) in zip(_train_steps(converted, x, w),
+                                          _train_steps(stock, x, w)):
+        torch.testing.assert_close(yc, ys)
+        torch.testing.assert_close(gc, gs)
+        _assert_close_grads(pc, ps)
 
 
 class TypeTest(nn.Module):
@@ -309,16 +314,64 @@ def test_monai_unet_and_dynunet_train_like_stock(monai_nets):
         assert report.not_recomputed == []
 
 
-def test_monai_basic_unet_upcat_is_refused_not_mistraced(monai_nets):
-    stock = monai_nets.BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4))
-    converted, report = assert_trains_like_stock(stock, (2, 1, 32, 32, 32), steps=1,
-                                                 segments=False)
+def test_monai_basic_unet_with_example_input_trains_like_stock(monai_nets):
+    stock = monai_nets.BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4)).to(D)
+    # symbolically, UpCat's forward reads shapes (padding for odd sizes): not traceable
+    _, report = effseg.convert(stock, recompute=True)
     reasons = {s.path: s.reason for s in report.not_recomputed}
-    # fx takes the UpCat's skip branch only with torch.jit.isinstance answered for traced
-    # tensors; the branch then reads the shapes (padding for odd sizes), which fx cannot trace
-    assert "'len' is not supported" in reasons["upcat_4"]
-    assert "whose caller cannot be traced" in reasons[
-        "upcat_4.convs: segment -> the output of upcat_4.convs.conv_1.adn.D (Dropout)"]
+    assert "'len' is not supported" in reasons["model"]
+    assert {s.path for s in report.segments} == {
+        "conv_0", "down_1", "down_2", "down_3", "down_4", "upcat_4.convs", "upcat_3.convs",
+        "upcat_2.convs", "upcat_1.convs"}  # each TwoConv keeps its concatenated input
+    # with the example's shapes the whole forward is traced: skips fused without cat
+    x = torch.randn(2, 1, 32, 32, 32, dtype=D)
+    converted, report = assert_trains_like_stock(stock, x.shape, example_input=x)
+    model = [s for s in report.segments if s.path == ""]
+    assert len(model) == 9
+    assert [c for s in model for c in s.concat_free] == [
+        f"upcat_{i}.convs.conv_0.conv" for i in (4, 3, 2, 1)]
+    assert "traced with the shapes of example_input" in {
+        s.path: s.reason for s in report.not_recomputed}["model"]
+    # other shapes run the model's own forward (its traced children still recompute)
+    assert converted.forward.shapes == ((2, 1, 32, 32, 32),)
+    converted.train()
+    y = converted(torch.randn(1, 1, 32, 32, 32, dtype=D))
+    assert y.shape == (1, 2, 32, 32, 32)
+
+
+class Shifted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                                 nn.Conv3d(4, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.seq(x + 1)  # the addition keeps nothing: autograd cannot see a later change
+
+
+class ChangesItsInput(nn.Module):
+    """Calls a converted child, then modifies the child's input in place (the caller's forward
+    branches on data, so it cannot be traced and the child cannot see it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Shifted()
+
+    def forward(self, x):
+        h = x * 2
+        y = self.block(h)
+        if y.sum() > -1e30:
+            h.add_(1)
+        return y
+
+
+def test_input_changed_in_place_by_an_untraced_caller_raises_in_backward():
+    converted, report = effseg.convert(ChangesItsInput().to(D), recompute=True)
+    assert [s.path for s in report.segments] == ["block"]
+    y = converted(torch.randn(2, 1, 6, 6, 6, dtype=D, requires_grad=True))
+    # the checkpoint saves the segment's inputs with their versions: autograd's own check
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 # --------------------------------------------------------------------------- memory

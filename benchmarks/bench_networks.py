@@ -4,7 +4,8 @@ nnU-Net's PlainConvUNet (3d_fullres defaults) and ResidualEncoderUNet (ResEnc M)
 
 - stock: the network as its package builds it
 - convert: `effseg.convert(model)` (fused in-place norm + activation)
-- recompute: `effseg.convert(model, recompute=True)` (recomputing segments as well)
+- recompute: `effseg.convert(model, recompute=True, example_input=x)` (recomputing segments
+  as well; the example input matters only where a forward branches on shapes: BasicUNet)
 - stock + checkpoint: torch.utils.checkpoint (non-reentrant) around every stage or block
 
 Rows: the step's peak (CPU: `effseg.memory.peak_allocated`, the tensor peak op by op; CUDA:
@@ -88,7 +89,7 @@ NETWORKS = {
     "ResEncM": (resenc_m, ("BasicBlockD", "decoder.stages.")),
     "MONAI UNet": (monai_unet, ("ResidualUnit",)),
     "DynUNet": (dynunet, ("UnetBasicBlock",)),
-    "DynUNet res_block": (lambda: dynunet(True), ("UnetResBlock",)),
+    "DynUNet res_block": (lambda: dynunet(True), ("UnetResBlock", "UnetBasicBlock")),
     "BasicUNet": (basic_unet, ("TwoConv",)),
     "SegResNet": (segresnet, ("ResBlock",)),
 }
@@ -109,37 +110,41 @@ class Checkpointed(nn.Module):
 
 def checkpointed(model: nn.Module, which) -> nn.Module:
     """Wraps every module whose path starts with one of `which` (a direct child of a container
-    there) or whose class is named in `which`, outermost first."""
+    there) or whose class is named in `which`, outermost first, at every path that reaches it
+    (DynUNet reaches its blocks through two parents)."""
+    wrappers: dict[int, nn.Module] = {}
     done: list[str] = []
-    for path, m in list(model.named_modules()):
+    for path, m in list(model.named_modules(remove_duplicate=False)):
         if not path or any(path.startswith(d + ".") for d in done):
             continue
         parent, _, name = path.rpartition(".")
-        hit = type(m).__name__ in which or any(
+        hit = id(m) in wrappers or type(m).__name__ in which or any(
             path.startswith(w) and path.count(".") == w.count(".") for w in which)
         if hit:
-            setattr(model.get_submodule(parent) if parent else model, name, Checkpointed(m))
+            wrapper = wrappers.setdefault(id(m), Checkpointed(m))
+            setattr(model.get_submodule(parent) if parent else model, name, wrapper)
             done.append(path)
     return model
 
 
-def build(net: str, variant: str) -> nn.Module:
+def build(net: str, variant: str, example: torch.Tensor | None = None) -> nn.Module:
     torch.manual_seed(0)
     make, which = NETWORKS[net]
     model = make()
     if variant == "convert":
         model, _ = effseg.convert(model)
     elif variant == "recompute":
-        model, _ = effseg.convert(model, recompute=True)
+        # the example's shapes let a shape-branching forward (BasicUNet) be traced whole
+        model, _ = effseg.convert(model, recompute=True, example_input=example)
     elif variant == "stock + checkpoint":
         model = checkpointed(model, which)
     return model
 
 
 def measure(net, variant, edge, device, reps, time_steps=True) -> dict:
-    model = build(net, variant).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     x = torch.randn(1, 1, edge, edge, edge, device=device)
+    model = build(net, variant, x.cpu()).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     target = torch.randint(0, CLASSES, (1, edge, edge, edge), device=device)
 
     def forward_loss():

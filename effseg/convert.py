@@ -383,8 +383,9 @@ def _plan(graphs: list, failed: dict[str, str], norms: dict[str, nn.Module],
     return plan
 
 
-def convert(model: nn.Module, inplace: bool = False, recompute: bool = False,
-            example_input=None) -> tuple[nn.Module, ConversionReport]:
+def convert(model: nn.Module, inplace: bool = False, recompute: bool | str = False,
+            example_input=None, budget: int | None = None
+            ) -> tuple[nn.Module, ConversionReport]:
     """Fuses norm + activation pairs of `model` into effseg's in-place modules.
 
     With `recompute=True` it also cuts the training forward into recomputing segments that keep
@@ -392,6 +393,9 @@ def convert(model: nn.Module, inplace: bool = False, recompute: bool = False,
     lists them and `not_recomputed` what stays stock, with the reason. `example_input` (a
     tensor or a tuple of the forward's arguments) lets a forward that branches on shapes be
     traced with those shapes; its program then runs for inputs of those shapes only.
+    `recompute="auto"` (with `budget` bytes and `example_input`) recomputes only as many
+    segments as keep the tensor peak of a training step on the example within the budget, as
+    measured (effseg.recompute_convert.choose).
 
     Returns `(converted model, report)`. With `inplace=False` (default) `model` is left as it is
     and a deep copy is converted; with `inplace=True` `model` itself is changed (its parameters
@@ -402,9 +406,16 @@ def convert(model: nn.Module, inplace: bool = False, recompute: bool = False,
         raise TypeError(f"effseg.convert: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"effseg.convert: inplace must be a bool, got {type(inplace).__name__}")
-    if not isinstance(recompute, bool):
-        raise TypeError(f"effseg.convert: recompute must be a bool, got "
-                        f"{type(recompute).__name__}")
+    if not (isinstance(recompute, bool) or recompute == "auto"):
+        raise TypeError(f"effseg.convert: recompute must be True, False or 'auto', got "
+                        f"{recompute!r}")
+    if recompute == "auto" and (example_input is None or isinstance(budget, bool)
+                                or not isinstance(budget, int) or budget <= 0):
+        raise ValueError("effseg.convert: recompute='auto' needs budget= (a positive number of "
+                         f"bytes, got {budget!r}) and example_input= (got "
+                         f"{type(example_input).__name__})")
+    if budget is not None and recompute != "auto":
+        raise ValueError("effseg.convert: budget= is used only with recompute='auto'")
     target = model if inplace else copy.deepcopy(model)
     # Tracing runs the forwards' Python code, which may store proxies on the modules: trace
     # copies. Forwards may branch on self.training: a pair must be safe in both modes.
@@ -446,8 +457,10 @@ def convert(model: nn.Module, inplace: bool = False, recompute: bool = False,
             path, f"{type(new).__name__}(activation={new.activation!r}, "
                   f"activation_param={new.activation_param})", site.activation_path))
     if recompute:
-        from .recompute_convert import add_recompute
+        from .recompute_convert import add_recompute, choose
         report.segments, report.not_recomputed = add_recompute(target, example_input)
+        if recompute == "auto" and report.segments:
+            report.not_recomputed += choose(target, report.segments, budget, example_input)
     return target, report
 
 

@@ -86,10 +86,17 @@ class Segment:
     keeps: list[str]
     replayed: list[str] = field(default_factory=list)
     concat_free: list[str] = field(default_factory=list)
+    # recompute="auto": whether it is recomputed, and the bytes its nodes keep for backward
+    # when it is not (measured on the example input)
+    recomputed: bool = True
+    stock_saved_bytes: int | None = None
 
     def __str__(self) -> str:
         extra = f"; concatenation-free: {', '.join(self.concat_free)}" if self.concat_free else ""
-        return (f"{self.path or 'model'}: segment -> {self.output} ({len(self.modules)} module "
+        if self.stock_saved_bytes is not None:
+            extra += f"; {self.stock_saved_bytes} bytes kept when not recomputed"
+        what = "segment" if self.recomputed else "segment, not recomputed (within the budget)"
+        return (f"{self.path or 'model'}: {what} -> {self.output} ({len(self.modules)} module "
                 f"call(s)); keeps {', '.join(self.keeps)}; replays {len(self.replayed)} "
                 f"norm(s){extra}")
 
@@ -123,6 +130,8 @@ class _Program:
     steps: list[_Step]
     size: int
     inputs: list[int]  # slots of the inputs, in order
+    index: int = -1  # a segment's: its place in the report
+    recompute: bool = True  # a segment's: run through the checkpoint, or plainly
 
 
 def _load(env: list, a):
@@ -221,12 +230,23 @@ def _run(program: _Program, module: nn.Module, inputs) -> Any:
             value = _norm(module.get_submodule(s.target), *args)
         elif kind == "split_conv":
             value = _split_conv(module, s.target, *args)
-        else:  # segment
+        elif s.target.recompute:  # segment
             value = checkpoint(_run_segment, module, s.target, *args)
+        else:
+            _RUNNING.append(s.target.index)
+            try:
+                value = _run(s.target, module, args)
+            finally:
+                _RUNNING.pop()
         env[s.out] = value
         for i in s.free:
             env[i] = None
     raise RuntimeError("effseg: a recomputing program has no output")
+
+
+# The segments running without recomputation, innermost last (recompute="auto" attributes
+# the bytes saved for backward to them).
+_RUNNING: list[int] = []
 
 
 def _run_segment(module, program, *inputs):
@@ -457,8 +477,8 @@ def _plan(graph: fx.Graph, modules: dict[str, nn.Module], prefix: str) -> _Plan:
 
 # ------------------------------------------------------------------------------ compiling
 
-def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module]) -> tuple[
-        _Program, list[str]]:
+def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module],
+             first_index: int) -> tuple[_Program, list[str]]:
     slots: dict[fx.Node, int] = {}
     for n in graph.nodes:
         slots[n] = len(slots)
@@ -514,7 +534,8 @@ def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module]) -> tup
                    if a not in members and a.op != "get_attr"]
             inner = [step_of(m, splits, True) for m in nodes if m not in dropped]
             inner.append(_Step("output", None, _Slot(slots[n]), {}, -1))
-            sub = _Program(with_frees(inner, set()), len(slots), [slots[a] for a in ins])
+            sub = _Program(with_frees(inner, set()), len(slots), [slots[a] for a in ins],
+                           index=first_index + outputs[n])
             top.append(_Step("segment", sub, tuple(_Slot(slots[a]) for a in ins), {}, slots[n]))
         elif n not in in_segment:
             top.append(step_of(n, {}, False))
@@ -695,11 +716,90 @@ def add_recompute(target: nn.Module, example_input=None) -> tuple[list[Segment],
         refused += plan.refused
         if not plan.segments:
             continue
-        program, names = _compile(graph, plan, modules)
+        program, names = _compile(graph, plan, modules, len(segments))
         owner.forward = RecomputedForward(owner, program, names, _traced_modules(graph),
                                           shapes)
         segments += [seg for _n, seg, *_r in plan.segments]
     return segments, refused
 
 
-__all__ = ["Segment", "RecomputedForward", "add_recompute"]
+def _segment_programs(model: nn.Module) -> dict[int, _Program]:
+    found = {}
+    for m in model.modules():
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, RecomputedForward):
+            found.update({s.target.index: s.target for s in fwd.program.steps
+                          if s.kind == "segment"})
+    return found
+
+
+def _loss(out) -> torch.Tensor:
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return sum(o.float().square().mean() for o in outs)
+
+
+def choose(target: nn.Module, segments: list[Segment], budget: int,
+           example_input) -> list[Skipped]:
+    """recompute="auto": recomputes as few segments as keep the tensor peak of a training step
+    on `example_input` (forward, mean-square loss, backward; measured with
+    effseg.memory.peak_allocated on a copy, gradients already allocated) within `budget` bytes.
+    The segments that keep the fewest bytes when not recomputed are the first left plain (they
+    are deep and coarse: most computation for the least memory). Returns the report entries
+    for the segments left plain, and one for a budget that cannot be met."""
+    from .memory import peak_allocated
+    example = example_input if isinstance(example_input, tuple) else (example_input,)
+    probe = copy.deepcopy(target).train()
+    programs = _segment_programs(probe)
+
+    def set_plain(plain: set[int]) -> None:
+        for i, prog in programs.items():
+            prog.recompute = i not in plain
+
+    def peak() -> int:
+        def step():
+            _loss(probe(*example)).backward()
+        step()  # gradients allocated, as in training
+        return peak_allocated(step)
+
+    # What each segment keeps for backward when it runs plainly: saved storages, each once.
+    kept: dict[int, dict[int, int]] = {i: {} for i in programs}
+
+    def pack(t: torch.Tensor):
+        if _RUNNING and not isinstance(t, nn.Parameter):
+            st = t.untyped_storage()
+            kept[_RUNNING[-1]][st._cdata] = st.nbytes()
+        return t
+
+    set_plain(set(programs))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = probe(*example)
+    del out
+    for i, seg in enumerate(segments):
+        seg.stock_saved_bytes = sum(kept.get(i, {}).values())
+    order = sorted(programs, key=lambda i: segments[i].stock_saved_bytes)
+    lo, hi = 0, len(order)  # the most segments left plain whose peak fits: in [lo, hi]
+    set_plain(set())
+    every = peak()
+    if every > budget:
+        return [Skipped("model", f"budget {budget} bytes not met: the training step's tensor "
+                        f"peak is {every} bytes with every segment recomputed")]
+    set_plain(set(order))
+    if peak() <= budget:
+        lo = hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        set_plain(set(order[:mid]))
+        if peak() <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    plain = set(order[:lo])
+    for i, prog in _segment_programs(target).items():
+        prog.recompute = i not in plain
+        segments[i].recomputed = i not in plain
+    return [Skipped(f"{segments[i].path or 'model'}: segment -> {segments[i].output}",
+                    f"within the budget without recomputing it (keeps "
+                    f"{segments[i].stock_saved_bytes} bytes for backward)") for i in order[:lo]]
+
+
+__all__ = ["Segment", "RecomputedForward", "add_recompute", "choose"]

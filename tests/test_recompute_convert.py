@@ -296,7 +296,7 @@ def test_forward_testing_the_type_of_a_traced_value_is_refused():
 
 
 def test_recompute_must_be_a_bool():
-    with pytest.raises(TypeError, match="recompute must be"):
+    with pytest.raises(TypeError, match="recompute must be True, False or .auto."):
         effseg.convert(TinyUNet(), recompute="yes")
 
 
@@ -411,3 +411,45 @@ def test_monai_dynunet_step_peak_at_64(res, monai_nets, one_thread):
         return monai_nets.DynUNet(3, 1, 2, [3] * 6, [1, 2, 2, 2, 2, 2], [2] * 5,
                                   norm_name=("instance", {"affine": True}), res_block=res)
     assert step_peak_ratio(make) <= 0.40
+
+
+# --------------------------------------------------------------------------- recompute="auto"
+
+def _step_peak(model, x):
+    def step():
+        model(x).float().square().mean().backward()
+    step()
+    return peak_allocated(step)
+
+
+def test_auto_recomputes_only_what_the_budget_needs():
+    stock = TinyUNet(8)
+    x = torch.randn(1, 1, 16, 16, 16)
+    full, _ = effseg.convert(stock, recompute=True)
+    plain, report = effseg.convert(stock, recompute="auto", budget=10 ** 12, example_input=x)
+    assert not any(s.recomputed for s in report.segments)  # everything fits: nothing recomputed
+    low, high = _step_peak(full, x), _step_peak(plain, x)
+    assert low < high
+    budget = low + (high - low) // 4
+    auto, report = effseg.convert(stock, recompute="auto", budget=budget, example_input=x)
+    flags = [s.recomputed for s in report.segments]
+    assert any(flags) and not all(flags), report
+    assert _step_peak(auto, x) <= budget
+    # the segments left plain keep the fewest bytes, and the report says so
+    plain_bytes = [s.stock_saved_bytes for s in report.segments if not s.recomputed]
+    kept_bytes = [s.stock_saved_bytes for s in report.segments if s.recomputed]
+    assert max(plain_bytes) <= min(kept_bytes)
+    assert sum("within the budget" in s.reason for s in report.not_recomputed) == len(
+        plain_bytes)
+    _, report = effseg.convert(stock, recompute="auto", budget=low // 2, example_input=x)
+    assert all(s.recomputed for s in report.segments)
+    assert any("not met" in s.reason for s in report.not_recomputed)
+
+
+def test_auto_needs_a_budget_and_an_example():
+    with pytest.raises(ValueError, match="budget"):
+        effseg.convert(TinyUNet(), recompute="auto", example_input=torch.randn(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="example_input"):
+        effseg.convert(TinyUNet(), recompute="auto", budget=10 ** 9)
+    with pytest.raises(ValueError, match="only with recompute='auto'"):
+        effseg.convert(TinyUNet(), recompute=True, budget=10 ** 9)

@@ -115,8 +115,8 @@ step bench_ops_fp32_cl 40 $PY benchmarks/bench_ops.py --device cuda --channels-l
   --out "$W/bench_ops_fp32_cl.json"
 step bench_blocks 60 $PY benchmarks/bench_blocks.py --device cuda --out "$W/bench_blocks.json"
 # Issue 13: other people's networks converted with recompute=True (nnU-Net's and MONAI's).
-step bench_networks 60 $PY benchmarks/bench_networks.py --device cuda --sizes 64 96 \
-  --nets plain resenc dynunet dynunet_res basic unet --reps 3 --out "$W"
+step bench_networks 90 $PY benchmarks/bench_networks.py --device cuda --sizes 64 96 \
+  --nets plain resenc dynunet_res basic --reps 3 --out "$W"
 step bench_sync 40 $PY benchmarks/bench_sync.py --device cuda --out "$W/bench_sync.json"
 step bench_augment 30 $PY benchmarks/bench_augment.py --device cuda --quick \
   --out "$W/bench_augment.json"

@@ -453,3 +453,22 @@ def test_auto_needs_a_budget_and_an_example():
         effseg.convert(TinyUNet(), recompute="auto", budget=10 ** 9)
     with pytest.raises(ValueError, match="only with recompute='auto'"):
         effseg.convert(TinyUNet(), recompute=True, budget=10 ** 9)
+
+
+def test_fused_norm_backward_takes_a_channel_slice_gradient_of_a_batch_of_one():
+    """torch.cat's backward hands each input a channel slice of the output gradient; with a
+    batch of one that slice counts as contiguous but is strided like the wider tensor (MONAI
+    UNet's skip connections at batch 1 reached the fused norm's kernels this way)."""
+    stock = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4),
+                          nn.LeakyReLU(0.01)).to(D)
+    converted, report = effseg.convert(stock)
+    assert [r.path for r in report.replaced] == ["1"]
+    x = torch.randn(1, 1, 5, 5, 5, dtype=D)
+    other = torch.randn(1, 3, 5, 5, 5, dtype=D)
+    grads = []
+    for model in (stock, converted):
+        xi = x.clone().requires_grad_()
+        y = torch.cat([model(xi), other], 1)
+        (y * torch.arange(y.numel(), dtype=D).reshape(y.shape)).sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[1], grads[0])

@@ -117,7 +117,7 @@ class _Slot:
 
 @dataclass
 class _Step:
-    kind: str  # input | attr | module | function | method | norm | split_conv | segment | output
+    kind: str  # attr | module | function | method | norm | split_conv | segment | output
     target: Any
     args: Any
     kwargs: Any
@@ -348,11 +348,6 @@ def _members(out: fx.Node, cut: set[fx.Node]) -> list[fx.Node]:
     return [n for n in out.graph.nodes if n in seen]
 
 
-def _is_cat(n: fx.Node) -> bool:
-    return (n.op == "call_function" and n.target is torch.cat) or (
-        n.op == "call_method" and n.target == "cat")
-
-
 def _cat_parts(n: fx.Node):
     """The parts of a channel concatenation `n` (a list of nodes), or None."""
     if not (n.op == "call_function" and n.target is torch.cat):
@@ -374,10 +369,6 @@ def _split_target(n: fx.Node, members: set, modules) -> fx.Node | None:
     m = modules.get(conv.target) if conv.op == "call_module" else None
     if conv not in members or not isinstance(m, _CONVS + _CONV_T) or m.groups != 1 or (
             m.padding_mode != "zeros" or _has_hooks(m) or conv.args != (n,) or conv.kwargs):
-        return None
-    if isinstance(m, _CONV_T) and any(isinstance(p, str) for p in (m.padding,)):
-        return None
-    if isinstance(m, _CONVS) and isinstance(m.padding, str) and m.padding != "valid":
         return None
     return conv
 
@@ -409,7 +400,10 @@ def _lazy(part: fx.Node, members: set, modules) -> tuple[list[fx.Node]] | None:
 
 @dataclass
 class _Plan:
-    segments: list[tuple[list[fx.Node], Segment, dict[fx.Node, list[fx.Node]], set]]
+    # per segment: its nodes (the output last), its report entry, the convolutions that run on
+    # the parts of a concatenation (conv node -> parts: a node, or (a lazy chain,)), and the
+    # nodes those replace (the concatenations and the lazy chains)
+    segments: list[tuple[list[fx.Node], Segment, dict[fx.Node, list], set[fx.Node]]]
     refused: list[Skipped]
 
 
@@ -456,7 +450,7 @@ def _plan(graph: fx.Graph, modules: dict[str, nn.Module], prefix: str) -> _Plan:
             continue
         splits = {}
         for n in nodes:
-            parts = _cat_parts(n) if _is_cat(n) else None
+            parts = _cat_parts(n)
             conv = _split_target(n, members, modules) if parts else None
             if conv is not None:
                 splits[conv] = [_lazy(p, members, modules) or p for p in parts]
@@ -506,16 +500,17 @@ def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module],
                if a not in inside and a.op != "get_attr"]
         steps = [step_of(m, {}, True) for m in chain]
         steps.append(_Step("output", None, _Slot(slots[chain[-1]]), {}, -1))
-        return (_Program(with_frees(steps, set()), len(slots), [slots[a] for a in ins]),
+        return (_Program(with_frees(steps), len(slots), [slots[a] for a in ins]),
                 [_Slot(slots[a]) for a in ins])
 
-    def with_frees(steps: list[_Step], keep: set[int]) -> list[_Step]:
+    def with_frees(steps: list[_Step]) -> list[_Step]:
+        """Each step drops the values it reads last, so a value lives until its last use."""
         last: dict[int, int] = {}
         for i, s in enumerate(steps):
             for v in _slots_in((s.args, s.kwargs)):
                 last[v] = i
         for i, s in enumerate(steps):
-            s.free = tuple(v for v, j in last.items() if j == i and v not in keep)
+            s.free = tuple(v for v, j in last.items() if j == i)
         return steps
 
     top: list[_Step] = []
@@ -534,12 +529,12 @@ def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module],
                    if a not in members and a.op != "get_attr"]
             inner = [step_of(m, splits, True) for m in nodes if m not in dropped]
             inner.append(_Step("output", None, _Slot(slots[n]), {}, -1))
-            sub = _Program(with_frees(inner, set()), len(slots), [slots[a] for a in ins],
+            sub = _Program(with_frees(inner), len(slots), [slots[a] for a in ins],
                            index=first_index + outputs[n])
             top.append(_Step("segment", sub, tuple(_Slot(slots[a]) for a in ins), {}, slots[n]))
         elif n not in in_segment:
             top.append(step_of(n, {}, False))
-    return _Program(with_frees(top, set()), len(slots), inputs), names
+    return _Program(with_frees(top), len(slots), inputs), names
 
 
 def _slots_in(a) -> list[int]:

@@ -376,9 +376,9 @@ def test_input_changed_in_place_by_an_untraced_caller_raises_in_backward():
 
 # --------------------------------------------------------------------------- memory
 
-def step_peak_ratio(make, size=64):
+def step_peak_ratio(make, size=64, example=False):
     """Tensor peak of the second training step (SGD, gradients allocated), 1x1xsize^3 float32:
-    recompute=True over stock."""
+    recompute=True (with the input as example_input when `example`) over stock."""
     torch.manual_seed(0)
     stock = make()
     x = torch.randn(1, 1, size, size, size)
@@ -393,7 +393,7 @@ def step_peak_ratio(make, size=64):
         step()
         return peak_allocated(step)
 
-    converted, _ = effseg.convert(stock, recompute=True)
+    converted, _ = effseg.convert(stock, recompute=True, example_input=x if example else None)
     return peak(converted) / peak(stock)
 
 
@@ -472,3 +472,8 @@ def test_fused_norm_backward_takes_a_channel_slice_gradient_of_a_batch_of_one():
         (y * torch.arange(y.numel(), dtype=D).reshape(y.shape)).sum().backward()
         grads.append(xi.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.slow
+def test_monai_basic_unet_step_peak_at_64(monai_nets, one_thread):
+    assert step_peak_ratio(lambda: monai_nets.BasicUNet(3, 1, 2), example=True) <= 0.40

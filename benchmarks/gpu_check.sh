@@ -3,8 +3,8 @@
 # machines): build effseg from source against that torch, check that every op has its CUDA
 # kernel, run the CUDA cases of the test suite, the model benchmark in bf16 (issue 4's targets,
 # with the largest cube that trains), compute-sanitizer memcheck and racecheck over every kernel
-# on small inputs, then the op, block, synchronized-norm and augmentation benchmarks; print a
-# short table last.
+# on small inputs, then the op, block, network (issue 13), synchronized-norm and augmentation
+# benchmarks; print a short table last.
 # Within GPU_CHECK_BUDGET seconds (default 450).
 #
 #   bash benchmarks/gpu_check.sh            # OUT defaults to benchmarks/out/gpu
@@ -114,6 +114,9 @@ step bench_ops_bf16 40 $PY benchmarks/bench_ops.py --device cuda --dtype bfloat1
 step bench_ops_fp32_cl 40 $PY benchmarks/bench_ops.py --device cuda --channels-last \
   --out "$W/bench_ops_fp32_cl.json"
 step bench_blocks 60 $PY benchmarks/bench_blocks.py --device cuda --out "$W/bench_blocks.json"
+# Issue 13: other people's networks converted with recompute=True (nnU-Net's and MONAI's).
+step bench_networks 90 $PY benchmarks/bench_networks.py --device cuda --sizes 64 96 \
+  --nets plain resenc dynunet_res basic --reps 3 --out "$W"
 step bench_sync 40 $PY benchmarks/bench_sync.py --device cuda --out "$W/bench_sync.json"
 step bench_augment 30 $PY benchmarks/bench_augment.py --device cuda --quick \
   --out "$W/bench_augment.json"

@@ -75,6 +75,11 @@ def benchmarks(folder):
                   f"(fails at {b['fails_at']}^3{'' if b['converged'] else ', not converged'})")
         if data.get("skipped"):
             print(f"{name}: not measured within its time: {data['skipped']}")
+    for r in (load(folder, "bench_networks_cuda.json") or {}).get("rows", []):
+        if r["variant"] != "stock":
+            print(f"network {r['network']:<18} {r['edge']:>3}^3 {r['variant']:<18} peak "
+                  f"{ratio(r, 'peak_ratio')} saved {ratio(r, 'saved_ratio')} time "
+                  f"{ratio(r, 'seconds_ratio')}")
     for r in (load(folder, "bench_augment.json") or {}).get("rows", []):
         print(f"augment {str(tuple(r['shape'])):<20} {r['augment_s'] * 1e3:.1f} ms = "
               f"x{r['augment_over_step']:.2f} of a training step, peak "

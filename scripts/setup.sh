@@ -34,6 +34,10 @@ pip install --progress-bar on numpy pytest expecttest ninja "cmake==3.31.10" nib
 # nnU-Net v2 for the tests of effseg's nnU-Net trainer and planner (never needed by `import effseg`).
 stage "installing nnunetv2 2.8.1 (the nnU-Net integration's tests; under a minute when cached)"
 pip install --progress-bar on "nnunetv2==2.8.1" | grep -v "^Requirement already satisfied" || true
+# nnU-Net's networks (PlainConvUNet, ResidualEncoderUNet) for the convert tests and
+# benchmarks/bench_networks.py, without the timm and einops it declares (the U-Nets need
+# neither). A test extra: effseg itself never imports it.
+pip install -q --no-deps "dynamic-network-architectures==0.4.4"
 
 # CUDA toolkit location (torch's own guess stops at /usr/local when nvcc there is a wrapper),
 # architectures (needed when no GPU is visible) and parallel jobs (each nvcc job takes ~1.5 GB).

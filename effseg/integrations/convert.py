@@ -92,6 +92,10 @@ class Skipped:
 class ConversionReport:
     replaced: list[Replaced] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    # recompute=True: the recomputing segments (effseg.integrations.recompute_convert.Segment) and the parts
+    # of the forward left stock, with the reason
+    segments: list = field(default_factory=list)
+    not_recomputed: list[Skipped] = field(default_factory=list)
 
     def reason(self, path: str) -> str | None:
         """Why the norm at `path` was left stock (None if it was replaced or is unknown)."""
@@ -103,6 +107,11 @@ class ConversionReport:
                                                 if r.activation else "")
                   for r in self.replaced]
         lines += [f"  {s.path}: left stock: {s.reason}" for s in self.skipped]
+        if self.segments or self.not_recomputed:
+            lines.append(f"recomputing {len(self.segments)} segment(s), "
+                         f"{len(self.not_recomputed)} left stock")
+            lines += [f"  {seg}" for seg in self.segments]
+            lines += [f"  {s.path}: not recomputed: {s.reason}" for s in self.not_recomputed]
         return "\n".join(lines)
 
 
@@ -410,9 +419,19 @@ def _plan(graphs: list, failed: dict[str, str], norms: dict[str, nn.Module],
     return plan
 
 
-def convert(model: nn.Module, inplace: bool = False, sync: bool = False,
+def convert(model: nn.Module, inplace: bool = False, recompute: bool | str = False,
+            example_input=None, budget: int | None = None, sync: bool = False,
             process_group=None) -> tuple[nn.Module, ConversionReport]:
     """Fuses norm + activation pairs of `model` into effseg's in-place modules.
+
+    With `recompute=True` it also cuts the training forward into recomputing segments that keep
+    only their inputs and O(C) statistics (effseg.integrations.recompute_convert); the report's `segments`
+    lists them and `not_recomputed` what stays stock, with the reason. `example_input` (a
+    tensor or a tuple of the forward's arguments) lets a forward that branches on shapes be
+    traced with those shapes; its program then runs for inputs of those shapes only.
+    `recompute="auto"` (with `budget` bytes and `example_input`) recomputes only as many
+    segments as keep the tensor peak of a training step on the example within the budget, as
+    measured (effseg.integrations.recompute_convert.choose).
 
     Returns `(converted model, report)`. With `inplace=False` (default) `model` is left as it is
     and a deep copy is converted; with `inplace=True` `model` itself is changed (its parameters
@@ -428,6 +447,19 @@ def convert(model: nn.Module, inplace: bool = False, sync: bool = False,
         if not isinstance(value, bool):
             raise TypeError(f"effseg.convert: {name} must be a bool, got "
                             f"{type(value).__name__}")
+    if not (isinstance(recompute, bool) or recompute == "auto"):
+        raise TypeError(f"effseg.convert: recompute must be True, False or 'auto', got "
+                        f"{recompute!r}")
+    if recompute == "auto" and (example_input is None or isinstance(budget, bool)
+                                or not isinstance(budget, int) or budget <= 0):
+        raise ValueError("effseg.convert: recompute='auto' needs budget= (a positive number of "
+                         f"bytes, got {budget!r}) and example_input= (got "
+                         f"{type(example_input).__name__})")
+    if budget is not None and recompute != "auto":
+        raise ValueError("effseg.convert: budget= is used only with recompute='auto'")
+    if sync and recompute:
+        raise ValueError("effseg.convert: sync=True and recompute together are not supported "
+                         "yet (recomputed segments replay local statistics only)")
     target = model if inplace else copy.deepcopy(model)
     # Tracing runs the forwards' Python code, which may store proxies on the modules: trace
     # copies. Forwards may branch on self.training: a pair must be safe in both modes.
@@ -480,6 +512,11 @@ def convert(model: nn.Module, inplace: bool = False, sync: bool = False,
                 "InstanceNorm and GroupNorm)")))
     if sync:
         target = convert_sync(target, process_group)
+    if recompute:
+        from .recompute_convert import add_recompute, choose
+        report.segments, report.not_recomputed = add_recompute(target, example_input)
+        if recompute == "auto" and report.segments:
+            report.not_recomputed += choose(target, report.segments, budget, example_input)
     return target, report
 
 

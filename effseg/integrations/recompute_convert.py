@@ -1,0 +1,601 @@
+"""Recomputing segments for an existing network: what `effseg.convert(model, recompute=True)`
+adds to the norm + activation fusion.
+
+The same torch.fx data-flow analysis that proves fusions safe cuts a traced forward into
+segments. A value is a segment boundary (kept for backward) where it is read by more than one
+node (an encoder output that feeds the next stage and a skip connection, a residual block's
+input), where it leaves the traced forward, where it feeds an upsampling (transposed)
+convolution, and where a chain of convolutions has reached two of them (one conv block). Every
+other value is read by exactly one node, so it belongs to exactly one segment: the nodes between
+boundaries, with one output.
+
+A segment worth recomputing (it holds a norm or two convolutions) runs
+(`effseg.integrations.recompute_program`) through
+`effseg.checkpoint` in training: its forward keeps only its inputs (boundary values, which are
+kept anyway as some segment's output or the network input) and the O(C) batch statistics of its
+norms. In backward torch's non-reentrant checkpoint recomputes it and hands each recomputed
+tensor to autograd once, freeing it as soon as its backward has run; effseg norms and the stock
+norms in the segment replay the recorded statistics (`effseg.ops.replay`: no second reduction,
+running statistics updated once, exact). Stock batch and instance norms that could not be fused
+run as `effseg.ops.replay_norm` inside segments (out of place: residual additions and shared
+activations may follow them), so ReLU and residual blocks are recomputed like the rest.
+Where a segment computes `conv(cat(a, b, ...))` (channel dimension, one group) the convolution
+runs on each part with its slice of the weight and the results are added: the concatenated
+tensor never exists, in forward or in the recomputation.
+
+What it refuses, per segment, with the reason in the report (the segment then runs stock):
+modules with hooks (they would run twice), SyncBatchNorm (its reduction spans processes), a
+value the segment keeps that is modified in place anywhere in the traced forward (the
+recomputation would read the modified tensor). A kept value changed in place where the trace
+cannot see it (by the caller of a traced child of an untraceable forward) makes backward raise
+autograd's error: torch's non-reentrant checkpoint saves a segment's inputs with their version
+counters. A forward
+that cannot be traced keeps its own code and is listed with the reason; its children are
+analysed one by one. A module whose
+forward is already replaced on the instance, or takes *args/**kwargs, is left alone.
+
+The converted forward is used in training mode with gradients enabled, when every module whose
+code was traced is in training mode (the trace followed the training branches); otherwise the
+module's own forward runs. Module paths, parameters and buffers do not change, so state dicts
+load both ways.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer, proxys_to_metas
+from torch.fx.node import map_aggregate
+from torch.nn.modules.batchnorm import _NormBase
+
+from .convert import (_BATCH, _INSTANCE, _Proxy, _Tracer, _describe, _has_hooks, _modified_in_place,
+                      Skipped)
+from ..nn.norm_act import InPlaceABNSync, _InPlaceNormAct
+from .recompute_program import (_CONV_T, _RUNNING, RecomputedForward, _Program, _shapes, _Slot,
+                                _Step)
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Convolutions a segment holds before the next one starts a new segment (one conv block).
+CONVS_PER_SEGMENT = 2
+
+
+@dataclass
+class Segment:
+    """A recomputed segment of the forward of `path` ('' for the model).
+
+    `modules`: the module calls inside it, in order; `keeps`: what its forward keeps for
+    backward besides parameters (its inputs, and the statistics of its norms); `replayed`: the
+    norms whose batch statistics the recomputation replays; `concat_free`: convolutions over a
+    concatenation that run on its parts instead."""
+
+    path: str
+    output: str
+    modules: list[str]
+    keeps: list[str]
+    replayed: list[str] = field(default_factory=list)
+    concat_free: list[str] = field(default_factory=list)
+    # recompute="auto": whether it is recomputed, and the bytes its nodes keep for backward
+    # when it is not (measured on the example input)
+    recomputed: bool = True
+    stock_saved_bytes: int | None = None
+
+    def __str__(self) -> str:
+        extra = f"; concatenation-free: {', '.join(self.concat_free)}" if self.concat_free else ""
+        if self.stock_saved_bytes is not None:
+            extra += f"; {self.stock_saved_bytes} bytes kept when not recomputed"
+        what = "segment" if self.recomputed else "segment, not recomputed (within the budget)"
+        return (f"{self.path or 'model'}: {what} -> {self.output} ({len(self.modules)} module "
+                f"call(s)); keeps {', '.join(self.keeps)}; replays {len(self.replayed)} "
+                f"norm(s){extra}")
+
+
+# ------------------------------------------------------------------------------ the analysis
+
+def _is_conv(m) -> bool:
+    """A convolution that counts towards a conv block: a 1x1 one (a head, a projection) reads
+    and writes about as little as a norm, so it stays in the segment before it."""
+    return isinstance(m, _CONVS) and any(k != 1 for k in m.kernel_size)
+
+
+def _boundaries(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    compute = ("call_module", "call_function", "call_method")
+    cut: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op not in compute:
+            continue
+        if len(n.users) != 1 or next(iter(n.users)).op == "output":
+            cut.add(n)
+    convs: dict[fx.Node, int] = {}
+    for n in graph.nodes:
+        if n.op not in compute:
+            continue
+        m = modules.get(n.target) if n.op == "call_module" else None
+        first = n.args[0] if n.args else None
+        if isinstance(first, fx.Node) and first.op in compute and first not in cut and (
+                (_is_conv(m) and convs.get(first, 0) >= CONVS_PER_SEGMENT)
+                or (isinstance(m, _CONV_T) and convs.get(first, 0) >= 1)):
+            cut.add(first)
+        inner = [a for a in n.all_input_nodes if a.op in compute and a not in cut]
+        convs[n] = int(_is_conv(m)) + sum(convs[a] for a in inner)
+    return cut
+
+
+def _value(n: fx.Node, modules, prefix: str) -> str:
+    """A value named by the layer that computed it (not by an nn.Identity left by fusion)."""
+    while n.op == "call_module" and type(modules[n.target]) is nn.Identity and n.args and (
+            isinstance(n.args[0], fx.Node)):
+        n = n.args[0]
+    if n.op == "placeholder":
+        return f"input '{n.target}'" + (f" of '{prefix.rstrip('.')}'" if prefix else "")
+    return f"the output of {_describe(n, modules, prefix)}"
+
+
+def _members(out: fx.Node, cut: set[fx.Node]) -> list[fx.Node]:
+    seen, todo = {out}, [out]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a.op in ("call_module", "call_function", "call_method") and a not in cut and (
+                    a not in seen):
+                seen.add(a)
+                todo.append(a)
+    return [n for n in out.graph.nodes if n in seen]
+
+
+def _cat_parts(n: fx.Node):
+    """The parts of a channel concatenation `n` (a list of nodes), or None."""
+    if not (n.op == "call_function" and n.target is torch.cat):
+        return None
+    parts = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    if dim != 1 or not isinstance(parts, (list, tuple)) or len(parts) < 2 or not all(
+            isinstance(p, fx.Node) for p in parts) or len(n.kwargs) > (0 if len(n.args) > 1
+                                                                       else 1):
+        return None
+    return list(parts)
+
+
+def _split_target(n: fx.Node, members: set, modules) -> fx.Node | None:
+    """The convolution over the concatenation `n` that can run on its parts, if any."""
+    if len(n.users) != 1:
+        return None
+    (conv,) = n.users
+    m = modules.get(conv.target) if conv.op == "call_module" else None
+    if conv not in members or not isinstance(m, _CONVS + _CONV_T) or m.groups != 1 or (
+            m.padding_mode != "zeros" or _has_hooks(m) or conv.args != (n,) or conv.kwargs):
+        return None
+    return conv
+
+
+_UPSAMPLING = _CONV_T + (nn.Upsample,)
+
+
+def _lazy(part: fx.Node, members: set, modules) -> tuple[list[fx.Node]] | None:
+    """The chain of nodes that computes a part of a concatenation from an upsampling (a
+    transposed convolution or nn.Upsample, then e.g. padding), each read by the next alone, for
+    `_split_conv` to recompute lazily; None where there is none."""
+    chain, n, upsampled = [], part, False
+    while n in members and len(n.users) == 1 and n.op in ("call_module", "call_function",
+                                                          "call_method"):
+        m = modules.get(n.target) if n.op == "call_module" else None
+        if m is not None and (isinstance(m, _NormBase) or _has_hooks(m)):
+            break
+        chain.insert(0, n)
+        upsampled = upsampled or isinstance(m, _UPSAMPLING)
+        inner = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        if len(inner) != 1:
+            break
+        n = inner[0]
+    while chain and not (chain[0].op == "call_module" and isinstance(
+            modules[chain[0].target], _UPSAMPLING)):
+        chain.pop(0)  # the chain starts at the upsampling: what is before it is kept anyway
+    return (chain,) if upsampled and chain else None
+
+
+@dataclass
+class _Plan:
+    # per segment: its nodes (the output last), its report entry, the convolutions that run on
+    # the parts of a concatenation (conv node -> parts: a node, or (a lazy chain,)), and the
+    # nodes those replace (the concatenations and the lazy chains)
+    segments: list[tuple[list[fx.Node], Segment, dict[fx.Node, list], set[fx.Node]]]
+    refused: list[Skipped]
+
+
+def _refusal(nodes: list[fx.Node], inputs: list[fx.Node], modules, prefix: str) -> str | None:
+    for n in nodes:
+        if n.op != "call_module":
+            continue
+        m = modules[n.target]
+        if _has_hooks(m):
+            return f"{prefix}{n.target} has hooks, which the recomputation would run again"
+        if isinstance(m, (nn.SyncBatchNorm, InPlaceABNSync)):
+            return (f"{prefix}{n.target} ({type(m).__name__}) reduces across processes; "
+                    "recomputing it is not supported")
+    for a in inputs:
+        writer = _modified_in_place(a, modules, caller_unknown=False)
+        if writer is not None:
+            where = "returned to a caller that cannot be traced" if writer.op == "output" else (
+                f"modified in place by {_describe(writer, modules, prefix)}")
+            return (f"it keeps {_value(a, modules, prefix)}, which is {where}: the "
+                    "recomputation would read the modified tensor")
+    return None
+
+
+def _plan(graph: fx.Graph, modules: dict[str, nn.Module], prefix: str) -> _Plan:
+    cut = _boundaries(graph, modules)
+    plan = _Plan([], [])
+    for out in graph.nodes:
+        if out not in cut:
+            continue
+        nodes = _members(out, cut)
+        mods = [modules[n.target] for n in nodes if n.op == "call_module"]
+        norms = [m for m in mods if isinstance(m, _BATCH + _INSTANCE + (_InPlaceNormAct,
+                                                                        nn.SyncBatchNorm))]
+        if not norms and sum(isinstance(m, _CONVS + _CONV_T) for m in mods) < 2:
+            continue  # nothing inside it keeps more than its input would
+        members = set(nodes)
+        inputs = [a for a in dict.fromkeys(x for n in nodes for x in n.all_input_nodes)
+                  if a not in members and a.op != "get_attr"]
+        name = _value(out, modules, prefix)
+        reason = _refusal(nodes, inputs, modules, prefix)
+        if reason is not None:
+            plan.refused.append(Skipped(f"{prefix.rstrip('.') or 'model'}: segment -> {name}",
+                                        reason))
+            continue
+        splits = {}
+        for n in nodes:
+            parts = _cat_parts(n)
+            conv = _split_target(n, members, modules) if parts else None
+            if conv is not None:
+                splits[conv] = [_lazy(p, members, modules) or p for p in parts]
+        skipped_cats = {p for conv in splits for p in conv.args} | {
+            c for parts in splits.values() for p in parts if isinstance(p, tuple) for c in p[0]}
+        replayed = [prefix + n.target for n in nodes if n.op == "call_module" and (
+            isinstance(modules[n.target], _InPlaceNormAct) or (
+                type(modules[n.target]) in _BATCH + _INSTANCE and len(n.args) == 1
+                and not n.kwargs))]
+        seg = Segment(prefix.rstrip("."), name,
+                      [prefix + n.target for n in nodes if n.op == "call_module"],
+                      [_value(a, modules, prefix) for a in inputs]
+                      + [f"O(C) statistics of {len(replayed)} norm(s)"], replayed,
+                      [prefix + c.target for c in splits])
+        plan.segments.append((nodes, seg, splits, skipped_cats))
+    return plan
+
+
+# ------------------------------------------------------------------------------ compiling
+
+def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module],
+             first_index: int) -> tuple[_Program, list[str]]:
+    slots: dict[fx.Node, int] = {}
+    for n in graph.nodes:
+        slots[n] = len(slots)
+    in_segment = {n: i for i, (nodes, *_r) in enumerate(plan.segments) for n in nodes}
+    outputs = {nodes[-1]: i for i, (nodes, *_r) in enumerate(plan.segments)}
+
+    def ref(a):
+        return fx.node.map_arg(a, lambda n: _Slot(slots[n]))
+
+    def step_of(n: fx.Node, splits: dict, in_seg: bool) -> _Step:
+        if n.op == "call_module":
+            m = modules[n.target]
+            if n in splits:
+                parts = [lazy(p[0]) if isinstance(p, tuple) else ref(p) for p in splits[n]]
+                return _Step("split_conv", n.target, (parts,), {}, slots[n])
+            if in_seg and type(m) in _BATCH + _INSTANCE and len(n.args) == 1 and not n.kwargs:
+                return _Step("norm", n.target, ref(n.args), {}, slots[n])
+            return _Step("module", n.target, ref(n.args), ref(n.kwargs), slots[n])
+        kind = {"call_function": "function", "call_method": "method", "get_attr": "attr"}[n.op]
+        return _Step(kind, n.target, ref(n.args), ref(n.kwargs), slots[n])
+
+    def lazy(chain: list[fx.Node]) -> tuple:
+        inside = set(chain)
+        ins = [a for a in dict.fromkeys(x for m in chain for x in m.all_input_nodes)
+               if a not in inside and a.op != "get_attr"]
+        steps = [step_of(m, {}, True) for m in chain]
+        steps.append(_Step("output", None, _Slot(slots[chain[-1]]), {}, -1))
+        return (_Program(with_frees(steps), len(slots), [slots[a] for a in ins]),
+                [_Slot(slots[a]) for a in ins])
+
+    def with_frees(steps: list[_Step]) -> list[_Step]:
+        """Each step drops the values it reads last, so a value lives until its last use."""
+        last: dict[int, int] = {}
+        for i, s in enumerate(steps):
+            for v in _slots_in((s.args, s.kwargs)):
+                last[v] = i
+        for i, s in enumerate(steps):
+            s.free = tuple(v for v, j in last.items() if j == i)
+        return steps
+
+    top: list[_Step] = []
+    names: list[str] = []
+    inputs: list[int] = []
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            names.append(str(n.target))
+            inputs.append(slots[n])
+        elif n.op == "output":
+            top.append(_Step("output", None, ref(n.args[0]), {}, -1))
+        elif n in outputs:
+            nodes, _seg, splits, dropped = plan.segments[outputs[n]]
+            members = set(nodes)
+            ins = [a for a in dict.fromkeys(x for m in nodes for x in m.all_input_nodes)
+                   if a not in members and a.op != "get_attr"]
+            inner = [step_of(m, splits, True) for m in nodes if m not in dropped]
+            inner.append(_Step("output", None, _Slot(slots[n]), {}, -1))
+            sub = _Program(with_frees(inner), len(slots), [slots[a] for a in ins],
+                           index=first_index + outputs[n])
+            top.append(_Step("segment", sub, tuple(_Slot(slots[a]) for a in ins), {}, slots[n]))
+        elif n not in in_segment:
+            top.append(step_of(n, {}, False))
+    return _Program(with_frees(top), len(slots), inputs), names
+
+
+def _slots_in(a) -> list[int]:
+    found: list[int] = []
+    map_aggregate(a, lambda v: found.append(v.i) if isinstance(v, _Slot) else v)
+    return found
+
+
+# ------------------------------------------------------------------------------ entry point
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class _CheckedProxy(_Proxy):
+    """Notes every `isinstance` test that a forward applies to a traced value. A Proxy is no
+    torch.Tensor, so such a test answers what it never answers when the forward runs, and the
+    trace may follow a branch the real forward never takes (a skip connection silently dropped
+    from the program). Python's isinstance reads `__class__` when the type test fails; torch's
+    own code (the tracer itself) is not the forward and is not noted."""
+
+    @property
+    def __class__(self):
+        frame = sys._getframe(1)
+        if not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            self.tracer.type_tests.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+        return type(self)
+
+
+def _jit_isinstance(obj, target_type):
+    """torch.jit.isinstance while tracing: a traced value is the tensor it stands for."""
+    if isinstance(obj, fx.Proxy) and target_type is torch.Tensor:
+        return True
+    return _JIT_ISINSTANCE(obj, target_type)
+
+
+_JIT_ISINSTANCE = torch.jit.isinstance
+
+
+class _ProgramTracer(_Tracer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.type_tests: list[str] = []
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _CheckedProxy(node, self)
+
+    def trace(self, root, concrete_args=None):
+        torch.jit.isinstance = _jit_isinstance
+        try:
+            graph = super().trace(root, concrete_args)
+        finally:
+            torch.jit.isinstance = _JIT_ISINSTANCE
+        if self.type_tests:
+            raise TypeError(f"the forward tests the type of a traced value "
+                            f"({self.type_tests[0]}), so the traced branch may not be the one "
+                            "that runs")
+        return graph
+
+
+def _trace_train(module: nn.Module, prefix: str, graphs: list, failed: dict) -> None:
+    try:
+        graphs.append((prefix, _ProgramTracer().trace(copy.deepcopy(module).train())))
+    except Exception as e:  # any error: this forward's data flow is unknown
+        failed[prefix.rstrip(".")] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        for name, child in module.named_children():
+            if next(child.children(), None) is not None:
+                _trace_train(child, f"{prefix}{name}.", graphs, failed)
+
+
+def _traced_modules(graph: fx.Graph) -> list[str]:
+    found: dict[str, None] = {}
+    for n in graph.nodes:
+        for path, _cls in n.meta.get("nn_module_stack", {}).values():
+            found[path] = None
+    return [p for p in found if p]
+
+
+class _CheckedMetaProxy(MetaProxy):
+    __class__ = _CheckedProxy.__dict__["__class__"]  # the same note of isinstance tests
+
+
+class _ConcreteTracer(MetaTracer):
+    """A trace that carries meta tensors of the example input's shapes, so that a forward
+    branching on shapes (padding for odd sizes) is followed down the branch those shapes take.
+    Norms get their input's shape without running (their running statistics are real tensors);
+    a value whose shape could not be computed fails the trace."""
+
+    allow_insert_stateless_mods = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.type_tests: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _InPlaceNormAct) or fx.Tracer.is_leaf_module(self, m, qualname)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _CheckedMetaProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        if kind == "call_module" and isinstance(self.root.get_submodule(target), _NormBase):
+            rv = fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr,
+                                        proxy_factory_fn)
+            rv.install_tensor_meta(proxys_to_metas(args[0]))
+            return rv
+        return super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                    proxy_factory_fn)
+
+
+def _trace_concrete(module: nn.Module, example: tuple) -> tuple[fx.Graph, tuple]:
+    names = list(inspect.signature(type(module).forward).parameters)[1:]
+    if len(example) > len(names):
+        raise TypeError(f"example_input has {len(example)} values for {len(names)} arguments")
+    metas = {n: t.to("meta") for n, t in zip(names, example) if isinstance(t, torch.Tensor)}
+    tracer = _ConcreteTracer()
+    torch.jit.isinstance = _jit_isinstance
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = tracer.trace(copy.deepcopy(module).train(), meta_args=metas,
+                                 concrete_args={n: None for n in names[len(example):]})
+    finally:
+        torch.jit.isinstance = _JIT_ISINSTANCE
+    lost = [str(w.message) for w in caught if "Could not compute metadata" in str(w.message)]
+    if lost:
+        raise RuntimeError(lost[0])
+    if tracer.type_tests:
+        raise TypeError(f"the forward tests the type of a traced value ({tracer.type_tests[0]})")
+    return graph, _shapes(example)
+
+
+def add_recompute(target: nn.Module, example_input=None) -> tuple[list[Segment],
+                                                                  list[Skipped]]:
+    """Replaces the forward of `target` (or of its traceable children) by recomputing segment
+    programs, in place. Returns the segments and what was left stock, with the reason.
+    `example_input` (a tensor or a tuple of the forward's arguments): where the model's own
+    forward cannot be traced symbolically (shape-dependent Python), it is traced with these
+    shapes, and its program runs for inputs of these shapes only."""
+    graphs: list[tuple[str, fx.Graph, tuple | None]] = []
+    failed: dict[str, str] = {}
+    symbolic: list = []
+    _trace_train(target, "", symbolic, failed)
+    graphs += [(prefix, graph, None) for prefix, graph in symbolic]
+    refused = []
+    if "" in failed and example_input is not None:
+        example = example_input if isinstance(example_input, tuple) else (example_input,)
+        try:
+            graphs.append(("", *_trace_concrete(target, example)))
+        except Exception as e:  # any error: the concrete trace adds nothing
+            refused.append(Skipped("model", "its forward cannot be traced with the shapes of "
+                                   f"example_input either ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:160]})"))
+    refused += [Skipped(path or "model", f"its forward cannot be traced by torch.fx ({why}); "
+                        + ("traced with the shapes of example_input, its program runs for "
+                           "those shapes; " if not path and graphs and graphs[-1][0] == ""
+                           and graphs[-1][2] is not None else "")
+                        + "its children are converted one by one")
+                for path, why in failed.items()]
+    segments: list[Segment] = []
+    for prefix, graph, shapes in graphs:
+        owner = target.get_submodule(prefix.rstrip(".")) if prefix else target
+        where = prefix.rstrip(".") or "model"
+        if "forward" in owner.__dict__:
+            refused.append(Skipped(where, "its forward is already replaced on the instance"))
+            continue
+        params = list(inspect.signature(type(owner).forward).parameters.values())[1:]
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            refused.append(Skipped(where, "its forward takes *args or **kwargs, which the "
+                                   "traced program cannot bind"))
+            continue
+        modules = dict(owner.named_modules())
+        plan = _plan(graph, modules, prefix)
+        refused += plan.refused
+        if not plan.segments:
+            continue
+        program, names = _compile(graph, plan, modules, len(segments))
+        owner.forward = RecomputedForward(owner, program, names, _traced_modules(graph),
+                                          shapes)
+        segments += [seg for _n, seg, *_r in plan.segments]
+    return segments, refused
+
+
+def _segment_programs(model: nn.Module) -> dict[int, _Program]:
+    found = {}
+    for m in model.modules():
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, RecomputedForward):
+            found.update({s.target.index: s.target for s in fwd.program.steps
+                          if s.kind == "segment"})
+    return found
+
+
+def _loss(out) -> torch.Tensor:
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return sum(o.float().square().mean() for o in outs)
+
+
+def choose(target: nn.Module, segments: list[Segment], budget: int,
+           example_input) -> list[Skipped]:
+    """recompute="auto": recomputes as few segments as keep the tensor peak of a training step
+    on `example_input` (forward, mean-square loss, backward; measured with
+    effseg.memory.peak_allocated on a copy, gradients already allocated) within `budget` bytes.
+    The segments that keep the fewest bytes when not recomputed are the first left plain (they
+    are deep and coarse: most computation for the least memory). Returns the report entries
+    for the segments left plain, and one for a budget that cannot be met."""
+    from ..memory import peak_allocated
+    example = example_input if isinstance(example_input, tuple) else (example_input,)
+    probe = copy.deepcopy(target).train()
+    programs = _segment_programs(probe)
+
+    def set_plain(plain: set[int]) -> None:
+        for i, prog in programs.items():
+            prog.recompute = i not in plain
+
+    def peak() -> int:
+        def step():
+            _loss(probe(*example)).backward()
+        step()  # gradients allocated, as in training
+        return peak_allocated(step)
+
+    # What each segment keeps for backward when it runs plainly: saved storages, each once.
+    kept: dict[int, dict[int, int]] = {i: {} for i in programs}
+
+    def pack(t: torch.Tensor):
+        if _RUNNING and not isinstance(t, nn.Parameter):
+            st = t.untyped_storage()
+            kept[_RUNNING[-1]][st._cdata] = st.nbytes()
+        return t
+
+    set_plain(set(programs))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = probe(*example)
+    del out
+    for i, seg in enumerate(segments):
+        seg.stock_saved_bytes = sum(kept.get(i, {}).values())
+    order = sorted(programs, key=lambda i: segments[i].stock_saved_bytes)
+    lo, hi = 0, len(order)  # the most segments left plain whose peak fits: in [lo, hi]
+    set_plain(set())
+    every = peak()
+    if every > budget:
+        return [Skipped("model", f"budget {budget} bytes not met: the training step's tensor "
+                        f"peak is {every} bytes with every segment recomputed")]
+    set_plain(set(order))
+    if peak() <= budget:
+        lo = hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        set_plain(set(order[:mid]))
+        if peak() <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    plain = set(order[:lo])
+    for i, prog in _segment_programs(target).items():
+        prog.recompute = i not in plain
+        segments[i].recomputed = i not in plain
+    return [Skipped(f"{segments[i].path or 'model'}: segment -> {segments[i].output}",
+                    f"within the budget without recomputing it (keeps "
+                    f"{segments[i].stock_saved_bytes} bytes for backward)") for i in order[:lo]]
+
+
+__all__ = ["Segment", "RecomputedForward", "add_recompute", "choose"]

@@ -1,0 +1,224 @@
+"""The program a forward converted by `effseg.convert(model, recompute=True)` runs.
+
+A traced forward becomes a list of steps over numbered values, each value dropped after its last
+use. A segment step runs its own program through `effseg.checkpoint` (only its inputs and O(C)
+statistics kept; recomputed in backward with the statistics replayed), or plainly where
+`recompute="auto"` chose so. Inside segments, stock batch and instance norms replay their
+statistics out of place (`effseg.ops.replay_norm`), and a convolution over a channel
+concatenation runs on the parts with its weight slices (`_split_conv`). `RecomputedForward`,
+stored on the module instance, runs the program in training with gradients and the module's own
+forward otherwise. `effseg.integrations.recompute_convert` builds the programs.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.node import map_aggregate
+
+from ..checkpoint import checkpoint
+from .convert import _INSTANCE
+from ..ops import replay
+from ..ops.replay_norm import replayed_norm
+
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class _Slot:
+    """A value of the program, by its index in the environment."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass
+class _Step:
+    kind: str  # attr | module | function | method | norm | split_conv | segment | output
+    target: Any
+    args: Any
+    kwargs: Any
+    out: int
+    free: tuple[int, ...] = ()
+
+
+@dataclass
+class _Program:
+    steps: list[_Step]
+    size: int
+    inputs: list[int]  # slots of the inputs, in order
+    index: int = -1  # a segment's: its place in the report
+    recompute: bool = True  # a segment's: run through the checkpoint, or plainly
+
+
+def _load(env: list, a):
+    return map_aggregate(a, lambda v: env[v.i] if isinstance(v, _Slot) else v)
+
+
+def _part_conv(conv: nn.Module, part: torch.Tensor, start: int, bias: bool) -> torch.Tensor:
+    c = part.shape[1]
+    nd = conv.weight.dim() - 2
+    b = conv.bias if bias else None
+    if isinstance(conv, _CONV_T):
+        return _CONV_T_FN[nd](part, conv.weight[start:start + c], b, conv.stride, conv.padding,
+                              conv.output_padding, 1, conv.dilation)
+    return _CONV_FN[nd](part, conv.weight[:, start:start + c], b, conv.stride, conv.padding,
+                        conv.dilation, 1)
+
+
+def _upsampled_part_conv(root: nn.Module, chain: "_Program", conv_path: str, start: int,
+                         bias: bool, *inputs) -> tuple[torch.Tensor, int]:
+    part = _run(chain, root, inputs)
+    return _part_conv(root.get_submodule(conv_path), part, start, bias), part.shape[1]
+
+
+def _split_conv(root: nn.Module, conv_path: str, parts: list) -> torch.Tensor:
+    """conv(cat(parts, 1)) as the sum of the convolutions of the parts with their weight
+    slices: the concatenation never exists. A part given as (chain program, its inputs) is an
+    upsampling (and what follows it up to the concatenation) computed inside a nested
+    checkpoint: it lives only while its convolution runs, in forward and in backward alike
+    (one transposed convolution again; a full-resolution tensor less at the peak of the
+    segment's backward)."""
+    conv = root.get_submodule(conv_path)
+    out, start = None, 0
+    for i, part in enumerate(parts):
+        if isinstance(part, tuple):
+            chain, inputs = part
+            y, c = checkpoint(_upsampled_part_conv, root, chain, conv_path, start, i == 0,
+                              *inputs)
+        else:
+            c = part.shape[1]
+            y = _part_conv(conv, part, start, i == 0)
+        out = y if out is None else out.add_(y)
+        start += c
+    if start != conv.in_channels:
+        raise RuntimeError(f"effseg: the parts of a concatenation have {start} channels, but "
+                           f"the convolution that read it has {conv.in_channels} input channels")
+    return out
+
+
+def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A stock batch or instance norm call inside a segment: statistics replayed (see
+    effseg.ops.replay_norm) where it normalizes with batch statistics, as the module itself
+    would otherwise (running statistics and num_batches_tracked as the stock module does)."""
+    instance = isinstance(module, _INSTANCE)
+    if instance:
+        batch = module.training or not module.track_running_stats
+        if not batch or x.dim() != module._get_no_batch_dim() + 1 or (
+                torch.is_autocast_enabled(x.device.type)):
+            return module(x)
+        momentum = module.momentum if module.momentum is not None else 0.0
+        return replayed_norm(x, module.weight, module.bias, module.running_mean,
+                             module.running_var, True, momentum, module.eps)
+    batch = module.training or module.running_mean is None
+    if not batch or torch.is_autocast_enabled(x.device.type):
+        return module(x)
+    module._check_input_dim(x)
+    momentum = 0.0 if module.momentum is None else module.momentum
+    track = module.training and module.track_running_stats
+    tape = replay.current()
+    if track and module.num_batches_tracked is not None and not (tape and tape.replaying):
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            momentum = 1.0 / float(module.num_batches_tracked)
+    return replayed_norm(x, module.weight, module.bias,
+                         module.running_mean if track else None,
+                         module.running_var if track else None, False, momentum, module.eps)
+
+
+def _run(program: _Program, module: nn.Module, inputs) -> Any:
+    env: list = [None] * program.size
+    for slot, value in zip(program.inputs, inputs):
+        env[slot] = value
+    for s in program.steps:
+        kind = s.kind
+        if kind == "output":
+            return _load(env, s.args)
+        args, kwargs = _load(env, s.args), _load(env, s.kwargs)
+        if kind == "module":
+            value = module.get_submodule(s.target)(*args, **kwargs)
+        elif kind == "function":
+            value = s.target(*args, **kwargs)
+        elif kind == "method":
+            value = getattr(args[0], s.target)(*args[1:], **kwargs)
+        elif kind == "attr":
+            value = _fetch(module, s.target)
+        elif kind == "norm":
+            value = _norm(module.get_submodule(s.target), *args)
+        elif kind == "split_conv":
+            value = _split_conv(module, s.target, *args)
+        elif s.target.recompute:  # segment
+            value = checkpoint(_run_segment, module, s.target, *args)
+        else:
+            _RUNNING.append(s.target.index)
+            try:
+                value = _run(s.target, module, args)
+            finally:
+                _RUNNING.pop()
+        env[s.out] = value
+        for i in s.free:
+            env[i] = None
+    raise RuntimeError("effseg: a recomputing program has no output")
+
+
+# The segments running without recomputation, innermost last (recompute="auto" attributes
+# the bytes saved for backward to them).
+_RUNNING: list[int] = []
+
+
+def _run_segment(module, program, *inputs):
+    return _run(program, module, inputs)
+
+
+def _fetch(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class RecomputedForward:
+    """The forward of a converted module (stored on the instance, so the class, the module paths
+    and the state dict stay as they were): the segment program in training with gradients,
+    the module's own forward otherwise."""
+
+    def __init__(self, owner: nn.Module, program: _Program, names: list[str],
+                 traced: list[str], shapes: tuple | None = None) -> None:
+        self.owner = owner
+        self.program = program
+        self.names = names  # the forward's parameter per program input
+        self.traced = traced  # modules whose forward code the program inlines
+        # A program traced with concrete shapes (example_input) holds for those shapes only.
+        self.shapes = shapes
+        self.signature = inspect.signature(type(owner).forward)
+
+    def active(self) -> bool:
+        m = self.owner
+        return (m.training and torch.is_grad_enabled() and not torch.compiler.is_exporting()
+                and all(m.get_submodule(p).training for p in self.traced))
+
+    def __call__(self, *args, **kwargs):
+        m = self.owner
+        if self.active():
+            bound = self.signature.bind(m, *args, **kwargs)
+            bound.apply_defaults()
+            inputs = [bound.arguments[n] for n in self.names]
+            if self.shapes is None or self.shapes == _shapes(inputs):
+                return _run(self.program, m, inputs)
+        return type(m).forward(m, *args, **kwargs)
+
+
+def _shapes(inputs) -> tuple:
+    return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in inputs)
+
+__all__ = ["RecomputedForward"]

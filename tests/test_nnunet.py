@@ -187,7 +187,7 @@ def test_float64_outputs_and_gradients_equal_stock_nnunet_and_weights_load_both_
 def test_trainer_refuses_plans_measured_with_other_convert_options(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     plans = small_plans()
-    plans["effseg"] = {"convert_options": {"recompute": True}}
+    plans["effseg"] = {"convert_options": {}}  # measured for the fused-only trainer
     with pytest.raises(ValueError, match="Plan again"):
         nnUNetTrainerEffseg(plans, "3d_fullres", 0, {"labels": {"background": 0, "a": 1, "b": 2},
                                                       "channel_names": {"0": "CT"}},

@@ -42,8 +42,9 @@ class nnUNetTrainerEffseg(nnUNetTrainer):
     """nnU-Net's trainer; its network holds effseg's fused in-place norm + activation modules."""
 
     # Keyword arguments of effseg.convert for every network this trainer builds, at training and
-    # at inference alike; the planner measures memory with the same ones.
-    effseg_convert_options: dict = {}
+    # at inference alike; the planner measures memory with the same ones. Recomputing segments
+    # (stored inputs and replayed statistics only) on top of the fused norms.
+    effseg_convert_options: dict = {"recompute": True}
 
     # nnU-Net records the constructor's arguments by inspecting this very signature.
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -71,6 +72,14 @@ class nnUNetTrainerEffseg(nnUNetTrainer):
         network, _ = convert(network, inplace=True, **cls.effseg_convert_options)
         return network
 
+    def _do_i_compile(self):
+        # The recomputing program runs its own checkpointing, which torch.compile has not been
+        # checked against inside nnU-Net: it stays eager.
+        if self.effseg_convert_options.get("recompute"):
+            self.print_to_log_file("effseg: torch.compile off (recomputing network)")
+            return False
+        return super()._do_i_compile()
+
     def initialize(self):
         super().initialize()
         fused = sum(isinstance(m, _InPlaceNormAct) for m in self.network.modules())
@@ -83,4 +92,10 @@ class nnUNetTrainerEffseg(nnUNetTrainer):
                 "this network trains with stock memory")
 
 
-__all__ = ["PLANS_KEY", "nnUNetTrainerEffseg"]
+class nnUNetTrainerEffsegFused(nnUNetTrainerEffseg):
+    """Fused in-place norms only, no recomputation: a smaller saving at stock speed."""
+
+    effseg_convert_options: dict = {}
+
+
+__all__ = ["PLANS_KEY", "nnUNetTrainerEffseg", "nnUNetTrainerEffsegFused"]

@@ -1,7 +1,7 @@
 """effseg for nnU-Net v2 users: `nnUNetTrainerEffseg`, `nnUNetPlannerEffseg`.
 
 A thin public name for `effseg.integrations.nnunet`; importing it without nnU-Net v2 installed
-raises an ImportError that says `pip install effseg[nnunet]`. See the README's nnU-Net section.
+raises an ImportError that says `pip install effseg[nnunet]`. See docs/networks.md (nnU-Net v2).
 """
 from .integrations.nnunet import EXT_TRAINER_DIR, import_error
 

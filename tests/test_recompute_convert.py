@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import effseg
-from effseg.memory import peak_allocated
+from effseg.memory import peak_allocated, saved_bytes
 from effseg.integrations.recompute_convert import RecomputedForward
 
 D = torch.float64
@@ -312,6 +312,18 @@ def test_monai_unet_and_dynunet_train_like_stock(monai_nets):
                                norm_name=("instance", {"affine": True}), res_block=res),
             (2, 1, 16, 16, 16))
         assert report.not_recomputed == []
+
+
+def test_monai_segresnet_recomputes_its_group_norm_relu_blocks(monai_nets):
+    """SegResNet (GroupNorm + ReLU, residual blocks sharing one activation) fuses nothing, but
+    recomputes: exact in float64, and its forward keeps at most 0.6x the stock bytes."""
+    stock = monai_nets.SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=8,
+                                 blocks_down=(1, 2), blocks_up=(1,))
+    converted, report = assert_trains_like_stock(stock, (1, 1, 16, 16, 16))
+    x = torch.randn(1, 1, 16, 16, 16, dtype=D)
+    ours = saved_bytes(lambda: converted(x).square().mean())
+    theirs = saved_bytes(lambda: stock(x).square().mean())
+    assert ours <= 0.6 * theirs, (ours, theirs, ours / theirs)
 
 
 def test_monai_basic_unet_with_example_input_trains_like_stock(monai_nets):

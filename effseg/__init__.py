@@ -20,7 +20,7 @@ functional, checkpoint, memory (the library) <- `effseg.integrations` (convert, 
 """
 import sys
 
-from . import functional, nn, ops
+from . import functional, losses, memory, models, nn, ops
 from .checkpoint import checkpoint
 from .integrations import convert as _convert_module
 from .integrations import monai
@@ -37,5 +37,5 @@ try:
 except ImportError:  # an unbuilt source tree
     __version__ = "0.1.0"
 
-__all__ = ["HAVE_EXTENSION", "checkpoint", "convert", "functional", "monai", "nn", "ops",
-           "__version__"]
+__all__ = ["HAVE_EXTENSION", "checkpoint", "convert", "functional", "losses", "memory", "models",
+           "monai", "nn", "ops", "__version__"]

@@ -77,3 +77,17 @@ def test_public_import_paths_are_kept():
     assert callable(effseg.convert) and effseg.convert.__name__ == "convert"
     assert ConversionReport.__module__ == "effseg.integrations.convert"
     assert hasattr(effseg.monai, "register")
+
+
+def test_import_effseg_alone_gives_the_public_packages():
+    """`import effseg` then effseg.models / losses / memory / nn / convert, as the README uses
+    them (a fresh interpreter: this one has imported everything already)."""
+    import subprocess
+    import sys
+    code = ("import effseg, sys; effseg.models.FullVolumeFCN; effseg.losses.DiceCELoss; "
+            "effseg.memory.peak_allocated; effseg.nn.InPlaceAGN; effseg.convert; "
+            "effseg.monai.register; print('pipeline' in ' '.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"  # the application is not imported by the library

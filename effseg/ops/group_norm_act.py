@@ -28,12 +28,8 @@ import torch
 
 from . import replay
 from ._library import op
-from .norm_act import apply_, grad_sums, input_grad, layout_of
+from .norm_act import _acc, apply_, grad_sums, input_grad, layout_of
 from .reference import clamp_gamma
-
-
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def group_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,7 +91,7 @@ def extension(with_cuda):
     return cpp_extension.CUDAExtension(
         "effseg._C",
         sources(True),
-        include_dirs=cuda_library_includes(),
+        include_dirs=[os.path.join(ROOT, "csrc"), *cuda_library_includes()],
         define_macros=[("EFFSEG_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
         extra_link_args=link,

@@ -31,8 +31,10 @@ the logits only.
 What it refuses, with a ValueError or TypeError naming the argument:
 - logits that are not floating point, not (N, K, *spatial) with N >= 1 and K >= 2, or empty;
 - labels that are not int64, int32 or uint8, not of shape (N, *spatial), or on another device;
-- labels outside [0, K) that are not `ignore_index` (one device synchronization per call checks
-  this on CUDA);
+- labels outside [0, K) that are not `ignore_index`: a ValueError on the CPU; on CUDA the kernels
+  count them and a device-side assertion (no host synchronization, so the loss can be captured
+  in a CUDA graph) fails the next synchronizing call with "device-side assert triggered", as
+  torch.nn.functional.cross_entropy does for such targets;
 - class weights that are not a floating (K,) tensor on the logits' device; a negative smooth or
   lambda.
 NaN or Inf in the logits of a voxel that is not ignored propagates to the loss and its gradients.
@@ -60,8 +62,14 @@ def _ignore_is_representable(ignore_index: int, dtype: torch.dtype) -> bool:
 
 
 def check_labels(labels: torch.Tensor, K: int, ignore_index: int) -> None:
-    """Raises ValueError if a label is outside [0, K) and not ignore_index."""
-    lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one device synchronization
+    """Raises ValueError if a label is outside [0, K) and not ignore_index.
+
+    Only for labels in host memory: on a GPU reading the labels' range back would synchronize
+    the host with the device on every call; there the fused op checks them on the device instead
+    (a device-side assertion that fails the next synchronizing call, like cross_entropy's)."""
+    if labels.device.type != "cpu":
+        return
+    lo, hi = torch.stack(torch.aminmax(labels)).tolist()
     if lo >= 0 and hi < K:
         return
     bad = (labels < 0) | (labels >= K)

@@ -79,6 +79,8 @@ def build_emulator(build: Path, name: str = "effseg_cuda_emu", flags: tuple[str,
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir(parents=True)
     prelude = '#include "cuda_emu.h"\n#define effseg effseg_emu\n'
+    for header in CSRC.glob("*.h"):  # shared by the families (cuda_vec.h)
+        (src / header.name).write_text(header.read_text())
     for family in ("norm_act", "dice_ce"):
         for header in (CSRC / family).glob("*.h"):
             (src / header.name).write_text(renamed(header.read_text()))
@@ -127,44 +129,63 @@ def test_emulated_kernels_match_the_references(emu, one_thread):
     assert check.dice_ce_failures("cpu", emu) == 0
 
 
-def _norm_outputs(ops, x, dy, w, b, per_sample, act, p):
+def _norm_outputs(ops, x, dy, w, b, per_sample, act, p, offset=0):
+    place = kernel_check().placed
     mean, var = ops.norm_stats(x, per_sample)
-    y = x.clone()
+    y = place(x, "cpu", offset)
     ops.norm_act_forward_(y, mean, var, w, b, 1e-5, act, p)
     s1, s2 = ops.norm_act_backward_reduce(y, dy, w, b, per_sample, act, p)
     dx = ops.norm_act_backward_input(y, dy, var, w, b, s1, s2, None, 1e-5, act, p)
+    dx_ = place(dy, "cpu", offset)  # in place over dy
+    ops.norm_act_backward_input_(y, dx_, var, w, b, s1, s2, None, 1e-5, act, p)
     # PReLU: per-channel slopes and the third backward sum
     slope = torch.linspace(0.05, 0.5, x.shape[1])
-    yp = x.clone()
+    yp = place(x, "cpu", offset)
     ops.norm_act_forward_prelu_(yp, mean, var, w, b, 1e-5, slope)
     sums = list(ops.norm_act_backward_reduce_prelu(yp, dy, w, b, slope, per_sample))
     dxp = ops.norm_act_backward_input_prelu(yp, dy, var, w, b, slope, sums[0], sums[1], None,
                                             1e-5)
-    return [mean, var, y, s1, s2, dx, yp, *sums, dxp]
+    return [mean, var, y, s1, s2, dx, dx_, yp, *sums, dxp]
 
 
-@pytest.mark.parametrize("shape, channels_last", [((2, 33, 6, 7, 8), True),
-                                                  ((1, 3, 9, 10, 11), True),
-                                                  ((2, 3, 5, 6, 7), False),
-                                                  ((3, 2, 9000), False)])
+# (shape, channels_last, dtype, offset in elements of x and dy): the shapes of the tiled and
+# row-block paths, and the 16-byte paths: C = 16 and 17 channels-last, misaligned data (head and
+# tail) in half and bfloat16.
+ORDER_CASES = [((2, 33, 6, 7, 8), True, torch.float32, 0),
+               ((1, 3, 9, 10, 11), True, torch.float32, 0),
+               ((2, 3, 5, 6, 7), False, torch.float32, 0),
+               ((3, 2, 9000), False, torch.float32, 0),
+               ((2, 16, 4, 5, 6), True, torch.bfloat16, 0),
+               ((2, 17, 3, 4, 5), True, torch.float16, 1),
+               ((2, 3, 5, 6, 7), False, torch.bfloat16, 1)]
+
+
+@pytest.mark.parametrize("shape, channels_last, dtype, offset", ORDER_CASES)
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_results_do_not_depend_on_the_thread_order(emu, one_thread, shape, channels_last,
-                                                   per_sample):
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    x = (torch.randn(shape) * 2 + 1).contiguous(memory_format=fmt)
-    dy = torch.randn(shape).contiguous(memory_format=fmt)
+def test_results_do_not_depend_on_the_thread_order(emu, one_thread, shape, channels_last, dtype,
+                                                   offset, per_sample):
+    place = kernel_check().placed
+    fmt = torch.channels_last_3d if len(shape) == 5 and channels_last else torch.contiguous_format
+    x = place((torch.randn(shape) * 2 + 1).to(dtype).contiguous(memory_format=fmt), "cpu",
+              offset)
+    dy = place(torch.randn(shape).to(dtype).contiguous(memory_format=fmt), "cpu", offset)
     w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
-    logits = torch.randn(2, 40, 9, 10, 11)
-    labels = torch.randint(0, 40, (2, 9, 10, 11))
-    labels[:, 0] = -100
+    # dice_ce: logits read one voxel at a time (S = 990) and V voxels at a time (S = 512)
+    cases = []
+    for spatial in ((9, 10, 11), (8, 8, 8)):
+        logits = torch.randn(2, 40, *spatial).to(dtype)
+        labels = torch.randint(0, 40, (2, *spatial))
+        labels[:, 0] = -100
+        cases.append((logits, labels))
     coef = torch.randn(2, 40, 2)
     runs = []
     for order in (0, 1, 2):
         emu.emu_set_schedule(order)
-        outs = _norm_outputs(emu, x, dy, w, b, per_sample, "leaky_relu", 0.01)
-        outs += list(emu.dice_ce_forward(logits, labels, None, -100))
-        outs.append(emu.dice_ce_backward(torch.tensor(0.5), logits, labels, None, -100, coef,
-                                         torch.tensor(0.25)))
+        outs = _norm_outputs(emu, x, dy, w, b, per_sample, "leaky_relu", 0.01, offset)
+        for logits, labels in cases:
+            outs += list(emu.dice_ce_forward(logits, labels, None, -100))
+            outs.append(emu.dice_ce_backward(torch.tensor(0.5), logits, labels, None, -100,
+                                             coef, torch.tensor(0.25)))
         runs.append(outs)
     emu.emu_set_schedule(0)
     for other in runs[1:]:

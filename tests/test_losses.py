@@ -7,7 +7,7 @@ import torch
 
 import effseg
 
-from conftest import device_params, needs_extension, run_python
+from conftest import child_env, device_params, needs_extension, run_python
 from effseg.losses import DeepSupervisionLoss, DiceCELoss, dice_ce_loss, dice_ce_reference
 from effseg.memory import count_saved, saved_bytes
 from effseg.models import FullVolumeFCN
@@ -19,7 +19,7 @@ SHAPES = [
     (3, 2, 4, 1, 3),      # 3D with a unit dimension
     (1, 7, 13, 17),       # 2D, N=1, K=7, prime sizes
     (2, 3, 29),           # 1D
-    (2, 40, 3, 4, 5),     # more classes than one CUDA class chunk (32)
+    (2, 40, 3, 4, 5),     # more classes than one CUDA class chunk (16)
 ]
 OPTIONS = [
     dict(include_background=ib, weighted=w, ignore=ig, batch_dice=bd)
@@ -539,3 +539,31 @@ def test_deep_supervision_loss_refuses_bad_settings():
     with pytest.raises(ValueError, match="outputs"):
         DeepSupervisionLoss(base, [(1, 1, 1), (2, 2, 2)])(
             [torch.zeros(1, 2, 2, 2, 2)], torch.zeros(1, 2, 2, 2, dtype=torch.long))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@needs_extension
+def test_cuda_loss_never_synchronizes_and_checks_labels_on_the_device():
+    """Forward and backward on a GPU without one host synchronization (so the loss can be
+    captured in a CUDA graph); bad labels still fail, with a device-side assertion raised at the
+    next synchronizing call (in a subprocess: it ends the process's use of the GPU)."""
+    logits, labels = make_case((2, 5, 8, 8, 8), "cuda", dtype=torch.float32, ignore=True)
+    x = logits.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = dice_ce_loss(x, labels, weight=torch.rand(5, device="cuda") + 0.5)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = dice_ce_reference(logits.double(), labels, None)
+    assert torch.isfinite(loss) and x.grad is not None and ref.isfinite()
+    bad = run_python(
+        "import torch\nfrom effseg.losses import dice_ce_loss\n"
+        "x = torch.randn(2, 3, 4, 5, device='cuda')\n"
+        "y = torch.randint(0, 3, (2, 4, 5), device='cuda')\ny[1, 2, 3] = 7\n"
+        "loss = dice_ce_loss(x, y)\ntorch.cuda.synchronize()\nprint('no error')\n",
+        env=child_env())
+    assert bad.returncode != 0 and "no error" not in bad.stdout, bad.stdout + bad.stderr
+    assert "device-side assert" in bad.stderr, bad.stderr[-2000:]

@@ -64,6 +64,7 @@ template <typename acc_t> struct OnlineSoftmax {
   acc_t max;
   acc_t sum;
   acc_t dot;
+  OnlineSoftmax() = default;  // so that a kernel can hold one per voxel of a vector in an array
   EFFSEG_HD OnlineSoftmax(acc_t z0, acc_t c0) : max(z0), sum(acc_t(1)), dot(c0) {}
   EFFSEG_HD void push(acc_t z, acc_t c) {
     if (z > max) {

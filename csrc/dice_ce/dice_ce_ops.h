@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -187,11 +188,21 @@ template <typename Kernels> struct DiceCeOps {
     a.ce = at::empty({2}, opts);
     a.invalid = at::empty({1}, logits.options().dtype(at::kLong));
     Kernels::forward(logits, y, a);
-    // The kernels counted bad labels while reading them (never using one as an index); on CUDA
-    // reading the count back is one synchronization per forward.
-    const int64_t invalid = a.invalid.item<int64_t>();
-    TORCH_CHECK_VALUE(invalid == 0, "effseg: labels: ", invalid, " voxel(s) have a label outside "
-                      "[0, ", a.g.K, ") that is not ignore_index (", ignore_index, ")");
+    // The kernels counted bad labels while reading them (never using one as an index). On the
+    // CPU the count is checked here, exactly. On a GPU reading it back would synchronize the
+    // host with the device on every call (and forbid CUDA-graph capture): the check runs on the
+    // device instead, as a device-side assertion like cross_entropy's own target check, which
+    // fails the next synchronizing call.
+    if (a.invalid.is_cpu()) {
+      const int64_t invalid = a.invalid.item<int64_t>();
+      TORCH_CHECK_VALUE(invalid == 0, "effseg: labels: ", invalid, " voxel(s) have a label "
+                        "outside [0, ", a.g.K, ") that is not ignore_index (", ignore_index, ")");
+    } else {
+      const std::string msg = "effseg: labels: some voxel has a label outside [0, " +
+                              std::to_string(a.g.K) + ") that is not ignore_index (" +
+                              std::to_string(ignore_index) + ")";
+      at::_assert_async(a.invalid.eq(0), msg);
+    }
     return {a.stats, a.ce};
   }
 

@@ -1,16 +1,38 @@
-// CUDA kernels of the norm-act ops. A 3D volume has few channels and millions of voxels, so no
-// kernel gives a channel to one block: every reduction is split over many blocks, each writing a
-// partial result, and a second kernel merges the partials of each group in a fixed order (no
-// atomics, so results are deterministic). Accumulation is in float32 (float64 for double).
+// CUDA kernels of the norm-act ops, written to stream the tensor at memory bandwidth.
 //
-// Work decomposition, shared by all kernels:
+// Every pass over the (N, C, S) data reads and writes 16 bytes per instruction (Vec: 4 floats,
+// 8 halves, 2 doubles) wherever the pointers allow it, with kUnroll independent vector loads
+// issued before any arithmetic or store, so that each thread keeps several loads in flight.
+// Elements before the first 16-byte boundary (the head) and after the last whole vector (the
+// tail) are handled one at a time. When two pointers of one pass are not congruent modulo 16
+// bytes (a tensor sliced at an odd offset) the whole pass runs element by element.
+//
+// Elementwise passes (forward apply, backward to the input): a tiny kernel first computes each
+// group's coefficients (scale and shift; dx's k1, k2, k3 and the inverse affine map) into a [G]
+// buffer, so that the streaming kernel is pure per-element math. The data is a set of segments,
+// each a flat array whose element e has channel e % P:
+// - contiguous [N][C][S]: one segment per (n, c), P = 1 (one coefficient set per segment);
+// - channels-last [N][S][C]: one segment per sample (instance statistics) or one for the whole
+//   batch, P = C. A vector covers V consecutive elements, so consecutive channels, wrapping
+//   around C. The grid's active threads T are a multiple of P / gcd(P, V), so that thread t's
+//   vectors (t, t + T, ...) start at the same channel every time: a thread loads its V
+//   channels' coefficients once into registers, for any C.
+// In place (forward, and backward with dx = dy) every element is read and written by the same
+// thread, and all of a thread's loads of an unrolled step come before its stores.
+//
+// Reductions (statistics, backward sums) are split over many blocks, each writing a partial
+// result, and a second kernel merges the partials of each group in a fixed order (no atomics,
+// so results are deterministic). Accumulation is in float32 (float64 for double).
 // - contiguous [N][C][S]: block b handles kSpan elements of one (n, c) span: p = b % P, nc = b / P;
-// - channels-last [N][S][C]: a block of kTileC x kRowThreads threads handles kTileC channels of
-//   `rows` consecutive voxels of one sample (at least kRows, more for large volumes so that a
-//   sample has at most kMaxRowBlocks row blocks and the merge stays short); threads of a warp
-//   read consecutive channels.
+// - channels-last [N][S][C]: a block handles `rows` consecutive voxels of one sample and a tile
+//   of Lx channel vectors (V channels each when C is a multiple of V and the data is aligned,
+//   else 1): Lx x Ly threads, Lx = the tile's vectors (at most kMaxLx), Ly = kThreads / Lx
+//   rows at a time, so that every lane of the block works whatever C is (C = 16 in bfloat16 is
+//   2 vectors per row: 128 rows at a time).
 // Partial results are stored [N][P][C] for both layouts.
+#include <cstdint>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 
 #include <ATen/Dispatch.h>
@@ -18,16 +40,24 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_vec.h"
 #include "norm_act_ops.h"
 
 namespace effseg {
 namespace {
 
-constexpr int kThreads = 256;          // threads per block, a power of two (tree reductions)
-constexpr int64_t kSpan = 8192;        // contiguous: elements per block
-constexpr int kTileC = 32;             // channels-last: channels per block (one warp)
-constexpr int kRowThreads = kThreads / kTileC;
-constexpr int64_t kRows = 256;         // channels-last: fewest rows per block
+constexpr int kThreads = 256;    // threads per block, a power of two
+// Streaming kernels: at least 2 blocks per SM (at most 128 registers), except where 16-bit data
+// with two inputs keeps 8 channels' coefficients or sums per thread: those need more registers
+// than that without spilling.
+template <typename scalar_t, int kIn, bool kWide>
+constexpr int kMinBlocks = kIn == 2 && kWide && sizeof(scalar_t) == 2 ? 1 : 2;
+constexpr int kUnroll = 4;       // independent 16-byte loads in flight per thread and input
+constexpr int64_t kSpan = 8192;  // contiguous reductions: elements per block
+constexpr int kMaxLx = 64;       // channels-last reductions: most channel vectors per tile
+constexpr int64_t kRows = 64;    // channels-last reductions: fewest rows per block
+constexpr int kBlocksPerSm = 8;  // resident blocks of kThreads per SM (2048 threads) ...
+constexpr int kWaves = 2;        // ... times this many waves: the size of a streaming grid
 #ifndef EFFSEG_CUDA_MAX_ROW_BLOCKS  // the CPU emulator's tests lower it to reach large `rows`
 #define EFFSEG_CUDA_MAX_ROW_BLOCKS 1024
 #endif
@@ -36,20 +66,7 @@ constexpr int64_t kMaxRowBlocks = EFFSEG_CUDA_MAX_ROW_BLOCKS;  // channels-last:
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-struct Launch {
-  Geometry g;
-  int64_t P;      // blocks per span (contiguous) or per sample (channels-last)
-  int64_t tiles;  // channel tiles (channels-last)
-  int64_t rows;   // rows per block (channels-last), a multiple of kRowThreads
-
-  explicit Launch(const Geometry& geo) : g(geo) {
-    rows = std::max(kRows, ceil_div(ceil_div(g.S, kMaxRowBlocks), kRowThreads) * kRowThreads);
-    P = g.channels_last ? ceil_div(g.S, rows) : ceil_div(g.S, kSpan);
-    tiles = ceil_div(g.C, kTileC);
-  }
-  int64_t blocks() const { return g.channels_last ? tiles * g.N * P : g.N * g.C * P; }
-  dim3 threads() const { return g.channels_last ? dim3(kTileC, kRowThreads) : dim3(kThreads); }
-};
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // A 1-D grid holds at most 2^31 - 1 blocks; a launch would silently narrow a larger count.
 void check_grid(int64_t blocks, const Geometry& g) {
@@ -58,117 +75,212 @@ void check_grid(int64_t blocks, const Geometry& g) {
                     " needs ", blocks, " blocks)");
 }
 
-// Decodes a block of the channels-last decomposition: sample n, row block p, channel c of this
-// thread (c >= C for the idle lanes of the last tile) and rows [r0, r1).
-struct RowBlock {
-  int64_t n, p, c, r0, r1;
-  __device__ RowBlock(int64_t N, int64_t C, int64_t S, int64_t P, int64_t rows) {
-    int64_t b = blockIdx.x;
-    const int64_t tile = b % ceil_div_d(C, kTileC);
-    b /= ceil_div_d(C, kTileC);
-    p = b % P;
-    n = b / P;
-    c = tile * kTileC + threadIdx.x;
-    r0 = p * rows;
-    r1 = min(r0 + rows, S);
-  }
-  static __device__ int64_t ceil_div_d(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The tensor inputs of a pass.
+template <typename scalar_t, int kIn> struct Inputs {
+  const scalar_t* p[kIn];
 };
 
-// Tree reduction over the first `count` entries of `smem` with stride `stride`, into smem[0].
+template <typename scalar_t, int kIn>
+__device__ void load_values(const Inputs<scalar_t, kIn>& in, int64_t e,
+                            at::opmath_type<scalar_t> (&v)[kIn]) {
+#pragma unroll
+  for (int i = 0; i < kIn; ++i) v[i] = at::opmath_type<scalar_t>(in.p[i][e]);
+}
+
+// Tree reduction over the first `count` entries of `smem` with stride `stride`, into smem[0]; any
+// count (a power of two or not), a fixed order of merges. Every thread of the block calls it.
 template <typename Acc>
 __device__ void tree_reduce(Acc* smem, int lane, int count, int stride) {
-  for (int s = count / 2; s > 0; s >>= 1) {
+  int half = 1;
+  while (half < count) half <<= 1;
+  for (int s = half / 2; s > 0; s >>= 1) {
     __syncthreads();
-    if (lane < s) smem[lane * stride] = merge(smem[lane * stride], smem[(lane + s) * stride]);
+    if (lane < s && lane + s < count)
+      smem[lane * stride] = merge(smem[lane * stride], smem[(lane + s) * stride]);
   }
   __syncthreads();
 }
 
-// Reducers: what a thread accumulates (Local) for element i of channel c, and what it hands to
-// the block's tree of merges (Acc).
+// Reducers: what a thread accumulates (Local) from the values of one element of channel c, and
+// what it hands to the block's tree of merges (Acc).
 template <typename scalar_t, typename acc_t> struct StatsReducer {
+  static constexpr int kIn = 1;
   using Acc = Moments<acc_t>;
   using Local = ShiftedSums<acc_t>;
   struct Chan {};
-  const scalar_t* x;
   __device__ Chan channel(int64_t) const { return {}; }
-  __device__ void add(Local& a, const Chan&, int64_t i) const { push(a, acc_t(x[i])); }
+  __device__ void add(Local& a, const Chan&, const acc_t (&v)[kIn]) const { push(a, v[0]); }
   static __device__ Acc finish(const Local& a) { return moments(a); }
 };
 
-// Each channel's activation parameter: PReLU's own slope, or the op's one parameter.
-template <typename acc_t>
-__device__ ActParam<acc_t> channel_act(const acc_t* slope, const ActParam<acc_t>& param,
-                                       int64_t c) {
-  return slope != nullptr ? ActParam<acc_t>(slope[c]) : param;
-}
+// Each channel's activation parameter: PReLU's own slope (kSlope), or the op's one parameter.
+template <typename acc_t, bool kSlope> struct ChanAct {
+  ActParam<acc_t> p;
+  __device__ const ActParam<acc_t>& get(const ActParam<acc_t>&) const { return p; }
+  __device__ void set(const acc_t* slope, int64_t c) { p = ActParam<acc_t>(slope[c]); }
+};
+template <typename acc_t> struct ChanAct<acc_t, false> {
+  __device__ const ActParam<acc_t>& get(const ActParam<acc_t>& uniform) const { return uniform; }
+  __device__ void set(const acc_t*, int64_t) {}
+};
 
-// Backward sums; kSlope adds PReLU's sum(dy * z) over z <= 0 (SlopeGradSums).
-template <typename scalar_t, typename acc_t, Act A, bool kSlope = false> struct GradReducer {
+// Backward sums (inputs y, dy); kSlope adds PReLU's sum(dy * z) over z <= 0 (SlopeGradSums).
+template <typename scalar_t, typename acc_t, Act A, bool kSlope> struct GradReducer {
+  static constexpr int kIn = 2;
   using Acc = std::conditional_t<kSlope, SlopeGradSums<acc_t>, GradSums<acc_t>>;
   using Local = Acc;
   struct Chan {
     Affine<acc_t> af;
-    ActParam<acc_t> p;
+    ChanAct<acc_t, kSlope> act;
   };
-  const scalar_t* y;
-  const scalar_t* dy;
   const acc_t* gamma;
   const acc_t* beta;
   ActParam<acc_t> param;
   const acc_t* slope;  // PReLU: (C,), else null
   __device__ Chan channel(int64_t c) const {
-    return {{acc_t(1) / clamp_gamma(gamma[c]), beta[c]}, channel_act(slope, param, c)};
+    Chan ch;
+    ch.af = {acc_t(1) / clamp_gamma(gamma[c]), beta[c]};
+    ch.act.set(slope, c);
+    return ch;
   }
-  __device__ void add(Acc& a, const Chan& ch, int64_t i) const {
-    const acc_t yv = acc_t(y[i]), dyv = acc_t(dy[i]);
+  __device__ void add(Acc& a, const Chan& ch, const acc_t (&v)[kIn]) const {
     acc_t dz, xhat;
-    recover<A>(yv, dyv, ch.af, ch.p, dz, xhat);
+    const ActParam<acc_t>& p = ch.act.get(param);
+    recover<A>(v[0], v[1], ch.af, p, dz, xhat);
     a.dz += dz;
     a.dz_xhat += dz * xhat;
-    if constexpr (kSlope) a.dy_z += slope_grad_term(yv, dyv, ch.p);
+    if constexpr (kSlope) a.dy_z += slope_grad_term(v[0], v[1], p);
   }
   static __device__ Acc finish(const Local& a) { return a; }
 };
 
-template <typename R>
-__global__ void reduce_contiguous_kernel(R r, typename R::Acc* part, int64_t C, int64_t S,
-                                         int64_t P) {
+template <typename R, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<scalar_t, R::kIn, false>))
+    reduce_contiguous_kernel(R r, Inputs<scalar_t, R::kIn> in, typename R::Acc* part,
+                             int64_t C, int64_t S, int64_t P, bool vec) {
   using Acc = typename R::Acc;
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Vec<scalar_t>::kSize, kIn = R::kIn;
   __shared__ Acc smem[kThreads];
   const int64_t p = blockIdx.x % P, nc = blockIdx.x / P, c = nc % C, n = nc / C;
-  const int64_t begin = nc * S + p * kSpan, end = nc * S + min((p + 1) * kSpan, S);
+  const int64_t begin = nc * S + p * kSpan, len = min(kSpan, S - p * kSpan);
   const auto chan = r.channel(c);
   typename R::Local acc{};
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) r.add(acc, chan, i);
+  const int64_t h = vec ? min(head_elements(in.p[0] + begin), len) : len;
+  const int64_t Q = (len - h) / V, tail = h + Q * V;
+  for (int64_t k = threadIdx.x; k < h + len - tail; k += kThreads) {
+    acc_t v[kIn];
+    load_values(in, begin + (k < h ? k : tail + (k - h)), v);
+    r.add(acc, chan, v);
+  }
+  const int64_t first = begin + h;
+  for (int64_t q = threadIdx.x; q < Q; q += kUnroll * kThreads) {
+    Vec<scalar_t> a[kUnroll][kIn];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (q + u * kThreads < Q) {
+#pragma unroll
+        for (int i = 0; i < kIn; ++i) a[u][i] = load_vec(in.p[i] + first + (q + u * kThreads) * V);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (q + u * kThreads < Q) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          acc_t v[kIn];
+#pragma unroll
+          for (int i = 0; i < kIn; ++i) v[i] = acc_t(a[u][i].v[j]);
+          r.add(acc, chan, v);
+        }
+      }
+    }
+  }
   smem[threadIdx.x] = R::finish(acc);
   tree_reduce(smem, threadIdx.x, kThreads, 1);
   if (threadIdx.x == 0) part[(n * P + p) * C + c] = smem[0];
 }
 
-template <typename R>
-__global__ void reduce_channels_last_kernel(R r, typename R::Acc* part, int64_t N, int64_t C,
-                                            int64_t S, int64_t P, int64_t rows) {
+// The channels-last reduction's decomposition (see the top of the file).
+struct RowTiling {
+  int64_t N, C, S;
+  int64_t P;     // row blocks per sample
+  int64_t rows;  // rows per block
+  int64_t tiles;
+  int vw;  // channels per lane: V (C a multiple of V, aligned data) or 1
+  int W;   // channel vectors per row
+  int Lx;  // channel vectors per tile
+  int Ly;  // rows at a time
+};
+
+template <typename R, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<scalar_t, R::kIn, true>))
+    reduce_channels_last_kernel(R r, Inputs<scalar_t, R::kIn> in, typename R::Acc* part,
+                                RowTiling t) {
   using Acc = typename R::Acc;
-  __shared__ Acc smem[kRowThreads * kTileC];
-  const RowBlock rb(N, C, S, P, rows);
-  typename R::Local acc{};
-  if (rb.c < C) {
-    const auto chan = r.channel(rb.c);
-    for (int64_t row = rb.r0 + threadIdx.y; row < rb.r1; row += kRowThreads)
-      r.add(acc, chan, (rb.n * S + row) * C + rb.c);
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Vec<scalar_t>::kSize, kIn = R::kIn;
+  __shared__ Acc smem[kThreads];
+  const int tx = threadIdx.x % t.Lx, ty = threadIdx.x / t.Lx;
+  int64_t b = blockIdx.x;
+  const int64_t tile = b % t.tiles;
+  b /= t.tiles;
+  const int64_t p = b % t.P, n = b / t.P;
+  const int64_t w = tile * t.Lx + tx, c0 = w * t.vw;
+  const bool active = ty < t.Ly && w < t.W;
+  const int64_t r0 = p * t.rows, r1 = min(r0 + t.rows, t.S);
+  typename R::Local acc[V] = {};
+  if (active && t.vw == V) {
+    typename R::Chan ch[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) ch[j] = r.channel(c0 + j);
+    for (int64_t row = r0 + ty; row < r1; row += kUnroll * t.Ly) {
+      Vec<scalar_t> a[kUnroll][kIn];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t ru = row + u * t.Ly;
+        if (ru < r1) {
+#pragma unroll
+          for (int i = 0; i < kIn; ++i) a[u][i] = load_vec(in.p[i] + (n * t.S + ru) * t.C + c0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (row + u * t.Ly < r1) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            acc_t v[kIn];
+#pragma unroll
+            for (int i = 0; i < kIn; ++i) v[i] = acc_t(a[u][i].v[j]);
+            r.add(acc[j], ch[j], v);
+          }
+        }
+      }
+    }
+  } else if (active) {
+    const auto ch = r.channel(c0);
+    for (int64_t row = r0 + ty; row < r1; row += t.Ly) {
+      acc_t v[kIn];
+      load_values(in, (n * t.S + row) * t.C + c0, v);
+      r.add(acc[0], ch, v);
+    }
   }
-  Acc* column = smem + threadIdx.x;
-  column[threadIdx.y * kTileC] = R::finish(acc);
-  tree_reduce(column, threadIdx.y, kRowThreads, kTileC);
-  if (threadIdx.y == 0 && rb.c < C) part[(rb.n * P + rb.p) * C + rb.c] = column[0];
+  // One tree per channel of the lane's vector: t.vw is the same for the whole block.
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (j < t.vw) {
+      smem[threadIdx.x] = R::finish(acc[j]);
+      tree_reduce(smem + tx, ty, t.Ly, t.Lx);
+      if (ty == 0 && w < t.W) part[(n * t.P + p) * t.C + c0 + j] = smem[tx];
+    }
+  }
 }
 
 // Merges the partials [N][P][C] of group g (channel g % C over all samples, or of sample g / C).
 template <typename Acc, typename Finish>
-__global__ void merge_kernel(const Acc* part, int64_t N, int64_t P, int64_t C, bool per_sample,
-                             Finish finish) {
+__global__ void __launch_bounds__(kThreads)
+    merge_kernel(const Acc* part, int64_t N, int64_t P, int64_t C, bool per_sample,
+                 Finish finish) {
   __shared__ Acc smem[kThreads];
   const int64_t g = blockIdx.x, c = g % C;
   const int64_t n0 = per_sample ? g / C : 0, total = (per_sample ? 1 : N) * P;
@@ -204,37 +316,65 @@ template <typename acc_t> struct SumsFinish {
   }
 };
 
+template <typename scalar_t> RowTiling row_tiling(const Geometry& g, bool vec) {
+  constexpr int V = Vec<scalar_t>::kSize;
+  RowTiling t;
+  t.N = g.N;
+  t.C = g.C;
+  t.S = g.S;
+  t.vw = vec && g.C % V == 0 ? V : 1;
+  TORCH_CHECK_VALUE(g.C / t.vw <= std::numeric_limits<int32_t>::max(), "effseg: too many channels (",
+                    g.C, ")");
+  t.W = int(g.C / t.vw);
+  t.tiles = ceil_div(t.W, kMaxLx);
+  t.Lx = int(ceil_div(t.W, t.tiles));
+  t.Ly = kThreads / t.Lx;
+  // Enough blocks to fill the device a few times over, at least kRows rows each, and at most
+  // kMaxRowBlocks row blocks per sample so that the merge stays short.
+  const int64_t target = sm_count() * kBlocksPerSm * kWaves;
+  t.rows = std::max({kRows, ceil_div(g.N * g.S * t.tiles, target), ceil_div(g.S, kMaxRowBlocks)});
+  t.P = ceil_div(g.S, t.rows);
+  return t;
+}
+
 // Two-pass reduction of every group; `finish` stores each group's merged result.
-template <typename R, typename Finish>
+template <typename R, typename scalar_t, typename Finish>
 void reduce_groups(const at::Tensor& like, const Geometry& g, bool per_sample, const R& r,
-                   const Finish& finish) {
+                   const Inputs<scalar_t, R::kIn>& in, const Finish& finish) {
   using Acc = typename R::Acc;
-  const Launch l(g);
-  check_grid(l.blocks(), g);
   check_grid(g.groups(per_sample), g);
-  at::Tensor buf =
-      at::empty({g.N * l.P * g.C * int64_t(sizeof(Acc))}, like.options().dtype(at::kByte));
-  Acc* part = reinterpret_cast<Acc*>(buf.data_ptr());
+  const bool vec = congruent16({in.p[0], in.p[R::kIn - 1]});
   auto stream = at::cuda::getCurrentCUDAStream();
+  int64_t P;
+  at::Tensor buf;
   if (g.channels_last) {
-    reduce_channels_last_kernel<<<l.blocks(), l.threads(), 0, stream>>>(r, part, g.N, g.C, g.S,
-                                                                        l.P, l.rows);
+    const RowTiling t = row_tiling<scalar_t>(g, aligned16({in.p[0], in.p[R::kIn - 1]}));
+    P = t.P;
+    check_grid(t.tiles * g.N * t.P, g);
+    buf = at::empty({g.N * P * g.C * int64_t(sizeof(Acc))}, like.options().dtype(at::kByte));
+    reduce_channels_last_kernel<<<t.tiles * g.N * t.P, kThreads, 0, stream>>>(
+        r, in, reinterpret_cast<Acc*>(buf.data_ptr()), t);
   } else {
-    reduce_contiguous_kernel<<<l.blocks(), l.threads(), 0, stream>>>(r, part, g.C, g.S, l.P);
+    P = ceil_div(g.S, kSpan);
+    check_grid(g.N * g.C * P, g);
+    buf = at::empty({g.N * P * g.C * int64_t(sizeof(Acc))}, like.options().dtype(at::kByte));
+    reduce_contiguous_kernel<<<g.N * g.C * P, kThreads, 0, stream>>>(
+        r, in, reinterpret_cast<Acc*>(buf.data_ptr()), g.C, g.S, P, vec);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  merge_kernel<<<g.groups(per_sample), kThreads, 0, stream>>>(part, g.N, l.P, g.C, per_sample,
-                                                                finish);
+  merge_kernel<<<g.groups(per_sample), kThreads, 0, stream>>>(
+      reinterpret_cast<const Acc*>(buf.data_ptr()), g.N, P, g.C, per_sample, finish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Appliers: per-(n, c) coefficients computed once per thread, then one element at a time.
-template <typename scalar_t, typename acc_t, Act A> struct ForwardApplier {
+// Elementwise ops: the coefficients of group g (g = n * C + c with instance statistics, else c)
+// and the output value from one element's inputs.
+template <typename scalar_t, typename acc_t, Act A, bool kSlope> struct ForwardOp {
+  static constexpr int kIn = 1;
   struct Coef {
     ForwardCoef<acc_t> k;
-    ActParam<acc_t> p;
+    ChanAct<acc_t, kSlope> act;
   };
-  scalar_t* x;
   const acc_t* mean;
   const acc_t* var;
   const acc_t* gamma;
@@ -242,26 +382,26 @@ template <typename scalar_t, typename acc_t, Act A> struct ForwardApplier {
   acc_t eps;
   ActParam<acc_t> param;
   const acc_t* slope;  // PReLU: (C,), else null
-  bool per_sample;
   int64_t C;
-  __device__ Coef coef(int64_t n, int64_t c) const {
-    const int64_t g = per_sample ? n * C + c : c;
-    return {forward_coef(mean[g], var[g], gamma[c], beta[c], eps), channel_act(slope, param, c)};
+  __device__ Coef coef(int64_t g) const {
+    const int64_t c = g % C;
+    Coef k;
+    k.k = forward_coef(mean[g], var[g], gamma[c], beta[c], eps);
+    k.act.set(slope, c);
+    return k;
   }
-  __device__ void apply(const Coef& k, int64_t i) const {
-    x[i] = scalar_t(forward_value<A>(acc_t(x[i]), k.k, k.p));
+  __device__ acc_t value(const Coef& k, const acc_t (&v)[kIn]) const {
+    return forward_value<A>(v[0], k.k, k.act.get(param));
   }
 };
 
-template <typename scalar_t, typename acc_t, Act A> struct InputGradApplier {
+template <typename scalar_t, typename acc_t, Act A, bool kSlope> struct InputGradOp {
+  static constexpr int kIn = 2;  // y, dy
   struct Coef {
     InputGradCoef<acc_t> k;
     Affine<acc_t> af;
-    ActParam<acc_t> p;
+    ChanAct<acc_t, kSlope> act;
   };
-  const scalar_t* y;
-  const scalar_t* dy;
-  scalar_t* dx;  // may be dy
   const acc_t* var;
   const acc_t* gamma;
   const acc_t* beta;
@@ -271,51 +411,139 @@ template <typename scalar_t, typename acc_t, Act A> struct InputGradApplier {
   ActParam<acc_t> param;
   const acc_t* slope;  // PReLU: (C,), else null
   acc_t count;
-  bool per_sample;
   int64_t C;
-  __device__ Coef coef(int64_t n, int64_t c) const {
-    const int64_t g = per_sample ? n * C + c : c;
+  __device__ Coef coef(int64_t g) const {
+    const int64_t c = g % C;
     const bool batch = sum_dz != nullptr;
-    return {input_grad_coef(var[g], gamma[c], eps, batch, batch ? sum_dz[g] : acc_t(0),
-                            batch ? sum_dz_xhat[g] : acc_t(0), count),
-            {acc_t(1) / clamp_gamma(gamma[c]), beta[c]},
-            channel_act(slope, param, c)};
+    Coef k;
+    k.k = input_grad_coef(var[g], gamma[c], eps, batch, batch ? sum_dz[g] : acc_t(0),
+                          batch ? sum_dz_xhat[g] : acc_t(0), count);
+    k.af = {acc_t(1) / clamp_gamma(gamma[c]), beta[c]};
+    k.act.set(slope, c);
+    return k;
   }
-  __device__ void apply(const Coef& k, int64_t i) const {
+  __device__ acc_t value(const Coef& k, const acc_t (&v)[kIn]) const {
     acc_t dz, xhat;
-    recover<A>(acc_t(y[i]), acc_t(dy[i]), k.af, k.p, dz, xhat);
-    dx[i] = scalar_t(input_grad_value(dz, xhat, k.k));
+    recover<A>(v[0], v[1], k.af, k.act.get(param), dz, xhat);
+    return input_grad_value(dz, xhat, k.k);
   }
 };
 
-template <typename F>
-__global__ void apply_contiguous_kernel(F f, int64_t C, int64_t S, int64_t P) {
-  const int64_t p = blockIdx.x % P, nc = blockIdx.x / P;
-  const int64_t begin = nc * S + p * kSpan, end = nc * S + min((p + 1) * kSpan, S);
-  const auto k = f.coef(nc / C, nc % C);
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) f.apply(k, i);
+template <typename Op>
+__global__ void __launch_bounds__(kThreads)
+    coef_kernel(Op op, typename Op::Coef* coef, int64_t groups) {
+  const int64_t g = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (g < groups) coef[g] = op.coef(g);
 }
 
-template <typename F>
-__global__ void apply_channels_last_kernel(F f, int64_t N, int64_t C, int64_t S, int64_t P,
-                                           int64_t rows) {
-  const RowBlock rb(N, C, S, P, rows);
-  if (rb.c >= C) return;
-  const auto k = f.coef(rb.n, rb.c);
-  for (int64_t row = rb.r0 + threadIdx.y; row < rb.r1; row += kRowThreads)
-    f.apply(k, (rb.n * S + row) * C + rb.c);
-}
+// The segments of an elementwise pass (see the top of the file).
+struct Segments {
+  int64_t count, L;  // how many, and their length
+  int64_t P;         // element e of a segment has channel e % P
+  int64_t coef_mod, coef_stride;  // segment s reads coefficients from (s % coef_mod) * coef_stride
+  int64_t T;                      // active threads, a multiple of P / gcd(P, V)
+  bool vec;                       // the pointers are congruent modulo 16 bytes
+};
 
-template <typename F> void apply_elementwise(const Geometry& g, const F& f) {
-  const Launch l(g);
-  check_grid(l.blocks(), g);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  if (g.channels_last) {
-    apply_channels_last_kernel<<<l.blocks(), l.threads(), 0, stream>>>(f, g.N, g.C, g.S, l.P,
-                                                                       l.rows);
-  } else {
-    apply_contiguous_kernel<<<l.blocks(), l.threads(), 0, stream>>>(f, g.C, g.S, l.P);
+template <typename Op, typename scalar_t, bool kChannelsLast>
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<scalar_t, Op::kIn, kChannelsLast>))
+    apply_kernel(Op op, const typename Op::Coef* coefs, Inputs<scalar_t, Op::kIn> in,
+                 scalar_t* out, Segments sg) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Coef = typename Op::Coef;
+  constexpr int V = Vec<scalar_t>::kSize, kIn = Op::kIn, kCoefs = kChannelsLast ? V : 1;
+  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= sg.T) return;
+  for (int64_t s = blockIdx.y; s < sg.count; s += gridDim.y) {
+    const int64_t base = s * sg.L;
+    const Coef* k = coefs + s % sg.coef_mod * sg.coef_stride;
+    const int64_t h = sg.vec ? min(head_elements(out + base), sg.L) : sg.L;
+    const int64_t Q = (sg.L - h) / V, tail = h + Q * V;
+    for (int64_t r = t; r < h + sg.L - tail; r += sg.T) {
+      const int64_t e = r < h ? r : tail + (r - h);
+      acc_t v[kIn];
+      load_values(in, base + e, v);
+      out[base + e] = scalar_t(op.value(k[kChannelsLast ? e % sg.P : 0], v));
+    }
+    if (t >= Q) continue;
+    // This thread's vectors all start at channel c0 (T * V is a multiple of P).
+    Coef kv[kCoefs];
+    int64_t c = kChannelsLast ? (h + V * t) % sg.P : 0;
+#pragma unroll
+    for (int j = 0; j < kCoefs; ++j) {
+      kv[j] = k[c];
+      c = c + 1 == sg.P ? 0 : c + 1;
+    }
+    const int64_t first = base + h;
+    for (int64_t q = t; q < Q; q += kUnroll * sg.T) {
+      Vec<scalar_t> a[kUnroll][kIn];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (q + u * sg.T < Q) {
+#pragma unroll
+          for (int i = 0; i < kIn; ++i) a[u][i] = load_vec(in.p[i] + first + (q + u * sg.T) * V);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (q + u * sg.T < Q) {
+          Vec<scalar_t> o;
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            acc_t v[kIn];
+#pragma unroll
+            for (int i = 0; i < kIn; ++i) v[i] = acc_t(a[u][i].v[j]);
+            o.v[j] = scalar_t(op.value(kv[kChannelsLast ? j : 0], v));
+          }
+          store_vec(out + first + (q + u * sg.T) * V, o);
+        }
+      }
+    }
   }
+}
+
+template <typename Op, typename scalar_t>
+void apply_elementwise(const at::Tensor& like, const Geometry& g, bool per_sample, const Op& op,
+                       const Inputs<scalar_t, Op::kIn>& in, scalar_t* out) {
+  using Coef = typename Op::Coef;
+  constexpr int V = Vec<scalar_t>::kSize;
+  const int64_t groups = g.groups(per_sample);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  check_grid(ceil_div(groups, kThreads), g);
+  at::Tensor buf = at::empty({groups * int64_t(sizeof(Coef))}, like.options().dtype(at::kByte));
+  Coef* coefs = reinterpret_cast<Coef*>(buf.data_ptr());
+  coef_kernel<<<ceil_div(groups, kThreads), kThreads, 0, stream>>>(op, coefs, groups);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  Segments sg;
+  if (g.channels_last) {
+    sg.count = per_sample ? g.N : 1;
+    sg.L = (per_sample ? g.S : g.N * g.S) * g.C;
+    sg.P = g.C;
+    sg.coef_mod = sg.count;
+    sg.coef_stride = g.C;
+  } else {
+    sg.count = g.N * g.C;
+    sg.L = g.S;
+    sg.P = 1;
+    sg.coef_mod = groups;
+    sg.coef_stride = 1;
+  }
+  sg.vec = congruent16({in.p[0], in.p[Op::kIn - 1], out});
+  // Threads per segment for kUnroll vectors each, within a grid that fills the device a few
+  // times over; at least one thread per distinct channel offset of a vector (U).
+  const int64_t U = sg.P / std::gcd(sg.P, int64_t(V));
+  const int64_t gy = std::min<int64_t>(sg.count, 65535);
+  const int64_t cap = std::max<int64_t>(1, sm_count() * kBlocksPerSm * kWaves / gy);
+  int64_t bx = std::min(ceil_div(ceil_div(sg.L, V), int64_t(kThreads) * kUnroll), cap);
+  bx = std::max(bx, ceil_div(U, kThreads));
+  check_grid(bx, g);
+  sg.T = bx * kThreads / U * U;
+  const dim3 grid(bx, gy);
+  if (g.channels_last)
+    apply_kernel<Op, scalar_t, true><<<grid, kThreads, 0, stream>>>(op, coefs, in, out, sg);
+  else
+    apply_kernel<Op, scalar_t, false><<<grid, kThreads, 0, stream>>>(op, coefs, in, out, sg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -323,12 +551,20 @@ template <typename acc_t> const acc_t* slope_ptr(const at::Tensor& slope) {
   return slope.defined() ? slope.const_data_ptr<acc_t>() : nullptr;
 }
 
+// Calls f.template operator()<kSlope>() with whether a PReLU slope is given.
+template <typename F> void dispatch_slope(const at::Tensor& slope, const F& f) {
+  if (slope.defined())
+    f.template operator()<true>();
+  else
+    f.template operator()<false>();
+}
+
 struct CudaKernels {
   static void stats(const at::Tensor& x, const StatsArgs& a) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_stats", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      reduce_groups(x, a.g, a.per_sample,
-                    StatsReducer<scalar_t, acc_t>{x.const_data_ptr<scalar_t>()},
+      reduce_groups(x, a.g, a.per_sample, StatsReducer<scalar_t, acc_t>{},
+                    Inputs<scalar_t, 1>{{x.const_data_ptr<scalar_t>()}},
                     StatsFinish<acc_t>{a.mean.data_ptr<acc_t>(), a.var.data_ptr<acc_t>()});
     });
   }
@@ -336,12 +572,18 @@ struct CudaKernels {
   static void forward(at::Tensor& x, const ForwardArgs& a) {
     dispatch_dtype_activation(x.scalar_type(), a.act, [&]<typename scalar_t, Act A>() {
       using acc_t = at::opmath_type<scalar_t>;
-      apply_elementwise(a.g, ForwardApplier<scalar_t, acc_t, A>{
-                                 x.data_ptr<scalar_t>(), a.mean.const_data_ptr<acc_t>(),
-                                 a.var.const_data_ptr<acc_t>(), a.gamma.const_data_ptr<acc_t>(),
-                                 a.beta.const_data_ptr<acc_t>(), acc_t(a.eps),
-                                 ActParam<acc_t>(acc_t(a.param)), slope_ptr<acc_t>(a.slope),
-                                 a.per_sample, a.g.C});
+      dispatch_slope(a.slope, [&]<bool kSlope>() {
+        if constexpr (!kSlope || A == Act::LeakyRelu) {
+          scalar_t* px = x.data_ptr<scalar_t>();
+          apply_elementwise(x, a.g, a.per_sample,
+                            ForwardOp<scalar_t, acc_t, A, kSlope>{
+                                a.mean.const_data_ptr<acc_t>(), a.var.const_data_ptr<acc_t>(),
+                                a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
+                                acc_t(a.eps), ActParam<acc_t>(acc_t(a.param)),
+                                slope_ptr<acc_t>(a.slope), a.g.C},
+                            Inputs<scalar_t, 1>{{px}}, px);
+        }
+      });
     });
   }
 
@@ -350,16 +592,17 @@ struct CudaKernels {
       using acc_t = at::opmath_type<scalar_t>;
       const SumsFinish<acc_t> finish{a.sum_dz.data_ptr<acc_t>(), a.sum_dz_xhat.data_ptr<acc_t>(),
                                      a.slope.defined() ? a.sum_dy_z.data_ptr<acc_t>() : nullptr};
-      const auto reducer = [&]<bool kSlope>() {
-        return GradReducer<scalar_t, acc_t, A, kSlope>{
-            y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-            a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
-            ActParam<acc_t>(acc_t(a.param)), slope_ptr<acc_t>(a.slope)};
-      };
-      if (a.slope.defined())
-        reduce_groups(y, a.g, a.per_sample, reducer.template operator()<true>(), finish);
-      else
-        reduce_groups(y, a.g, a.per_sample, reducer.template operator()<false>(), finish);
+      dispatch_slope(a.slope, [&]<bool kSlope>() {
+        if constexpr (!kSlope || A == Act::LeakyRelu) {
+          reduce_groups(y, a.g, a.per_sample,
+                        GradReducer<scalar_t, acc_t, A, kSlope>{
+                            a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
+                            ActParam<acc_t>(acc_t(a.param)), slope_ptr<acc_t>(a.slope)},
+                        Inputs<scalar_t, 2>{{y.const_data_ptr<scalar_t>(),
+                                             dy.const_data_ptr<scalar_t>()}},
+                        finish);
+        }
+      });
     });
   }
 
@@ -367,15 +610,21 @@ struct CudaKernels {
                              const InputGradArgs& a) {
     dispatch_dtype_activation(y.scalar_type(), a.act, [&]<typename scalar_t, Act A>() {
       using acc_t = at::opmath_type<scalar_t>;
-      apply_elementwise(
-          a.g, InputGradApplier<scalar_t, acc_t, A>{
-                   y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-                   dx.data_ptr<scalar_t>(), a.var.const_data_ptr<acc_t>(),
-                   a.gamma.const_data_ptr<acc_t>(), a.beta.const_data_ptr<acc_t>(),
-                   a.batch_stats ? a.sum_dz.const_data_ptr<acc_t>() : nullptr,
-                   a.batch_stats ? a.sum_dz_xhat.const_data_ptr<acc_t>() : nullptr,
-                   acc_t(a.eps), ActParam<acc_t>(acc_t(a.param)), slope_ptr<acc_t>(a.slope),
-                   acc_t(a.count), a.per_sample, a.g.C});
+      dispatch_slope(a.slope, [&]<bool kSlope>() {
+        if constexpr (!kSlope || A == Act::LeakyRelu) {
+          apply_elementwise(
+              y, a.g, a.per_sample,
+              InputGradOp<scalar_t, acc_t, A, kSlope>{
+                  a.var.const_data_ptr<acc_t>(), a.gamma.const_data_ptr<acc_t>(),
+                  a.beta.const_data_ptr<acc_t>(),
+                  a.batch_stats ? a.sum_dz.const_data_ptr<acc_t>() : nullptr,
+                  a.batch_stats ? a.sum_dz_xhat.const_data_ptr<acc_t>() : nullptr, acc_t(a.eps),
+                  ActParam<acc_t>(acc_t(a.param)), slope_ptr<acc_t>(a.slope), acc_t(a.count),
+                  a.g.C},
+              Inputs<scalar_t, 2>{{y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>()}},
+              dx.data_ptr<scalar_t>());
+        }
+      });
     });
   }
 };

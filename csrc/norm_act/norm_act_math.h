@@ -51,6 +51,7 @@ template <> struct Epsilon<double> { static constexpr double value = 2.220446049
 template <typename acc_t> struct ActParam {
   acc_t p;
   acc_t inv;
+  ActParam() = default;  // so that kernels can hold per-channel parameters in arrays
   EFFSEG_HD explicit ActParam(acc_t param)
       : p(param), inv(param != acc_t(0) ? acc_t(1) / param : acc_t(0)) {}
 };

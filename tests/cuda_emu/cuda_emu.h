@@ -60,6 +60,9 @@ struct dim3 {
 struct uint3 {
   unsigned x = 0, y = 0, z = 0;
 };
+struct alignas(16) uint4 {  // CUDA's 16-byte vector type (one LDG.E.128 / STG.E.128)
+  unsigned x, y, z, w;
+};
 
 namespace emu {
 

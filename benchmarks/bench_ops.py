@@ -6,7 +6,11 @@ sizes, in one run. Group norm uses 8 groups (MONAI's SegResNet default), PReLU o
 Reports per size and variant: median time, bytes saved for backward, achieved bandwidth (the
 nominal traffic of the fused algorithm, 8 tensor passes: stats 1, normalize 2, backward reduce 2,
 backward input 3, divided by the time), and on GPU the peak allocated memory and the ratio to a
-measured device-to-device copy bandwidth. Prints a table and writes JSON.
+measured device-to-device copy bandwidth. On GPU also each effseg op alone (statistics, forward,
+backward sums, backward input out of place and in place, the fused loss's forward and backward)
+at the first size: its fewest bytes moved / its time, next to a device-to-device copy of the
+same tensor measured in the same run, so the fraction of the memory roofline each kernel reaches
+is read directly. Prints the tables and writes JSON.
 
     python benchmarks/bench_ops.py                 # CT-like sizes (minutes on a 2-core CPU)
     python benchmarks/bench_ops.py --quick         # small sizes, seconds
@@ -65,6 +69,60 @@ def copy_bandwidth(device: torch.device, numel: int, dtype: torch.dtype, reps: i
     dst = torch.empty_like(src)
     t = time_it(lambda: dst.copy_(src), device, reps)
     return 2 * src.numel() * src.element_size() / t
+
+
+def op_bandwidth(shape, device, dtype, reps, layout, classes=14):
+    """Each effseg op alone on one tensor of `shape`: seconds, the fewest bytes it must move (reads
+    plus writes of the tensor; O(C) statistics left out) and GB/s, with a device-to-device copy of
+    the same tensor timed in the same run; the loss on (N, classes, *spatial) logits with uint8
+    labels. Repeated in-place calls keep values bounded: unit statistics, fixed-statistics
+    backward."""
+    E = torch.ops.effseg
+    C = shape[1]
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+    dy = torch.randn_like(x)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.ones(C, device=device, dtype=acc)
+    b = torch.zeros(C, device=device, dtype=acc)
+    mean, var = torch.zeros(C, device=device, dtype=acc), torch.ones(C, device=device, dtype=acc)
+    s1, s2 = E.norm_act_backward_reduce(x, dy, w, b, False, "leaky_relu", 0.01)
+    n = x.numel() * x.element_size()
+    logits = torch.randn((shape[0], classes) + tuple(shape[2:]), device=device, dtype=dtype)
+    labels = torch.randint(0, classes, (shape[0],) + tuple(shape[2:]), device=device,
+                           dtype=torch.uint8)
+    ln, yn = logits.numel() * logits.element_size(), labels.numel()
+    one = torch.ones((), device=device, dtype=acc)
+    coef_dice = torch.randn(shape[0], classes, 2, device=device, dtype=acc)
+    src = torch.empty(x.numel(), device=device, dtype=dtype).normal_()
+    dst = torch.empty_like(src)
+    cases = {
+        "device-to-device copy": (lambda: dst.copy_(src), 2 * n),
+        "norm_stats": (lambda: E.norm_stats(x, False), n),
+        "norm_act_forward_": (
+            lambda: E.norm_act_forward_(x, mean, var, w, b, 1e-5, "leaky_relu", 0.01), 2 * n),
+        "norm_act_backward_reduce": (
+            lambda: E.norm_act_backward_reduce(x, dy, w, b, False, "leaky_relu", 0.01), 2 * n),
+        "norm_act_backward_input": (
+            lambda: E.norm_act_backward_input(x, dy, var, w, b, s1, s2, None, 1e-5,
+                                              "leaky_relu", 0.01), 3 * n),
+        "norm_act_backward_input_ (dx = dy)": (
+            lambda: E.norm_act_backward_input_(x, dy, var, w, b, None, None, None, 1e-5,
+                                               "leaky_relu", 0.01), 3 * n),
+        f"dice_ce_forward (K={classes})": (
+            lambda: E.dice_ce_forward(logits, labels, None, -100), ln + yn),
+        f"dice_ce_backward (K={classes})": (
+            lambda: E.dice_ce_backward(one, logits, labels, None, -100, coef_dice, one),
+            2 * ln + yn),
+    }
+    rows = []
+    for name, (fn, nbytes) in cases.items():
+        t = time_it(fn, device, reps)
+        rows.append({"op": name, "shape": list(shape), "seconds": t, "bytes": nbytes,
+                     "gbps": nbytes / t / 1e9})
+    copy = rows[0]["gbps"]
+    for r in rows:
+        r["copy_fraction"] = r["gbps"] / copy
+    return rows
 
 
 def bench_size(shape, device, dtype, reps, layout, kinds=KINDS):
@@ -165,9 +223,18 @@ def main(argv=None):
         print(line)
     if copy_bw:
         print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
+    op_rows = []
+    if device.type == "cuda":
+        op_rows = op_bandwidth(sizes[0], device, dtype, reps, layout)
+        print(f"\neach op alone at {tuple(sizes[0])}: fewest bytes moved / time, and that "
+              f"bandwidth / a copy's in the same run")
+        print(f"{'op':<36} {'ms':>8} {'MB':>8} {'GB/s':>7} {'x copy':>7}")
+        for r in op_rows:
+            print(f"{r['op']:<36} {r['seconds'] * 1e3:8.3f} {r['bytes'] / 1e6:8.1f} "
+                  f"{r['gbps']:7.0f} {r['copy_fraction']:7.2f}")
     write_json(args.out, {"machine": machine(), "device": device.type, "dtype": args.dtype,
                           "channels_last": args.channels_last, "copy_bandwidth": copy_bw,
-                          "rows": rows})
+                          "rows": rows, "ops": op_rows})
 
 
 if __name__ == "__main__":

@@ -113,6 +113,8 @@ step bench_ops_bf16 40 $PY benchmarks/bench_ops.py --device cuda --dtype bfloat1
   --out "$W/bench_ops_bf16.json"
 step bench_ops_fp32_cl 40 $PY benchmarks/bench_ops.py --device cuda --channels-last \
   --out "$W/bench_ops_fp32_cl.json"
+step bench_ops_bf16_cl 40 $PY benchmarks/bench_ops.py --device cuda --dtype bfloat16 \
+  --channels-last --kinds batch instance --out "$W/bench_ops_bf16_cl.json"
 step bench_blocks 60 $PY benchmarks/bench_blocks.py --device cuda --out "$W/bench_blocks.json"
 # Issue 13: other people's networks converted with recompute=True (nnU-Net's and MONAI's).
 step bench_networks 90 $PY benchmarks/bench_networks.py --device cuda --sizes 64 96 \

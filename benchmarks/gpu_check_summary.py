@@ -52,13 +52,17 @@ def ratio(r, key):
 
 
 def benchmarks(folder):
-    for tag in ("fp32", "bf16", "fp32_cl"):
-        for r in (load(folder, f"bench_ops_{tag}.json") or {}).get("rows", []):
+    for tag in ("fp32", "bf16", "fp32_cl", "bf16_cl"):
+        data = load(folder, f"bench_ops_{tag}.json") or {}
+        for r in data.get("rows", []):
             if r["variant"].startswith("effseg"):
                 frac = r.get("copy_bandwidth_fraction")
                 print(f"ops {tag:<8} {str(tuple(r['shape'])):<22} {r['variant']:<20} "
                       f"time {ratio(r, 'time_vs_stock')} saved {ratio(r, 'saved_vs_stock')} "
                       f"{r['gbps']:.0f} GB/s" + (f" ({100 * frac:.0f}% of copy)" if frac else ""))
+        for r in data.get("ops", []):
+            print(f"op  {tag:<8} {str(tuple(r['shape'])):<22} {r['op']:<36} "
+                  f"{r['gbps']:.0f} GB/s ({100 * r['copy_fraction']:.0f}% of copy)")
     for r in (load(folder, "bench_sync.json") or {}).get("rows", []):
         print(f"sync {str(tuple(r['shape'])):<22} {r['what']:<38} overhead "
               f"{100 * r['overhead']:+.1f}% (max |sync - local| {r['max_abs_diff']:.1e})")

@@ -53,7 +53,7 @@ class ToolMissing(RuntimeError):
 def find_cuobjdump() -> str | None:
     """cuobjdump from $CUOBJDUMP, PATH, the CUDA toolkit, or the nvidia / triton pip wheels."""
     if os.environ.get("CUOBJDUMP"):
-        return os.environ["CUOBJDUMP"]
+        return os.environ["CUOBJDUMP"] if os.path.isfile(os.environ["CUOBJDUMP"]) else None
     found = shutil.which("cuobjdump")
     if found:
         return found

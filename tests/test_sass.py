@@ -9,6 +9,7 @@ next to a CUDA build of torch, as in the main CI)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,15 @@ import effseg
 REPO = Path(__file__).resolve().parent.parent
 
 
+SCRIPT = REPO / "benchmarks" / "sass_report.py"
+if not SCRIPT.is_file():
+    pytest.skip("needs benchmarks/sass_report.py (run from a checkout)", allow_module_level=True)
+
+
 def _sass_report():
-    spec = importlib.util.spec_from_file_location("sass_report",
-                                                  REPO / "benchmarks" / "sass_report.py")
+    spec = importlib.util.spec_from_file_location("sass_report", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -86,10 +92,10 @@ def test_the_parsers_read_what_cuobjdump_writes():
     assert sass.access_bits("STG.E.U16") == 16
     assert sass.access_bits("LDG.E.U8") == 8
     # 256 threads at 128 registers: 2 blocks (16 warps of 64); at 64 registers and 3 KiB shared
-    # memory: 4 blocks; at 32 registers: 8 blocks, limited by the 2048 threads
+    # memory: 4 blocks; at 24 registers: 8 blocks, limited by the 2048 threads
     assert sass.occupancy(128, 0, 256) == (0.25, "registers")
     assert sass.occupancy(64, 3072, 256) == (0.5, "registers")
-    assert sass.occupancy(32, 0, 256) == (1.0, "threads")
+    assert sass.occupancy(24, 0, 256) == (1.0, "threads")
     assert sass.occupancy(32, 100 * 1024, 256)[1] == "shared"
     name = ("void effseg::apply_kernel<effseg::InputGradOp<c10::BFloat16, float, (effseg::Act)1, "
             "true>, c10::BFloat16, true>(effseg::InputGradOp<c10::BFloat16, float, "

@@ -2,7 +2,8 @@
 // channels-last, Geometry). A thread handles a group of G voxels: G = V (16 bytes of logits per
 // class: 4 floats, 8 halves) when the logits are contiguous, S is a multiple of V and the data
 // is 16-byte aligned, so that each class's logits of the group are one vector load (and, in
-// backward, the gradients one vector store); else G = 1, reading the logits sk elements apart.
+// backward, the gradients one vector store); else (and always for float64) G = 1, reading the
+// logits sk elements apart.
 // For each voxel of its group a thread walks the K logits with the online softmax of
 // dice_ce_math.h, then walks them again for the per-class sums (forward) or the gradient
 // (backward). All indexing is 64-bit.
@@ -172,7 +173,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t k0 = 0; k0 < a.K; k0 += kClassChunk) {
     const int chunk = a.K - k0 < kClassChunk ? int(a.K - k0) : kClassChunk;
     ChunkSums<acc_t> sums = {};
-    if (a.vec) {  // v1 - v0 is a multiple of V: S is
+    if (V > 1 && a.vec) {  // v1 - v0 is a multiple of V: S is
       for (int64_t v = v0 + int64_t(threadIdx.x) * V; v < v1; v += int64_t(kThreads) * V)
         forward_group<V>(a, z, y, v, k0, chunk, sums, ce);
     } else {
@@ -316,7 +317,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < groups;
        i += int64_t(gridDim.x) * kThreads) {
     const int64_t n = i * G / a.S, v = i * G % a.S;
-    if (a.vec)
+    if (V > 1 && a.vec)
       backward_group<V>(a, n, v);
     else
       backward_group<1>(a, n, v);

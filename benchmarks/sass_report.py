@@ -138,7 +138,7 @@ def family_of(name: str) -> str:
     if short == "apply_kernel":
         op = re.search(r"apply_kernel<[^<]*?(ForwardOp|InputGradOp)", name)
         layout = "channels_last" if re.search(r", (true)>\(", name) else "contiguous"
-        return f"apply/{op.group(1) if op else '?'}/{layout}"
+        return f"apply_kernel/{op.group(1) if op else '?'}/{layout}"
     if short.startswith("reduce_"):
         reducer = re.search(r"(StatsReducer|GradReducer)", name)
         return f"{short}/{reducer.group(1) if reducer else '?'}"
@@ -160,60 +160,57 @@ def occupancy(regs: int, shared: int, block: int) -> tuple[float, str]:
     return blocks * warps / H100["warps"], limiter
 
 
+def by_kernel(text: str, header: str):
+    """(mangled kernel name, line) for every line after a `header` line that names a kernel."""
+    current = None
+    for line in text.splitlines():
+        m = re.match(header, line)
+        if m:
+            current = m.group(1)
+        elif current is not None:
+            yield current, line
+
+
 def parse(so: Path, cuobjdump: str) -> list[Kernel]:
     kernels: dict[str, Kernel] = {}
-    current = None
-    for line in run(cuobjdump, "-res-usage", str(so)).splitlines():
-        m = re.match(r"\s*Function (\S+):\s*$", line)
-        if m:
-            current = kernels.setdefault(m.group(1), Kernel(m.group(1)))
-            continue
+    usage = run(cuobjdump, "-res-usage", str(so))
+    for name, line in by_kernel(usage, r"\s*Function (\S+):\s*$"):
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
-        if m and current is not None:
-            current.registers, current.stack, current.shared, current.local = map(int, m.groups())
-            current = None
+        if m:
+            k = kernels.setdefault(name, Kernel(name))
+            k.registers, k.stack, k.shared, k.local = map(int, m.groups())
     if not kernels:
         raise ToolMissing(f"{so.name} holds no CUDA kernels (a build without CUDA)")
-    current = None
-    for line in run(cuobjdump, "-sass", str(so)).splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            current = kernels.setdefault(m.group(1), Kernel(m.group(1)))
-            continue
-        if current is None:
-            continue
+    for name, line in by_kernel(run(cuobjdump, "-sass", str(so)), r"\s*Function : (\S+)"):
         m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?((?:LDG|STG|LDL|STL)\S*)", line)
         if not m:
             continue
+        k = kernels.setdefault(name, Kernel(name))
         opcode = m.group(1)
         if opcode.startswith(("LDL", "STL")):
-            current.local_instructions += 1
+            k.local_instructions += 1
         elif opcode.startswith("LDG"):
-            current.widest_load = max(current.widest_load, access_bits(opcode))
-            current.loads[opcode] = current.loads.get(opcode, 0) + 1
+            k.widest_load = max(k.widest_load, access_bits(opcode))
+            k.loads[opcode] = k.loads.get(opcode, 0) + 1
         else:
-            current.widest_store = max(current.widest_store, access_bits(opcode))
+            k.widest_store = max(k.widest_store, access_bits(opcode))
     # __launch_bounds__ block sizes from the ELF's .nv.info.<kernel> sections
-    section = None
-    for line in run(cuobjdump, "-elf", str(so)).splitlines():
-        m = re.match(r"\s*\.nv\.info\.(\S+)", line)
-        if m:
-            section = m.group(1)
-            max_threads = False
+    pending = set()
+    for name, line in by_kernel(run(cuobjdump, "-elf", str(so)), r"\s*\.nv\.info\.(\S+)"):
+        if name not in kernels:
             continue
-        if section in kernels and "EIATTR_MAX_THREADS" in line:
-            max_threads = True
-        elif section in kernels and max_threads and line.strip().startswith("Value:"):
+        if "EIATTR_MAX_THREADS" in line:
+            pending.add(name)
+        elif name in pending and line.strip().startswith("Value:"):
             x, y, z = (int(v, 16) for v in line.split()[1:4])
-            kernels[section].block = x * y * z
-            max_threads = False
+            kernels[name].block = x * y * z
+            pending.discard(name)
     names = demangle(list(kernels))
     for k in kernels.values():
         k.name = names.get(k.mangled, k.mangled).replace("(anonymous namespace)::", "")
         k.family = family_of(k.name)
         k.dtype = dtype_of(k.name)
-        k.streaming = k.family.split("/")[0] in STREAMING or \
-            k.family.startswith("apply/")
+        k.streaming = k.family.split("/")[0] in STREAMING
         k.occupancy, k.limiter = occupancy(k.registers, k.shared, k.block)
     return sorted(kernels.values(), key=lambda k: (k.family, k.dtype, k.name))
 

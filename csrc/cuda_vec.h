@@ -20,6 +20,15 @@ template <typename T> __device__ __forceinline__ Vec<T> load_vec(const T* p) {
   return *reinterpret_cast<const Vec<T>*>(p);
 }
 
+// For data that no thread of the kernel writes (a __restrict__ input): through the read-only
+// data cache, LDG.E.128.CONSTANT. Never for a buffer the same kernel writes (dy when dx = dy).
+template <typename T> __device__ __forceinline__ Vec<T> load_vec_ro(const T* p) {
+  const uint4 b = __ldg(reinterpret_cast<const uint4*>(p));
+  Vec<T> v;
+  memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
 // On the device one st.global.v4: nvcc splits a plain 16-byte store (of the struct, or of a
 // uint4) into 32-bit stores when the loop around it is unrolled (seen with CUDA 13.0, sm_90).
 template <typename T> __device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) {

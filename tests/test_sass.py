@@ -52,15 +52,15 @@ def report():
 def test_every_family_of_kernels_is_found(report):
     kernels, _ = report
     families = {k.family.split("/")[0] for k in kernels}
-    assert {"apply", "reduce_contiguous_kernel", "reduce_channels_last_kernel", "merge_kernel",
-            "coef_kernel", "forward_partials_kernel", "backward_kernel", "merge_class_kernel",
-            "merge_ce_kernel"} <= families
+    assert {"apply_kernel", "reduce_contiguous_kernel", "reduce_channels_last_kernel",
+            "merge_kernel", "coef_kernel", "forward_partials_kernel", "backward_kernel",
+            "merge_class_kernel", "merge_ce_kernel"} <= families
     for k in kernels:
         assert k.registers > 0 and k.block == 256, k
     # both apply layouts, for forward and backward, in every dtype
     for op in ("ForwardOp", "InputGradOp"):
         for layout in ("contiguous", "channels_last"):
-            dtypes = {k.dtype for k in kernels if k.family == f"apply/{op}/{layout}"}
+            dtypes = {k.dtype for k in kernels if k.family == f"apply_kernel/{op}/{layout}"}
             assert dtypes == {"float", "half", "bfloat16", "double"}, (op, layout, dtypes)
 
 
@@ -72,7 +72,7 @@ def test_streaming_kernels_issue_128_bit_loads(report):
     assert len(wide) >= 0.8 * len(target), totals["streaming_without_128bit_loads"]
     assert totals["streaming_target_with_128bit_loads"] == len(wide)
     # the elementwise passes store what they load 16 bytes at a time, too
-    apply = [k for k in target if k.family.startswith("apply/")]
+    apply = [k for k in target if k.family.startswith("apply_kernel/")]
     assert all(k.widest_store == 128 for k in apply), \
         [k.name for k in apply if k.widest_store != 128]
 
@@ -100,6 +100,6 @@ def test_the_parsers_read_what_cuobjdump_writes():
     name = ("void effseg::apply_kernel<effseg::InputGradOp<c10::BFloat16, float, (effseg::Act)1, "
             "true>, c10::BFloat16, true>(effseg::InputGradOp<c10::BFloat16, float, "
             "(effseg::Act)1, true>, effseg::Segments)")
-    assert sass.family_of(name) == "apply/InputGradOp/channels_last"
+    assert sass.family_of(name) == "apply_kernel/InputGradOp/channels_last"
     assert sass.dtype_of(name) == "bfloat16"
     assert sass.dtype_of("void effseg::dice_ce::backward_kernel<float, long, float>(x)") == "float"

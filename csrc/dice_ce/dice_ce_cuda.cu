@@ -64,7 +64,7 @@ __device__ void load_group(const scalar_t* p, int64_t sv, acc_t (&z)[G]) {
     z[0] = acc_t(p[0]);
   } else {
     static_assert(G == Vec<scalar_t>::kSize, "a group of more than one voxel is one vector");
-    const Vec<scalar_t> v = load_vec(p);
+    const Vec<scalar_t> v = load_vec_ro(p);  // the logits: never written by these kernels
 #pragma unroll
     for (int g = 0; g < G; ++g) z[g] = acc_t(v.v[g]);
   }

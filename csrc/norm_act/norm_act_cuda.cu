@@ -1,7 +1,7 @@
 // CUDA kernels of the norm-act ops, written to stream the tensor at memory bandwidth.
 //
 // Every pass over the (N, C, S) data reads and writes 16 bytes per instruction (Vec: 4 floats,
-// 8 halves, 2 doubles) wherever the pointers allow it, with kUnroll independent vector loads
+// 8 halves, 2 doubles) wherever the pointers allow it, with kLoads independent vector loads
 // issued before any arithmetic or store, so that each thread keeps several loads in flight.
 // Elements before the first 16-byte boundary (the head) and after the last whole vector (the
 // tail) are handled one at a time. When two pointers of one pass are not congruent modulo 16
@@ -18,7 +18,9 @@
 //   vectors (t, t + T, ...) start at the same channel every time: a thread loads its V
 //   channels' coefficients once into registers, for any C.
 // In place (forward, and backward with dx = dy) every element is read and written by the same
-// thread, and all of a thread's loads of an unrolled step come before its stores.
+// thread, and all of a thread's loads of an unrolled step come before its stores; inputs that
+// are never written (y in backward, every input of a reduction) are read through the read-only
+// cache.
 //
 // Reductions (statistics, backward sums) are split over many blocks, each writing a partial
 // result, and a second kernel merges the partials of each group in a fixed order (no atomics,
@@ -52,7 +54,9 @@ constexpr int kThreads = 256;    // threads per block, a power of two
 // than that without spilling.
 template <typename scalar_t, int kIn, bool kWide>
 constexpr int kMinBlocks = kIn == 2 && kWide && sizeof(scalar_t) == 2 ? 1 : 2;
-constexpr int kUnroll = 4;       // independent 16-byte loads in flight per thread and input
+constexpr int kLoads = 4;        // independent 16-byte loads in flight per thread ...
+template <int kIn>
+constexpr int kUnroll = kLoads / kIn;  // ... over kIn inputs: vectors per input and step
 constexpr int64_t kSpan = 8192;  // contiguous reductions: elements per block
 constexpr int kMaxLx = 64;       // channels-last reductions: most channel vectors per tile
 constexpr int64_t kRows = 64;    // channels-last reductions: fewest rows per block
@@ -174,17 +178,18 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<scalar_t, R::kIn, false>
     r.add(acc, chan, v);
   }
   const int64_t first = begin + h;
-  for (int64_t q = threadIdx.x; q < Q; q += kUnroll * kThreads) {
-    Vec<scalar_t> a[kUnroll][kIn];
+  for (int64_t q = threadIdx.x; q < Q; q += kUnroll<kIn> * kThreads) {
+    Vec<scalar_t> a[kUnroll<kIn>][kIn];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kUnroll<kIn>; ++u) {
       if (q + u * kThreads < Q) {
 #pragma unroll
-        for (int i = 0; i < kIn; ++i) a[u][i] = load_vec(in.p[i] + first + (q + u * kThreads) * V);
+        for (int i = 0; i < kIn; ++i)
+          a[u][i] = load_vec_ro(in.p[i] + first + (q + u * kThreads) * V);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kUnroll<kIn>; ++u) {
       if (q + u * kThreads < Q) {
 #pragma unroll
         for (int j = 0; j < V; ++j) {
@@ -234,18 +239,19 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<scalar_t, R::kIn, true>)
     typename R::Chan ch[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) ch[j] = r.channel(c0 + j);
-    for (int64_t row = r0 + ty; row < r1; row += kUnroll * t.Ly) {
-      Vec<scalar_t> a[kUnroll][kIn];
+    for (int64_t row = r0 + ty; row < r1; row += kUnroll<kIn> * t.Ly) {
+      Vec<scalar_t> a[kUnroll<kIn>][kIn];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kUnroll<kIn>; ++u) {
         const int64_t ru = row + u * t.Ly;
         if (ru < r1) {
 #pragma unroll
-          for (int i = 0; i < kIn; ++i) a[u][i] = load_vec(in.p[i] + (n * t.S + ru) * t.C + c0);
+          for (int i = 0; i < kIn; ++i)
+            a[u][i] = load_vec_ro(in.p[i] + (n * t.S + ru) * t.C + c0);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kUnroll<kIn>; ++u) {
         if (row + u * t.Ly < r1) {
 #pragma unroll
           for (int j = 0; j < V; ++j) {
@@ -323,8 +329,8 @@ template <typename scalar_t> RowTiling row_tiling(const Geometry& g, bool vec) {
   t.C = g.C;
   t.S = g.S;
   t.vw = vec && g.C % V == 0 ? V : 1;
-  TORCH_CHECK_VALUE(g.C / t.vw <= std::numeric_limits<int32_t>::max(), "effseg: too many channels (",
-                    g.C, ")");
+  TORCH_CHECK_VALUE(g.C / t.vw <= std::numeric_limits<int32_t>::max(),
+                    "effseg: too many channels (", g.C, ")");
   t.W = int(g.C / t.vw);
   t.tiles = ceil_div(t.W, kMaxLx);
   t.Lx = int(ceil_div(t.W, t.tiles));
@@ -369,8 +375,10 @@ void reduce_groups(const at::Tensor& like, const Geometry& g, bool per_sample, c
 
 // Elementwise ops: the coefficients of group g (g = n * C + c with instance statistics, else c)
 // and the output value from one element's inputs.
+// kReadOnly: how many leading inputs the pass never writes (read through the read-only cache).
 template <typename scalar_t, typename acc_t, Act A, bool kSlope> struct ForwardOp {
   static constexpr int kIn = 1;
+  static constexpr int kReadOnly = 0;  // x is written in place
   struct Coef {
     ForwardCoef<acc_t> k;
     ChanAct<acc_t, kSlope> act;
@@ -397,6 +405,7 @@ template <typename scalar_t, typename acc_t, Act A, bool kSlope> struct ForwardO
 
 template <typename scalar_t, typename acc_t, Act A, bool kSlope> struct InputGradOp {
   static constexpr int kIn = 2;  // y, dy
+  static constexpr int kReadOnly = 1;  // y; dx may be dy
   struct Coef {
     InputGradCoef<acc_t> k;
     Affine<acc_t> af;
@@ -475,17 +484,20 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocks<scalar_t, Op::kIn, kChan
       c = c + 1 == sg.P ? 0 : c + 1;
     }
     const int64_t first = base + h;
-    for (int64_t q = t; q < Q; q += kUnroll * sg.T) {
-      Vec<scalar_t> a[kUnroll][kIn];
+    for (int64_t q = t; q < Q; q += kUnroll<kIn> * sg.T) {
+      Vec<scalar_t> a[kUnroll<kIn>][kIn];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kUnroll<kIn>; ++u) {
         if (q + u * sg.T < Q) {
 #pragma unroll
-          for (int i = 0; i < kIn; ++i) a[u][i] = load_vec(in.p[i] + first + (q + u * sg.T) * V);
+          for (int i = 0; i < kIn; ++i) {
+            const scalar_t* p = in.p[i] + first + (q + u * sg.T) * V;
+            a[u][i] = i < Op::kReadOnly ? load_vec_ro(p) : load_vec(p);
+          }
         }
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kUnroll<kIn>; ++u) {
         if (q + u * sg.T < Q) {
           Vec<scalar_t> o;
 #pragma unroll
@@ -535,7 +547,8 @@ void apply_elementwise(const at::Tensor& like, const Geometry& g, bool per_sampl
   const int64_t U = sg.P / std::gcd(sg.P, int64_t(V));
   const int64_t gy = std::min<int64_t>(sg.count, 65535);
   const int64_t cap = std::max<int64_t>(1, sm_count() * kBlocksPerSm * kWaves / gy);
-  int64_t bx = std::min(ceil_div(ceil_div(sg.L, V), int64_t(kThreads) * kUnroll), cap);
+  const int64_t per_step = int64_t(kThreads) * kUnroll<Op::kIn> * V;
+  int64_t bx = std::min(ceil_div(sg.L, per_step), cap);
   bx = std::max(bx, ceil_div(U, kThreads));
   check_grid(bx, g);
   sg.T = bx * kThreads / U * U;

@@ -262,6 +262,8 @@ template <typename T> T __shfl_down_sync(unsigned mask, T v, unsigned offset) {
   return emu::shfl_down(v, offset);
 }
 
+template <typename T> T __ldg(const T* p) { return *p; }  // the read-only cache: a plain read
+
 template <typename T> inline T min(T a, T b) { return b < a ? b : a; }
 template <typename T> inline T max(T a, T b) { return a < b ? b : a; }
 

@@ -49,11 +49,7 @@ namespace effseg {
 namespace {
 
 constexpr int kThreads = 256;    // threads per block, a power of two
-// Streaming kernels: at least 2 blocks per SM (at most 128 registers), except where 16-bit data
-// with two inputs keeps 8 channels' coefficients or sums per thread: those need more registers
-// than that without spilling.
-template <typename scalar_t, int kIn, bool kWide>
-constexpr int kMinBlocks = kIn == 2 && kWide && sizeof(scalar_t) == 2 ? 1 : 2;
+constexpr int kMinBlocks = 2;    // streaming kernels: 2 blocks per SM, at most 128 registers
 constexpr int kLoads = 4;        // independent 16-byte loads in flight per thread ...
 template <int kIn>
 constexpr int kUnroll = kLoads / kIn;  // ... over kIn inputs: vectors per input and step
@@ -159,7 +155,7 @@ template <typename scalar_t, typename acc_t, Act A, bool kSlope> struct GradRedu
 };
 
 template <typename R, typename scalar_t>
-__global__ void __launch_bounds__(kThreads, (kMinBlocks<scalar_t, R::kIn, false>))
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     reduce_contiguous_kernel(R r, Inputs<scalar_t, R::kIn> in, typename R::Acc* part,
                              int64_t C, int64_t S, int64_t P, bool vec) {
   using Acc = typename R::Acc;
@@ -219,7 +215,7 @@ struct RowTiling {
 };
 
 template <typename R, typename scalar_t>
-__global__ void __launch_bounds__(kThreads, (kMinBlocks<scalar_t, R::kIn, true>))
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     reduce_channels_last_kernel(R r, Inputs<scalar_t, R::kIn> in, typename R::Acc* part,
                                 RowTiling t) {
   using Acc = typename R::Acc;
@@ -455,7 +451,7 @@ struct Segments {
 };
 
 template <typename Op, typename scalar_t, bool kChannelsLast>
-__global__ void __launch_bounds__(kThreads, (kMinBlocks<scalar_t, Op::kIn, kChannelsLast>))
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     apply_kernel(Op op, const typename Op::Coef* coefs, Inputs<scalar_t, Op::kIn> in,
                  scalar_t* out, Segments sg) {
   using acc_t = at::opmath_type<scalar_t>;

@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 // The channels-last reduction's decomposition (see the top of the file).
 struct RowTiling {
-  int64_t N, C, S;
+  int64_t C, S;
   int64_t P;     // row blocks per sample
   int64_t rows;  // rows per block
   int64_t tiles;
@@ -321,7 +321,6 @@ template <typename acc_t> struct SumsFinish {
 template <typename scalar_t> RowTiling row_tiling(const Geometry& g, bool vec) {
   constexpr int V = Vec<scalar_t>::kSize;
   RowTiling t;
-  t.N = g.N;
   t.C = g.C;
   t.S = g.S;
   t.vw = vec && g.C % V == 0 ? V : 1;

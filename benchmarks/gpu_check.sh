@@ -3,9 +3,11 @@
 # machines): build effseg from source against that torch, check that every op has its CUDA
 # kernel, run the CUDA cases of the test suite, the model benchmark in bf16 (issue 4's targets,
 # with the largest cube that trains), compute-sanitizer memcheck and racecheck over every kernel
-# on small inputs, then the op, block, network (issue 13), synchronized-norm and augmentation
+# on small inputs, then the op benchmarks (fp32 and bf16, contiguous and channels-last; each op
+# alone with its GB/s next to a device-to-device copy timed in the same run: issue 16's fraction
+# of the roofline), the block, network (issue 13), synchronized-norm and augmentation
 # benchmarks; print a short table last.
-# Within GPU_CHECK_BUDGET seconds (default 450).
+# Within GPU_CHECK_BUDGET seconds (default 450, so under 8 minutes in all).
 #
 #   bash benchmarks/gpu_check.sh            # OUT defaults to benchmarks/out/gpu
 #

@@ -538,12 +538,16 @@ void apply_elementwise(const at::Tensor& like, const Geometry& g, bool per_sampl
   }
   sg.vec = congruent16({in.p[0], in.p[Op::kIn - 1], out});
   // Threads per segment for kUnroll vectors each, within a grid that fills the device a few
-  // times over; at least one thread per distinct channel offset of a vector (U).
+  // times over; a small tensor gets fewer vectors per thread rather than idle SMs (at least
+  // kMinBlocks blocks per SM while there is a vector per thread); at least one thread per
+  // distinct channel offset of a vector (U).
   const int64_t U = sg.P / std::gcd(sg.P, int64_t(V));
   const int64_t gy = std::min<int64_t>(sg.count, 65535);
-  const int64_t cap = std::max<int64_t>(1, sm_count() * kBlocksPerSm * kWaves / gy);
+  const int64_t sms = sm_count();
+  const int64_t cap = std::max<int64_t>(1, sms * kBlocksPerSm * kWaves / gy);
   const int64_t per_step = int64_t(kThreads) * kUnroll<Op::kIn> * V;
   int64_t bx = std::min(ceil_div(sg.L, per_step), cap);
+  bx = std::max(bx, std::min(ceil_div(sms * kMinBlocks, gy), ceil_div(sg.L, kThreads * V)));
   bx = std::max(bx, ceil_div(U, kThreads));
   check_grid(bx, g);
   sg.T = bx * kThreads / U * U;

@@ -104,27 +104,77 @@ def _is_conv(m) -> bool:
     return isinstance(m, _CONVS) and any(k != 1 for k in m.kernel_size)
 
 
-def _boundaries(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node]:
-    compute = ("call_module", "call_function", "call_method")
+_COMPUTE = ("call_module", "call_function", "call_method")
+
+
+def _rejoined(v: fx.Node) -> set[fx.Node] | None:
+    """Where every reader of `v` leads, through nodes read once each, to one node (a residual
+    unit whose identity or shortcut branch and main branch meet again in an addition): the
+    nodes between `v` and that node. None where the readers do not meet so."""
+    if len(v.users) < 2:
+        return None
+    chains = []
+    for n in v.users:
+        chain = [n]
+        while n.op in _COMPUTE and len(n.users) == 1 and next(iter(n.users)).op != "output":
+            n = next(iter(n.users))
+            chain.append(n)
+        chains.append(chain)
+    rest = [set(c) for c in chains[1:]]
+    meet = next((n for n in chains[0] if n.op in _COMPUTE and all(n in r for r in rest)), None)
+    if meet is None:
+        return None
+    between = {n for c in chains for n in c[:c.index(meet)]}
+    return between if all(n.op in _COMPUTE for n in between) else None
+
+
+def _cut_values(graph: fx.Graph, modules: dict[str, nn.Module],
+                inner: dict[fx.Node, set[fx.Node]]) -> set[fx.Node]:
+    """The boundaries (module docstring), where a value in `inner` (read twice, but only on
+    branches that meet again) is not one by being read twice."""
     cut: set[fx.Node] = set()
     for n in graph.nodes:
-        if n.op not in compute:
+        if n.op not in _COMPUTE:
             continue
-        if len(n.users) != 1 or next(iter(n.users)).op == "output":
+        if (len(n.users) != 1 and n not in inner) or any(u.op == "output" for u in n.users):
             cut.add(n)
     convs: dict[fx.Node, int] = {}
+
+    def count(n, m=None):
+        return int(_is_conv(m)) + sum(convs[a] for a in n.all_input_nodes
+                                      if a.op in _COMPUTE and a not in cut)
     for n in graph.nodes:
-        if n.op not in compute:
+        if n.op not in _COMPUTE:
             continue
         m = modules.get(n.target) if n.op == "call_module" else None
         first = n.args[0] if n.args else None
-        if isinstance(first, fx.Node) and first.op in compute and first not in cut and (
-                (_is_conv(m) and convs.get(first, 0) >= CONVS_PER_SEGMENT)
-                or (isinstance(m, _CONV_T) and convs.get(first, 0) >= 1)):
-            cut.add(first)
-        inner = [a for a in n.all_input_nodes if a.op in compute and a not in cut]
-        convs[n] = int(_is_conv(m)) + sum(convs[a] for a in inner)
+        if isinstance(first, fx.Node) and first.op in _COMPUTE and first not in cut:
+            if _is_conv(m) and convs.get(first, 0) >= CONVS_PER_SEGMENT:
+                cut.add(first)
+            elif isinstance(m, _CONV_T) and convs.get(first, 0) >= 1:
+                parts = _cat_parts(first)
+                if parts and _split_target(first, {n}, modules) is n:
+                    # a transposed convolution over a concatenation: its segment starts at
+                    # the parts, so that it runs on them and the concatenation never exists
+                    cut.update(p for p in parts if p.op in _COMPUTE)
+                    convs[first] = count(first)
+                else:
+                    cut.add(first)
+        convs[n] = count(n, m)
     return cut
+
+
+def _boundaries(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    inner = {v: b for v in graph.nodes if v.op in _COMPUTE
+             for b in [_rejoined(v)] if b is not None}
+    while True:
+        cut = _cut_values(graph, modules, inner)
+        # a value read on two branches stays inside a segment only if both branches do
+        broken = [v for v, between in inner.items() if v in cut or between & cut]
+        if not broken:
+            return cut
+        for v in broken:
+            del inner[v]
 
 
 def _value(n: fx.Node, modules, prefix: str) -> str:
@@ -291,6 +341,8 @@ def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module],
                 return _Step("split_conv", n.target, (parts,), {}, slots[n])
             if in_seg and type(m) in _BATCH + _INSTANCE and len(n.args) == 1 and not n.kwargs:
                 return _Step("norm", n.target, ref(n.args), {}, slots[n])
+            if type(m) in _CONVS + _CONV_T and len(n.args) == 1 and not n.kwargs:
+                return _Step("conv", n.target, ref(n.args), {}, slots[n])
             return _Step("module", n.target, ref(n.args), ref(n.kwargs), slots[n])
         kind = {"call_function": "function", "call_method": "method", "get_attr": "attr"}[n.op]
         return _Step(kind, n.target, ref(n.args), ref(n.kwargs), slots[n])

@@ -16,18 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import map_aggregate
 
 from ..checkpoint import checkpoint
 from .convert import _INSTANCE
-from ..ops import replay
+from ..ops import grad_into, replay
 from ..ops.replay_norm import replayed_norm
 
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class _Slot:
@@ -44,7 +41,7 @@ class _Slot:
 
 @dataclass
 class _Step:
-    kind: str  # attr | module | function | method | norm | split_conv | segment | output
+    kind: str  # attr | module | function | method | norm | conv | split_conv | segment | output
     target: Any
     args: Any
     kwargs: Any
@@ -66,14 +63,16 @@ def _load(env: list, a):
 
 
 def _part_conv(conv: nn.Module, part: torch.Tensor, start: int, bias: bool) -> torch.Tensor:
-    c = part.shape[1]
-    nd = conv.weight.dim() - 2
-    b = conv.bias if bias else None
-    if isinstance(conv, _CONV_T):
-        return _CONV_T_FN[nd](part, conv.weight[start:start + c], b, conv.stride, conv.padding,
-                              conv.output_padding, 1, conv.dilation)
-    return _CONV_FN[nd](part, conv.weight[:, start:start + c], b, conv.stride, conv.padding,
-                        conv.dilation, 1)
+    return grad_into.conv(conv, part, (start, part.shape[1]), bias)
+
+
+def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A convolution step: where its weight is larger than its input (deep levels), its weight
+    gradient goes into `.grad` a slice at a time (`effseg.ops.grad_into`); elsewhere the module
+    runs as it is."""
+    if conv.weight.numel() > x.numel() and grad_into.usable(conv, x):
+        return grad_into.conv(conv, x)
+    return conv(x)
 
 
 def _upsampled_part_conv(root: nn.Module, chain: "_Program", conv_path: str, start: int,
@@ -155,6 +154,8 @@ def _run(program: _Program, module: nn.Module, inputs) -> Any:
             value = _fetch(module, s.target)
         elif kind == "norm":
             value = _norm(module.get_submodule(s.target), *args)
+        elif kind == "conv":
+            value = _conv(module.get_submodule(s.target), *args)
         elif kind == "split_conv":
             value = _split_conv(module, s.target, *args)
         elif s.target.recompute:  # segment

@@ -81,6 +81,90 @@ def _upsampled_part_conv(root: nn.Module, chain: "_Program", conv_path: str, sta
     return _part_conv(root.get_submodule(conv_path), part, start, bias), part.shape[1]
 
 
+def _chain_params(root: nn.Module, chain: "_Program") -> list[torch.Tensor]:
+    found: dict[int, torch.Tensor] = {}
+    for s in chain.steps:
+        if s.kind in ("module", "conv", "norm"):
+            found.update((id(p), p) for p in root.get_submodule(s.target).parameters())
+        elif s.kind == "attr":
+            value = _fetch(root, s.target)
+            if isinstance(value, torch.Tensor):
+                found[id(value)] = value
+    return list(found.values())
+
+
+def _rng_states(inputs) -> tuple:
+    devices = sorted({t.device for t in inputs if t.device.type != "cpu"}, key=str)
+    return torch.get_rng_state(), [(d, torch.get_device_module(d).get_rng_state(d))
+                                   for d in devices]
+
+
+class _UpsampledPartConv(torch.autograd.Function):
+    """conv_part(chain(*inputs)): the convolution of one part of a concatenation with its
+    weight slice, where the part is an upsampling (and what follows it up to the concatenation)
+    computed by `chain` from `inputs`. Forward keeps only `inputs`; backward computes the part
+    again with autograd (for the chain's own backward, the random state of the forward
+    restored), then the convolution's gradients by hand (its weight gradient into `.grad` where
+    safe, `effseg.ops.grad_into`): the part lives only while its convolution needs it, in
+    forward and backward alike, and the convolution is not run again, only the upsampling.
+    Returns (output, the part's channels)."""
+
+    @staticmethod
+    def forward(ctx, root, chain, spec_of, node, n_inputs, weight, bias, *tensors):
+        inputs = tensors[:n_inputs]
+        ctx.root, ctx.chain, ctx.node, ctx.n_inputs = root, chain, node, n_inputs
+        ctx.rng = _rng_states(inputs)
+        part = _run(chain, root, inputs)
+        ctx.spec = spec_of(part.shape[1])
+        ctx.has_bias = bias is not None
+        # the chain's parameters are read from the modules (the tensors themselves: what
+        # backward differentiates with respect to)
+        ctx.params = tensors[n_inputs:]
+        ctx.save_for_backward(weight, *inputs)
+        return grad_into.conv_forward(part, weight, bias, ctx.spec), part.shape[1]
+
+    @staticmethod
+    def backward(ctx, g, _channels):
+        weight, *inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[7:]
+        cpu_state, device_states = ctx.rng
+        devices = [d for d, _ in device_states]
+        with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices
+                                   else "cuda"), torch.enable_grad():
+            torch.set_rng_state(cpu_state)
+            for d, state in device_states:
+                torch.get_device_module(d).set_rng_state(state, d)
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
+            part = _run(ctx.chain, ctx.root, leaves)
+            leaves += ctx.params
+        wanted = [t for t, need in zip(leaves, needs) if need]
+        dpart, dw, db = grad_into.conv_grads(
+            g, part.detach(), weight, ctx.spec, ctx.node, bool(wanted),
+            ctx.needs_input_grad[5], ctx.needs_input_grad[6] and ctx.has_bias)
+        del g
+        found = iter(torch.autograd.grad(part, wanted, dpart, allow_unused=True)
+                     if wanted else ())
+        return (None, None, None, None, None, dw, db,
+                *(next(found) if need else None for need in needs))
+
+
+def _lazy_part_conv(root: nn.Module, conv: nn.Module, conv_path: str, chain: "_Program",
+                    inputs: list, start: int, bias: bool) -> tuple[torch.Tensor, int]:
+    """The convolution of an upsampled part (`_split_conv`); under autocast, or where the
+    convolution is not one `effseg.ops.grad_into` handles, through a nested checkpoint (the
+    convolution then runs again in backward)."""
+    tensors = all(isinstance(t, torch.Tensor) for t in inputs)
+    if not tensors or not inputs or torch.is_autocast_enabled(inputs[0].device.type) or (
+            conv.padding_mode != "zeros" or inputs[0].dtype != conv.weight.dtype):
+        return checkpoint(_upsampled_part_conv, root, chain, conv_path, start, bias, *inputs)
+
+    def spec_of(channels):
+        return grad_into.ConvSpec.of(conv, (start, channels))
+    return _UpsampledPartConv.apply(root, chain, spec_of, grad_into.accumulate_node(conv.weight),
+                                    len(inputs), conv.weight, conv.bias if bias else None,
+                                    *inputs, *_chain_params(root, chain))
+
+
 def _split_conv(root: nn.Module, conv_path: str, parts: list) -> torch.Tensor:
     """conv(cat(parts, 1)) as the sum of the convolutions of the parts with their weight
     slices: the concatenation never exists. A part given as (chain program, its inputs) is an
@@ -93,8 +177,7 @@ def _split_conv(root: nn.Module, conv_path: str, parts: list) -> torch.Tensor:
     for i, part in enumerate(parts):
         if isinstance(part, tuple):
             chain, inputs = part
-            y, c = checkpoint(_upsampled_part_conv, root, chain, conv_path, start, i == 0,
-                              *inputs)
+            y, c = _lazy_part_conv(root, conv, conv_path, chain, inputs, start, i == 0)
         else:
             c = part.shape[1]
             y = _part_conv(conv, part, start, i == 0)

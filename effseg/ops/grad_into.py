@@ -64,7 +64,9 @@ def _weight_part(w: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     return w.narrow(0 if spec.transposed else 1, start, count)
 
 
-def _forward(x, w, b, spec: ConvSpec):
+def conv_forward(x, weight, b, spec: ConvSpec):
+    """The convolution of `x` with `weight` (its part `spec.part`) and `b`."""
+    w = _weight_part(weight, spec)
     nd = w.dim() - 2
     if spec.transposed:
         fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
@@ -101,49 +103,65 @@ def _writable_grad(node) -> torch.Tensor | None:
     return g
 
 
+def conv_grads(g, x, weight, spec: ConvSpec, node, need_x: bool, need_w: bool,
+               need_b: bool):
+    """The gradients (input, weight, bias) of a convolution of `x` with `weight` (its part
+    `spec.part`) for the output gradient `g`. Where it is safe (module docstring; `node`: the
+    weight's AccumulateGrad) the weight gradient is added into `.grad` a slice at a time and
+    None is returned in its place; otherwise it comes back whole, of the weight's full size."""
+    wp = _weight_part(weight, spec)
+    target = _writable_grad(node) if need_w else None
+    if target is not None and spec.groups == 1:
+        rows = wp.shape[0]
+        largest = max(x.numel(), g.numel())
+        slices = min(rows, MAX_SLICES, max(1, math.ceil(wp.numel() / largest)))
+    else:
+        target, slices = None, 1
+    dx, dw, db = _backward(g, x, wp, spec, (need_x, need_w and slices == 1, need_b))
+    if target is None:
+        if dw is not None and spec.part is not None:
+            full = dw.new_zeros(weight.shape)
+            _weight_part(full, spec).copy_(dw)
+            dw = full
+        return dx, dw, db
+    into = _weight_part(target, spec)
+    if dw is not None:
+        into.add_(dw)
+        return dx, None, db
+    edges = [rows * i // slices for i in range(slices + 1)]
+    for r0, r1 in zip(edges, edges[1:]):
+        # rows of the weight: output channels of a convolution (a slice of g), input channels
+        # of a transposed one (a slice of x)
+        gs, xs = (g, x[:, r0:r1]) if spec.transposed else (g[:, r0:r1], x)
+        part = _backward(gs, xs, wp[r0:r1], spec, (False, True, False))[1]
+        into[r0:r1].add_(part)
+        del part
+    return dx, None, db
+
+
 class ConvGradIntoFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, spec: ConvSpec, node):
         ctx.spec, ctx.node = spec, node
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _forward(x, _weight_part(weight, spec), bias, spec)
+        return conv_forward(x, weight, bias, spec)
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        spec = ctx.spec
-        wp = _weight_part(weight, spec)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        target = _writable_grad(ctx.node) if need_w else None
-        if target is not None and spec.groups == 1:
-            rows = wp.shape[0]
-            largest = max(x.numel(), g.numel())
-            slices = min(rows, MAX_SLICES, max(1, math.ceil(wp.numel() / largest)))
-        else:
-            target, slices = None, 1
-        mask = (need_x, need_w and slices == 1, need_b and ctx.has_bias)
-        dx, dw, db = _backward(g, x, wp, spec, mask)
-        if target is None:
-            if dw is not None and spec.part is not None:
-                full = dw.new_zeros(weight.shape)
-                _weight_part(full, spec).copy_(dw)
-                dw = full
-            return dx, dw, db, None, None
-        into = _weight_part(target, spec)
-        if dw is not None:
-            into.add_(dw)
-            del dw
-        else:
-            edges = [rows * i // slices for i in range(slices + 1)]
-            for r0, r1 in zip(edges, edges[1:]):
-                # rows of the weight: output channels of a convolution (a slice of g), input
-                # channels of a transposed one (a slice of x)
-                gs, xs = (g, x[:, r0:r1]) if spec.transposed else (g[:, r0:r1], x)
-                part = _backward(gs, xs, wp[r0:r1], spec, (False, True, False))[1]
-                into[r0:r1].add_(part)
-                del part
-        return dx, None, db, None, None
+        dx, dw, db = conv_grads(g, x, weight, ctx.spec, ctx.node, need_x, need_w,
+                                need_b and ctx.has_bias)
+        return dx, dw, db, None, None
+
+
+def accumulate_node(w: torch.Tensor):
+    """The AccumulateGrad node of a leaf weight that requires grad, while grad mode is on
+    (for `conv_grads`), else None."""
+    if torch.is_grad_enabled() and w.requires_grad and w.grad_fn is None:
+        return get_gradient_edge(w).node
+    return None
 
 
 def usable(module: torch.nn.Module, x: torch.Tensor) -> bool:
@@ -170,11 +188,9 @@ def conv(module: torch.nn.Module, x: torch.Tensor, part: tuple[int, int] | None 
     b = module.bias if bias else None
     spec = ConvSpec.of(module, part)
     if not usable(module, x):
-        return module(x) if part is None else _forward(x, _weight_part(w, spec), b, spec)
-    node = None
-    if torch.is_grad_enabled() and w.requires_grad and w.grad_fn is None:
-        node = get_gradient_edge(w).node
-    return ConvGradIntoFunction.apply(x, w, b, spec, node)
+        return module(x) if part is None else conv_forward(x, w, b, spec)
+    return ConvGradIntoFunction.apply(x, w, b, spec, accumulate_node(w))
 
 
-__all__ = ["ConvGradIntoFunction", "ConvSpec", "MAX_SLICES", "conv", "usable"]
+__all__ = ["ConvGradIntoFunction", "ConvSpec", "MAX_SLICES", "accumulate_node", "conv",
+           "conv_forward", "conv_grads", "usable"]

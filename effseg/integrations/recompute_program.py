@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.fx.node import map_aggregate
 
 from ..checkpoint import checkpoint
@@ -93,59 +94,81 @@ def _chain_params(root: nn.Module, chain: "_Program") -> list[torch.Tensor]:
     return list(found.values())
 
 
-def _rng_states(inputs) -> tuple:
-    devices = sorted({t.device for t in inputs if t.device.type != "cpu"}, key=str)
-    return torch.get_rng_state(), [(d, torch.get_device_module(d).get_rng_state(d))
-                                   for d in devices]
+class _Link:
+    """What the two Functions of a lazily upsampled part share: the random state before the
+    chain ran, which inputs require grad, and the chain recomputed with autograd by the
+    convolution's backward for the chain's backward (its output's gradient edge, its leaves)."""
 
+    __slots__ = ("root", "chain", "inputs", "needs", "rng", "graph")
 
-class _UpsampledPartConv(torch.autograd.Function):
-    """conv_part(chain(*inputs)): the convolution of one part of a concatenation with its
-    weight slice, where the part is an upsampling (and what follows it up to the concatenation)
-    computed by `chain` from `inputs`. Forward keeps only `inputs`; backward computes the part
-    again with autograd (for the chain's own backward, the random state of the forward
-    restored), then the convolution's gradients by hand (its weight gradient into `.grad` where
-    safe, `effseg.ops.grad_into`): the part lives only while its convolution needs it, in
-    forward and backward alike, and the convolution is not run again, only the upsampling.
-    Returns (output, the part's channels)."""
-
-    @staticmethod
-    def forward(ctx, root, chain, spec_of, node, n_inputs, weight, bias, *tensors):
-        inputs = tensors[:n_inputs]
-        ctx.root, ctx.chain, ctx.node, ctx.n_inputs = root, chain, node, n_inputs
-        ctx.rng = _rng_states(inputs)
-        part = _run(chain, root, inputs)
-        ctx.spec = spec_of(part.shape[1])
-        ctx.has_bias = bias is not None
-        # the chain's parameters are read from the modules (the tensors themselves: what
-        # backward differentiates with respect to)
-        ctx.params = tensors[n_inputs:]
-        ctx.save_for_backward(weight, *inputs)
-        return grad_into.conv_forward(part, weight, bias, ctx.spec), part.shape[1]
-
-    @staticmethod
-    def backward(ctx, g, _channels):
-        weight, *inputs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[7:]
-        cpu_state, device_states = ctx.rng
+    def recompute(self) -> torch.Tensor:
+        """The part again, with autograd, under the random state of the forward."""
+        cpu_state, device_states = self.rng
         devices = [d for d, _ in device_states]
         with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices
                                    else "cuda"), torch.enable_grad():
             torch.set_rng_state(cpu_state)
             for d, state in device_states:
                 torch.get_device_module(d).set_rng_state(state, d)
-            leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
-            part = _run(ctx.chain, ctx.root, leaves)
-            leaves += ctx.params
-        wanted = [t for t, need in zip(leaves, needs) if need]
-        dpart, dw, db = grad_into.conv_grads(
-            g, part.detach(), weight, ctx.spec, ctx.node, bool(wanted),
-            ctx.needs_input_grad[5], ctx.needs_input_grad[6] and ctx.has_bias)
-        del g
-        found = iter(torch.autograd.grad(part, wanted, dpart, allow_unused=True)
-                     if wanted else ())
-        return (None, None, None, None, None, dw, db,
-                *(next(found) if need else None for need in needs))
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(self.inputs,
+                                                                          self.needs)]
+            part = _run(self.chain, self.root, leaves)
+        self.graph = (get_gradient_edge(part) if part.requires_grad else None, leaves)
+        return part
+
+
+class _UpsampledPart(torch.autograd.Function):
+    """The upsampled part of a concatenation: `chain(*inputs)`, keeping nothing for backward
+    (the convolution's backward, `_PartConv`, computes it again and leaves the graph here)."""
+
+    @staticmethod
+    def forward(ctx, link: _Link, n_inputs: int, *tensors):
+        inputs = tensors[:n_inputs]
+        devices = sorted({t.device for t in inputs if t.device.type != "cpu"}, key=str)
+        link.rng = (torch.get_rng_state(), [(d, torch.get_device_module(d).get_rng_state(d))
+                                            for d in devices])
+        link.needs = [t.requires_grad for t in inputs]
+        ctx.link, ctx.params = link, tensors[n_inputs:]
+        return _run(link.chain, link.root, inputs)
+
+    @staticmethod
+    def backward(ctx, dpart):
+        edge, leaves = ctx.link.graph
+        ctx.link.graph = None
+        needs = ctx.needs_input_grad[2:]
+        wanted = [t for t, need in zip(leaves + list(ctx.params), needs) if need]
+        found = iter(torch.autograd.grad(edge, wanted, dpart, allow_unused=True)
+                     if wanted and edge is not None else [None] * len(wanted))
+        return (None, None, *(next(found) if need else None for need in needs))
+
+
+class _PartConv(torch.autograd.Function):
+    """The convolution of an upsampled part (from `_UpsampledPart`) with its weight slice,
+    keeping the part's inputs instead of the part: backward computes the part again with
+    autograd (`_Link.recompute`), the convolution's gradients by hand (its weight gradient into
+    `.grad` where safe, `effseg.ops.grad_into`), and hands the part's graph to the chain's
+    backward. The part lives only while a convolution needs it, in forward and backward alike,
+    the output gradient is released before the chain's backward runs, and only the upsampling
+    runs again, not the convolution."""
+
+    @staticmethod
+    def forward(ctx, link: _Link, spec, node, weight, bias, part, *inputs):
+        ctx.link, ctx.spec, ctx.node, ctx.has_bias = link, spec, node, bias is not None
+        ctx.save_for_backward(weight, *inputs)
+        return grad_into.conv_forward(part, weight, bias, spec)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, *inputs = ctx.saved_tensors
+        link = ctx.link
+        link.inputs = inputs
+        part = link.recompute()
+        link.inputs = None
+        need_part = ctx.needs_input_grad[5]
+        dpart, dw, db = grad_into.conv_grads(g, part.detach(), weight, ctx.spec, ctx.node,
+                                             need_part, ctx.needs_input_grad[3],
+                                             ctx.needs_input_grad[4] and ctx.has_bias)
+        return (None, None, None, dw, db, dpart, *(None for _ in inputs))
 
 
 def _lazy_part_conv(root: nn.Module, conv: nn.Module, conv_path: str, chain: "_Program",
@@ -157,12 +180,12 @@ def _lazy_part_conv(root: nn.Module, conv: nn.Module, conv_path: str, chain: "_P
     if not tensors or not inputs or torch.is_autocast_enabled(inputs[0].device.type) or (
             conv.padding_mode != "zeros" or inputs[0].dtype != conv.weight.dtype):
         return checkpoint(_upsampled_part_conv, root, chain, conv_path, start, bias, *inputs)
-
-    def spec_of(channels):
-        return grad_into.ConvSpec.of(conv, (start, channels))
-    return _UpsampledPartConv.apply(root, chain, spec_of, grad_into.accumulate_node(conv.weight),
-                                    len(inputs), conv.weight, conv.bias if bias else None,
-                                    *inputs, *_chain_params(root, chain))
+    link = _Link()
+    link.root, link.chain, link.graph = root, chain, None
+    part = _UpsampledPart.apply(link, len(inputs), *inputs, *_chain_params(root, chain))
+    spec = grad_into.ConvSpec.of(conv, (start, part.shape[1]))
+    return _PartConv.apply(link, spec, grad_into.accumulate_node(conv.weight), conv.weight,
+                           conv.bias if bias else None, part, *inputs), part.shape[1]
 
 
 def _split_conv(root: nn.Module, conv_path: str, parts: list) -> torch.Tensor:

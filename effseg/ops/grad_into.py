@@ -94,9 +94,10 @@ def _writable_grad(node) -> torch.Tensor | None:
     if g is None or g.layout != torch.strided or g.requires_grad or g.shape != w.shape or (
             w._backward_hooks):
         return None
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
     try:
         # raises inside torch.autograd.grad, which captures leaf gradients instead
-        if not torch._C._will_engine_execute_node(node):
+        if will_execute is None or not will_execute(node):
             return None
     except RuntimeError:
         return None

@@ -116,6 +116,9 @@ def test_plain_conv_unet_trains_like_stock():
     _, report = assert_trains_like_stock(plain_unet((4, 8, 16)), (2, 1, 16, 16, 16))
     assert len(report.segments) == 5
     assert report.not_recomputed == []
+    # the last segment's backward comes first: it runs plainly (same peak, one forward less)
+    assert [s.recomputed for s in report.segments] == [True] * 4 + [False]
+    assert "the model's last" in str(report.segments[-1])
     # the decoder's conv(cat(skip, up)) runs without the concatenation
     assert [c for s in report.segments for c in s.concat_free] == [
         "decoder.stages.0.convs.0.conv", "decoder.stages.1.convs.0.conv"]
@@ -353,14 +356,19 @@ def test_monai_unet_and_dynunet_train_like_stock(monai_nets):
 
 def test_monai_segresnet_recomputes_its_group_norm_relu_blocks(monai_nets):
     """SegResNet (GroupNorm + ReLU, residual blocks sharing one activation) fuses nothing, but
-    recomputes: exact in float64, and its forward keeps at most 0.6x the stock bytes."""
-    stock = monai_nets.SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=8,
-                                 blocks_down=(1, 2), blocks_up=(1,))
+    recomputes: exact in float64; its forward keeps at most 0.65x the stock bytes (0.61x: the
+    last segment, full resolution, runs plainly) and its training step's tensor peak is at most
+    0.7x stock's (0.69x)."""
+    def make():
+        return monai_nets.SegResNet(spatial_dims=3, in_channels=1, out_channels=2,
+                                    init_filters=8, blocks_down=(1, 2), blocks_up=(1,))
+    stock = make()
     converted, report = assert_trains_like_stock(stock, (1, 1, 16, 16, 16))
     x = torch.randn(1, 1, 16, 16, 16, dtype=D)
     ours = saved_bytes(lambda: converted(x).square().mean())
     theirs = saved_bytes(lambda: stock(x).square().mean())
-    assert ours <= 0.6 * theirs, (ours, theirs, ours / theirs)
+    assert ours <= 0.65 * theirs, (ours, theirs, ours / theirs)
+    assert step_peak_ratio(make, 16) <= 0.7
 
 
 def test_monai_basic_unet_with_example_input_trains_like_stock(monai_nets):

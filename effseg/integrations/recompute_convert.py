@@ -3,11 +3,13 @@ adds to the norm + activation fusion.
 
 The same torch.fx data-flow analysis that proves fusions safe cuts a traced forward into
 segments. A value is a segment boundary (kept for backward) where it is read by more than one
-node (an encoder output that feeds the next stage and a skip connection, a residual block's
-input), where it leaves the traced forward, where it feeds an upsampling (transposed)
-convolution, and where a chain of convolutions has reached two of them (one conv block). Every
-other value is read by exactly one node, so it belongs to exactly one segment: the nodes between
-boundaries, with one output.
+node (an encoder output that feeds the next stage and a skip connection), unless the branches
+of its readers meet again in one node before any boundary (a residual unit's input, read by
+its main branch and its shortcut, stays inside the unit's segment); where it leaves the traced
+forward; where it feeds an upsampling (transposed) convolution (where that convolution reads a
+channel concatenation, the concatenation's parts are the boundaries instead, so that it runs on
+them); and where a chain of convolutions has reached two of them (one conv block). Every other
+value is read inside exactly one segment: the nodes between boundaries, with one output.
 
 A segment worth recomputing (it holds a norm or two convolutions) runs
 (`effseg.integrations.recompute_program`) through
@@ -21,7 +23,12 @@ run as `effseg.ops.replay_norm` inside segments (out of place: residual addition
 activations may follow them), so ReLU and residual blocks are recomputed like the rest.
 Where a segment computes `conv(cat(a, b, ...))` (channel dimension, one group) the convolution
 runs on each part with its slice of the weight and the results are added: the concatenated
-tensor never exists, in forward or in the recomputation.
+tensor never exists, in forward or in the recomputation. A part that is an upsampling of a
+coarser value is computed when its convolution runs and again in that convolution's backward,
+which then hands the upsampling's graph to its own backward: the convolution is not run again.
+A convolution whose weight is larger than its input (deep levels) adds its weight gradient into
+`.grad` a slice at a time where that is safe (`effseg.ops.grad_into`): from the second step on
+no weight-sized gradient exists besides `.grad`.
 
 What it refuses, per segment, with the reason in the report (the segment then runs stock):
 modules with hooks (they would run twice), SyncBatchNorm (its reduction spans processes), a
@@ -81,16 +88,17 @@ class Segment:
     keeps: list[str]
     replayed: list[str] = field(default_factory=list)
     concat_free: list[str] = field(default_factory=list)
-    # recompute="auto": whether it is recomputed, and the bytes its nodes keep for backward
-    # when it is not (measured on the example input)
+    # whether it is recomputed, and why not; recompute="auto": the bytes its nodes keep for
+    # backward when it is not (measured on the example input)
     recomputed: bool = True
+    why_plain: str = "within the budget"
     stock_saved_bytes: int | None = None
 
     def __str__(self) -> str:
         extra = f"; concatenation-free: {', '.join(self.concat_free)}" if self.concat_free else ""
         if self.stock_saved_bytes is not None:
             extra += f"; {self.stock_saved_bytes} bytes kept when not recomputed"
-        what = "segment" if self.recomputed else "segment, not recomputed (within the budget)"
+        what = "segment" if self.recomputed else f"segment, not recomputed ({self.why_plain})"
         return (f"{self.path or 'model'}: {what} -> {self.output} ({len(self.modules)} module "
                 f"call(s)); keeps {', '.join(self.keeps)}; replays {len(self.replayed)} "
                 f"norm(s){extra}")
@@ -568,6 +576,15 @@ def add_recompute(target: nn.Module, example_input=None) -> tuple[list[Segment],
         owner.forward = RecomputedForward(owner, program, names, _traced_modules(graph),
                                           shapes)
         segments += [seg for _n, seg, *_r in plan.segments]
+        if not prefix:
+            # The model's last segment: its backward is the first, right after the loss's, so
+            # its recomputation would bring back at once what a plain run keeps until then
+            # (the same tensor peak, measured): it runs plainly, one segment's forward less.
+            last = [st.target for st in program.steps if st.kind == "segment"][-1]
+            last.recompute = False
+            segments[last.index].recomputed = False
+            segments[last.index].why_plain = ("the model's last: its backward comes first, so "
+                                              "recomputing it would keep no less")
     return segments, refused
 
 
@@ -629,6 +646,8 @@ def choose(target: nn.Module, segments: list[Segment], budget: int,
     set_plain(set())
     every = peak()
     if every > budget:
+        for i, prog in _segment_programs(target).items():
+            prog.recompute = segments[i].recomputed = True
         return [Skipped("model", f"budget {budget} bytes not met: the training step's tensor "
                         f"peak is {every} bytes with every segment recomputed")]
     set_plain(set(order))
@@ -645,6 +664,7 @@ def choose(target: nn.Module, segments: list[Segment], budget: int,
     for i, prog in _segment_programs(target).items():
         prog.recompute = i not in plain
         segments[i].recomputed = i not in plain
+        segments[i].why_plain = "within the budget"
     return [Skipped(f"{segments[i].path or 'model'}: segment -> {segments[i].output}",
                     f"within the budget without recomputing it (keeps "
                     f"{segments[i].stock_saved_bytes} bytes for backward)") for i in order[:lo]]

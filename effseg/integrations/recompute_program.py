@@ -5,7 +5,9 @@ use. A segment step runs its own program through `effseg.checkpoint` (only its i
 statistics kept; recomputed in backward with the statistics replayed), or plainly where
 `recompute="auto"` chose so. Inside segments, stock batch and instance norms replay their
 statistics out of place (`effseg.ops.replay_norm`), and a convolution over a channel
-concatenation runs on the parts with its weight slices (`_split_conv`). `RecomputedForward`,
+concatenation runs on the parts with its weight slices (`_split_conv`); a convolution whose
+weight is larger than its input adds its weight gradient into `.grad` a slice at a time
+(`effseg.ops.grad_into`). `RecomputedForward`,
 stored on the module instance, runs the program in training with gradients and the module's own
 forward otherwise. `effseg.integrations.recompute_convert` builds the programs.
 """
@@ -191,9 +193,9 @@ def _lazy_part_conv(root: nn.Module, conv: nn.Module, conv_path: str, chain: "_P
 def _split_conv(root: nn.Module, conv_path: str, parts: list) -> torch.Tensor:
     """conv(cat(parts, 1)) as the sum of the convolutions of the parts with their weight
     slices: the concatenation never exists. A part given as (chain program, its inputs) is an
-    upsampling (and what follows it up to the concatenation) computed inside a nested
-    checkpoint: it lives only while its convolution runs, in forward and in backward alike
-    (one transposed convolution again; a full-resolution tensor less at the peak of the
+    upsampling (and what follows it up to the concatenation) computed lazily
+    (`_lazy_part_conv`): it lives only while its convolution runs, in forward and in backward
+    alike (one transposed convolution again; a full-resolution tensor less at the peak of the
     segment's backward)."""
     conv = root.get_submodule(conv_path)
     out, start = None, 0

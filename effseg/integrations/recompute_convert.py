@@ -11,6 +11,10 @@ channel concatenation, the concatenation's parts are the boundaries instead, so 
 them); and where a chain of convolutions has reached two of them (one conv block). Every other
 value is read inside exactly one segment: the nodes between boundaries, with one output.
 
+The model's last segment runs plainly: its backward is the first, right after the loss's, so
+recomputing it would bring back at once what a plain run keeps until then (the same tensor peak,
+one segment's forward less; `recompute="auto"` decides by measurement instead).
+
 A segment worth recomputing (it holds a norm or two convolutions) runs
 (`effseg.integrations.recompute_program`) through
 `effseg.checkpoint` in training: its forward keeps only its inputs (boundary values, which are

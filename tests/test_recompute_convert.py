@@ -116,6 +116,9 @@ def test_plain_conv_unet_trains_like_stock():
     _, report = assert_trains_like_stock(plain_unet((4, 8, 16)), (2, 1, 16, 16, 16))
     assert len(report.segments) == 5
     assert report.not_recomputed == []
+    # the last segment's backward comes first: it runs plainly (same peak, one forward less)
+    assert [s.recomputed for s in report.segments] == [True] * 4 + [False]
+    assert "the model's last" in str(report.segments[-1])
     # the decoder's conv(cat(skip, up)) runs without the concatenation
     assert [c for s in report.segments for c in s.concat_free] == [
         "decoder.stages.0.convs.0.conv", "decoder.stages.1.convs.0.conv"]
@@ -181,6 +184,43 @@ def test_plain_pytorch_relu_and_residuals_train_like_stock():
     # every norm, the ReLU ones and the one before `out += x` included, replays its statistics
     assert replayed == {"stem.1", "enc.bn1", "enc.bn2", "mid.bn1", "mid.bn2", "dec.1", "dec.4"}
     assert [c for s in report.segments for c in s.concat_free] == ["dec.0"]
+
+
+class DropoutAfterUpsampling(nn.Module):
+    """Dropout between the upsampling and the concatenation: the part that the decoder's
+    convolution recomputes lazily in backward must draw the same mask again."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv3d(1, c, 3, padding=1), nn.BatchNorm3d(c), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv3d(c, 2 * c, 3, stride=2, padding=1),
+                                  nn.BatchNorm3d(2 * c), nn.ReLU(),
+                                  nn.Conv3d(2 * c, 2 * c, 3, padding=1), nn.BatchNorm3d(2 * c),
+                                  nn.ReLU())
+        self.up = nn.ConvTranspose3d(2 * c, c, 2, stride=2)
+        self.drop = nn.Dropout3d(0.5)
+        self.dec = nn.Sequential(nn.Conv3d(2 * c, c, 3, padding=1), nn.BatchNorm3d(c),
+                                 nn.ReLU(), nn.Conv3d(c, 2, 1))
+
+    def forward(self, x):
+        skip = self.enc(x)
+        return self.dec(torch.cat([skip, self.drop(self.up(self.down(skip)))], 1))
+
+
+def test_lazily_upsampled_part_replays_its_random_draws():
+    stock = DropoutAfterUpsampling().to(D)
+    converted, report = effseg.convert(stock, recompute=True)
+    assert [c for s in report.segments for c in s.concat_free] == ["dec.0"]
+    x = torch.randn(2, 1, 8, 8, 8, dtype=D)
+    w = torch.randn(2, 2, 8, 8, 8, dtype=D)
+    runs = []
+    for model in (converted, stock):
+        torch.manual_seed(1)
+        runs.append(_train_steps(model, x, w))
+    for (yc, gc, pc), (ys, gs, ps) in zip(*runs):
+        torch.testing.assert_close(yc, ys, rtol=1e-7, atol=1e-7 * ys.abs().max().item())
+        torch.testing.assert_close(gc, gs, rtol=1e-7, atol=1e-7 * gs.abs().max().item())
+        _assert_close_grads(pc, ps)
 
 
 def test_statistics_are_reduced_once_per_step(monkeypatch):
@@ -316,14 +356,19 @@ def test_monai_unet_and_dynunet_train_like_stock(monai_nets):
 
 def test_monai_segresnet_recomputes_its_group_norm_relu_blocks(monai_nets):
     """SegResNet (GroupNorm + ReLU, residual blocks sharing one activation) fuses nothing, but
-    recomputes: exact in float64, and its forward keeps at most 0.6x the stock bytes."""
-    stock = monai_nets.SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=8,
-                                 blocks_down=(1, 2), blocks_up=(1,))
+    recomputes: exact in float64; its forward keeps at most 0.65x the stock bytes (0.61x: the
+    last segment, full resolution, runs plainly) and its training step's tensor peak is at most
+    0.7x stock's (0.69x)."""
+    def make():
+        return monai_nets.SegResNet(spatial_dims=3, in_channels=1, out_channels=2,
+                                    init_filters=8, blocks_down=(1, 2), blocks_up=(1,))
+    stock = make()
     converted, report = assert_trains_like_stock(stock, (1, 1, 16, 16, 16))
     x = torch.randn(1, 1, 16, 16, 16, dtype=D)
     ours = saved_bytes(lambda: converted(x).square().mean())
     theirs = saved_bytes(lambda: stock(x).square().mean())
-    assert ours <= 0.6 * theirs, (ours, theirs, ours / theirs)
+    assert ours <= 0.65 * theirs, (ours, theirs, ours / theirs)
+    assert step_peak_ratio(make, 16) <= 0.7
 
 
 def test_monai_basic_unet_with_example_input_trains_like_stock(monai_nets):
@@ -414,6 +459,18 @@ def step_peak_ratio(make, size=64, example=False):
                          ids=["PlainConvUNet", "ResEncM"])
 def test_nnunet_step_peak_at_64(make, bound, one_thread):
     assert step_peak_ratio(make) <= bound
+
+
+@pytest.mark.slow
+def test_monai_unet_step_peak_at_64(monai_nets, one_thread):
+    """MONAI UNet as bench_networks builds it. Its first convolution has stride 2, so its stock
+    peak is small, and the 512 -> 512 bottom convolution's weight gradient (27 MiB) would alone
+    be 0.35x of it: convert adds it into .grad a slice at a time (effseg.ops.grad_into)."""
+    def make():
+        return monai_nets.UNet(3, 1, 2, (32, 64, 128, 256, 512), (2, 2, 2, 2), num_res_units=2,
+                               norm="instance",
+                               act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}))
+    assert step_peak_ratio(make) <= 0.40
 
 
 @pytest.mark.slow

@@ -3,11 +3,17 @@ adds to the norm + activation fusion.
 
 The same torch.fx data-flow analysis that proves fusions safe cuts a traced forward into
 segments. A value is a segment boundary (kept for backward) where it is read by more than one
-node (an encoder output that feeds the next stage and a skip connection, a residual block's
-input), where it leaves the traced forward, where it feeds an upsampling (transposed)
-convolution, and where a chain of convolutions has reached two of them (one conv block). Every
-other value is read by exactly one node, so it belongs to exactly one segment: the nodes between
-boundaries, with one output.
+node (an encoder output that feeds the next stage and a skip connection), unless the branches
+of its readers meet again in one node before any boundary (a residual unit's input, read by
+its main branch and its shortcut, stays inside the unit's segment); where it leaves the traced
+forward; where it feeds an upsampling (transposed) convolution (where that convolution reads a
+channel concatenation, the concatenation's parts are the boundaries instead, so that it runs on
+them); and where a chain of convolutions has reached two of them (one conv block). Every other
+value is read inside exactly one segment: the nodes between boundaries, with one output.
+
+The model's last segment runs plainly: its backward is the first, right after the loss's, so
+recomputing it would bring back at once what a plain run keeps until then (the same tensor peak,
+one segment's forward less; `recompute="auto"` decides by measurement instead).
 
 A segment worth recomputing (it holds a norm or two convolutions) runs
 (`effseg.integrations.recompute_program`) through
@@ -21,7 +27,12 @@ run as `effseg.ops.replay_norm` inside segments (out of place: residual addition
 activations may follow them), so ReLU and residual blocks are recomputed like the rest.
 Where a segment computes `conv(cat(a, b, ...))` (channel dimension, one group) the convolution
 runs on each part with its slice of the weight and the results are added: the concatenated
-tensor never exists, in forward or in the recomputation.
+tensor never exists, in forward or in the recomputation. A part that is an upsampling of a
+coarser value is computed when its convolution runs and again in that convolution's backward,
+which then hands the upsampling's graph to its own backward: the convolution is not run again.
+A convolution whose weight is larger than its input (deep levels) adds its weight gradient into
+`.grad` a slice at a time where that is safe (`effseg.ops.grad_into`): from the second step on
+no weight-sized gradient exists besides `.grad`.
 
 What it refuses, per segment, with the reason in the report (the segment then runs stock):
 modules with hooks (they would run twice), SyncBatchNorm (its reduction spans processes), a
@@ -81,16 +92,17 @@ class Segment:
     keeps: list[str]
     replayed: list[str] = field(default_factory=list)
     concat_free: list[str] = field(default_factory=list)
-    # recompute="auto": whether it is recomputed, and the bytes its nodes keep for backward
-    # when it is not (measured on the example input)
+    # whether it is recomputed, and why not; recompute="auto": the bytes its nodes keep for
+    # backward when it is not (measured on the example input)
     recomputed: bool = True
+    why_plain: str = "within the budget"
     stock_saved_bytes: int | None = None
 
     def __str__(self) -> str:
         extra = f"; concatenation-free: {', '.join(self.concat_free)}" if self.concat_free else ""
         if self.stock_saved_bytes is not None:
             extra += f"; {self.stock_saved_bytes} bytes kept when not recomputed"
-        what = "segment" if self.recomputed else "segment, not recomputed (within the budget)"
+        what = "segment" if self.recomputed else f"segment, not recomputed ({self.why_plain})"
         return (f"{self.path or 'model'}: {what} -> {self.output} ({len(self.modules)} module "
                 f"call(s)); keeps {', '.join(self.keeps)}; replays {len(self.replayed)} "
                 f"norm(s){extra}")
@@ -104,27 +116,77 @@ def _is_conv(m) -> bool:
     return isinstance(m, _CONVS) and any(k != 1 for k in m.kernel_size)
 
 
-def _boundaries(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node]:
-    compute = ("call_module", "call_function", "call_method")
+_COMPUTE = ("call_module", "call_function", "call_method")
+
+
+def _rejoined(v: fx.Node) -> set[fx.Node] | None:
+    """Where every reader of `v` leads, through nodes read once each, to one node (a residual
+    unit whose identity or shortcut branch and main branch meet again in an addition): the
+    nodes between `v` and that node. None where the readers do not meet so."""
+    if len(v.users) < 2:
+        return None
+    chains = []
+    for n in v.users:
+        chain = [n]
+        while n.op in _COMPUTE and len(n.users) == 1 and next(iter(n.users)).op != "output":
+            n = next(iter(n.users))
+            chain.append(n)
+        chains.append(chain)
+    rest = [set(c) for c in chains[1:]]
+    meet = next((n for n in chains[0] if n.op in _COMPUTE and all(n in r for r in rest)), None)
+    if meet is None:
+        return None
+    between = {n for c in chains for n in c[:c.index(meet)]}
+    return between if all(n.op in _COMPUTE for n in between) else None
+
+
+def _cut_values(graph: fx.Graph, modules: dict[str, nn.Module],
+                inner: dict[fx.Node, set[fx.Node]]) -> set[fx.Node]:
+    """The boundaries (module docstring), where a value in `inner` (read twice, but only on
+    branches that meet again) is not one by being read twice."""
     cut: set[fx.Node] = set()
     for n in graph.nodes:
-        if n.op not in compute:
+        if n.op not in _COMPUTE:
             continue
-        if len(n.users) != 1 or next(iter(n.users)).op == "output":
+        if (len(n.users) != 1 and n not in inner) or any(u.op == "output" for u in n.users):
             cut.add(n)
     convs: dict[fx.Node, int] = {}
+
+    def count(n, m=None):
+        return int(_is_conv(m)) + sum(convs[a] for a in n.all_input_nodes
+                                      if a.op in _COMPUTE and a not in cut)
     for n in graph.nodes:
-        if n.op not in compute:
+        if n.op not in _COMPUTE:
             continue
         m = modules.get(n.target) if n.op == "call_module" else None
         first = n.args[0] if n.args else None
-        if isinstance(first, fx.Node) and first.op in compute and first not in cut and (
-                (_is_conv(m) and convs.get(first, 0) >= CONVS_PER_SEGMENT)
-                or (isinstance(m, _CONV_T) and convs.get(first, 0) >= 1)):
-            cut.add(first)
-        inner = [a for a in n.all_input_nodes if a.op in compute and a not in cut]
-        convs[n] = int(_is_conv(m)) + sum(convs[a] for a in inner)
+        if isinstance(first, fx.Node) and first.op in _COMPUTE and first not in cut:
+            if _is_conv(m) and convs.get(first, 0) >= CONVS_PER_SEGMENT:
+                cut.add(first)
+            elif isinstance(m, _CONV_T) and convs.get(first, 0) >= 1:
+                parts = _cat_parts(first)
+                if parts and _split_target(first, {n}, modules) is n:
+                    # a transposed convolution over a concatenation: its segment starts at
+                    # the parts, so that it runs on them and the concatenation never exists
+                    cut.update(p for p in parts if p.op in _COMPUTE)
+                    convs[first] = count(first)
+                else:
+                    cut.add(first)
+        convs[n] = count(n, m)
     return cut
+
+
+def _boundaries(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    inner = {v: b for v in graph.nodes if v.op in _COMPUTE
+             for b in [_rejoined(v)] if b is not None}
+    while True:
+        cut = _cut_values(graph, modules, inner)
+        # a value read on two branches stays inside a segment only if both branches do
+        broken = [v for v, between in inner.items() if v in cut or between & cut]
+        if not broken:
+            return cut
+        for v in broken:
+            del inner[v]
 
 
 def _value(n: fx.Node, modules, prefix: str) -> str:
@@ -291,6 +353,8 @@ def _compile(graph: fx.Graph, plan: _Plan, modules: dict[str, nn.Module],
                 return _Step("split_conv", n.target, (parts,), {}, slots[n])
             if in_seg and type(m) in _BATCH + _INSTANCE and len(n.args) == 1 and not n.kwargs:
                 return _Step("norm", n.target, ref(n.args), {}, slots[n])
+            if type(m) in _CONVS + _CONV_T and len(n.args) == 1 and not n.kwargs:
+                return _Step("conv", n.target, ref(n.args), {}, slots[n])
             return _Step("module", n.target, ref(n.args), ref(n.kwargs), slots[n])
         kind = {"call_function": "function", "call_method": "method", "get_attr": "attr"}[n.op]
         return _Step(kind, n.target, ref(n.args), ref(n.kwargs), slots[n])
@@ -516,6 +580,15 @@ def add_recompute(target: nn.Module, example_input=None) -> tuple[list[Segment],
         owner.forward = RecomputedForward(owner, program, names, _traced_modules(graph),
                                           shapes)
         segments += [seg for _n, seg, *_r in plan.segments]
+        if not prefix:
+            # The model's last segment: its backward is the first, right after the loss's, so
+            # its recomputation would bring back at once what a plain run keeps until then
+            # (the same tensor peak, measured): it runs plainly, one segment's forward less.
+            last = [st.target for st in program.steps if st.kind == "segment"][-1]
+            last.recompute = False
+            segments[last.index].recomputed = False
+            segments[last.index].why_plain = ("the model's last: its backward comes first, so "
+                                              "recomputing it would keep no less")
     return segments, refused
 
 
@@ -577,6 +650,8 @@ def choose(target: nn.Module, segments: list[Segment], budget: int,
     set_plain(set())
     every = peak()
     if every > budget:
+        for i, prog in _segment_programs(target).items():
+            prog.recompute = segments[i].recomputed = True
         return [Skipped("model", f"budget {budget} bytes not met: the training step's tensor "
                         f"peak is {every} bytes with every segment recomputed")]
     set_plain(set(order))
@@ -593,6 +668,7 @@ def choose(target: nn.Module, segments: list[Segment], budget: int,
     for i, prog in _segment_programs(target).items():
         prog.recompute = i not in plain
         segments[i].recomputed = i not in plain
+        segments[i].why_plain = "within the budget"
     return [Skipped(f"{segments[i].path or 'model'}: segment -> {segments[i].output}",
                     f"within the budget without recomputing it (keeps "
                     f"{segments[i].stock_saved_bytes} bytes for backward)") for i in order[:lo]]

@@ -5,7 +5,9 @@ use. A segment step runs its own program through `effseg.checkpoint` (only its i
 statistics kept; recomputed in backward with the statistics replayed), or plainly where
 `recompute="auto"` chose so. Inside segments, stock batch and instance norms replay their
 statistics out of place (`effseg.ops.replay_norm`), and a convolution over a channel
-concatenation runs on the parts with its weight slices (`_split_conv`). `RecomputedForward`,
+concatenation runs on the parts with its weight slices (`_split_conv`); a convolution whose
+weight is larger than its input adds its weight gradient into `.grad` a slice at a time
+(`effseg.ops.grad_into`). `RecomputedForward`,
 stored on the module instance, runs the program in training with gradients and the module's own
 forward otherwise. `effseg.integrations.recompute_convert` builds the programs.
 """
@@ -16,18 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.fx.node import map_aggregate
 
 from ..checkpoint import checkpoint
 from .convert import _INSTANCE
-from ..ops import replay
+from ..ops import grad_into, replay
 from ..ops.replay_norm import replayed_norm
 
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class _Slot:
@@ -44,7 +44,7 @@ class _Slot:
 
 @dataclass
 class _Step:
-    kind: str  # attr | module | function | method | norm | split_conv | segment | output
+    kind: str  # attr | module | function | method | norm | conv | split_conv | segment | output
     target: Any
     args: Any
     kwargs: Any
@@ -66,14 +66,16 @@ def _load(env: list, a):
 
 
 def _part_conv(conv: nn.Module, part: torch.Tensor, start: int, bias: bool) -> torch.Tensor:
-    c = part.shape[1]
-    nd = conv.weight.dim() - 2
-    b = conv.bias if bias else None
-    if isinstance(conv, _CONV_T):
-        return _CONV_T_FN[nd](part, conv.weight[start:start + c], b, conv.stride, conv.padding,
-                              conv.output_padding, 1, conv.dilation)
-    return _CONV_FN[nd](part, conv.weight[:, start:start + c], b, conv.stride, conv.padding,
-                        conv.dilation, 1)
+    return grad_into.conv(conv, part, (start, part.shape[1]), bias)
+
+
+def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A convolution step: where its weight is larger than its input (deep levels), its weight
+    gradient goes into `.grad` a slice at a time (`effseg.ops.grad_into`); elsewhere the module
+    runs as it is."""
+    if conv.weight.numel() > x.numel() and grad_into.usable(conv, x):
+        return grad_into.conv(conv, x)
+    return conv(x)
 
 
 def _upsampled_part_conv(root: nn.Module, chain: "_Program", conv_path: str, start: int,
@@ -82,20 +84,125 @@ def _upsampled_part_conv(root: nn.Module, chain: "_Program", conv_path: str, sta
     return _part_conv(root.get_submodule(conv_path), part, start, bias), part.shape[1]
 
 
+def _chain_params(root: nn.Module, chain: "_Program") -> list[torch.Tensor]:
+    found: dict[int, torch.Tensor] = {}
+    for s in chain.steps:
+        if s.kind in ("module", "conv", "norm"):
+            found.update((id(p), p) for p in root.get_submodule(s.target).parameters())
+        elif s.kind == "attr":
+            value = _fetch(root, s.target)
+            if isinstance(value, torch.Tensor):
+                found[id(value)] = value
+    return list(found.values())
+
+
+class _Link:
+    """What the two Functions of a lazily upsampled part share: the random state before the
+    chain ran, which inputs require grad, and the chain recomputed with autograd by the
+    convolution's backward for the chain's backward (its output's gradient edge, its leaves)."""
+
+    __slots__ = ("root", "chain", "inputs", "needs", "rng", "graph")
+
+    def recompute(self) -> torch.Tensor:
+        """The part again, with autograd, under the random state of the forward."""
+        cpu_state, device_states = self.rng
+        devices = [d for d, _ in device_states]
+        with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices
+                                   else "cuda"), torch.enable_grad():
+            torch.set_rng_state(cpu_state)
+            for d, state in device_states:
+                torch.get_device_module(d).set_rng_state(state, d)
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(self.inputs,
+                                                                          self.needs)]
+            part = _run(self.chain, self.root, leaves)
+        self.graph = (get_gradient_edge(part) if part.requires_grad else None, leaves)
+        return part
+
+
+class _UpsampledPart(torch.autograd.Function):
+    """The upsampled part of a concatenation: `chain(*inputs)`, keeping nothing for backward
+    (the convolution's backward, `_PartConv`, computes it again and leaves the graph here)."""
+
+    @staticmethod
+    def forward(ctx, link: _Link, n_inputs: int, *tensors):
+        inputs = tensors[:n_inputs]
+        devices = sorted({t.device for t in inputs if t.device.type != "cpu"}, key=str)
+        link.rng = (torch.get_rng_state(), [(d, torch.get_device_module(d).get_rng_state(d))
+                                            for d in devices])
+        link.needs = [t.requires_grad for t in inputs]
+        ctx.link, ctx.params = link, tensors[n_inputs:]
+        return _run(link.chain, link.root, inputs)
+
+    @staticmethod
+    def backward(ctx, dpart):
+        edge, leaves = ctx.link.graph
+        ctx.link.graph = None
+        needs = ctx.needs_input_grad[2:]
+        wanted = [t for t, need in zip(leaves + list(ctx.params), needs) if need]
+        found = iter(torch.autograd.grad(edge, wanted, dpart, allow_unused=True)
+                     if wanted and edge is not None else [None] * len(wanted))
+        return (None, None, *(next(found) if need else None for need in needs))
+
+
+class _PartConv(torch.autograd.Function):
+    """The convolution of an upsampled part (from `_UpsampledPart`) with its weight slice,
+    keeping the part's inputs instead of the part: backward computes the part again with
+    autograd (`_Link.recompute`), the convolution's gradients by hand (its weight gradient into
+    `.grad` where safe, `effseg.ops.grad_into`), and hands the part's graph to the chain's
+    backward. The part lives only while a convolution needs it, in forward and backward alike,
+    the output gradient is released before the chain's backward runs, and only the upsampling
+    runs again, not the convolution."""
+
+    @staticmethod
+    def forward(ctx, link: _Link, spec, node, weight, bias, part, *inputs):
+        ctx.link, ctx.spec, ctx.node, ctx.has_bias = link, spec, node, bias is not None
+        ctx.save_for_backward(weight, *inputs)
+        return grad_into.conv_forward(part, weight, bias, spec)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, *inputs = ctx.saved_tensors
+        link = ctx.link
+        link.inputs = inputs
+        part = link.recompute()
+        link.inputs = None
+        need_part = ctx.needs_input_grad[5]
+        dpart, dw, db = grad_into.conv_grads(g, part.detach(), weight, ctx.spec, ctx.node,
+                                             need_part, ctx.needs_input_grad[3],
+                                             ctx.needs_input_grad[4] and ctx.has_bias)
+        return (None, None, None, dw, db, dpart, *(None for _ in inputs))
+
+
+def _lazy_part_conv(root: nn.Module, conv: nn.Module, conv_path: str, chain: "_Program",
+                    inputs: list, start: int, bias: bool) -> tuple[torch.Tensor, int]:
+    """The convolution of an upsampled part (`_split_conv`); under autocast, or where the
+    convolution is not one `effseg.ops.grad_into` handles, through a nested checkpoint (the
+    convolution then runs again in backward)."""
+    tensors = all(isinstance(t, torch.Tensor) for t in inputs)
+    if not tensors or not inputs or torch.is_autocast_enabled(inputs[0].device.type) or (
+            conv.padding_mode != "zeros" or inputs[0].dtype != conv.weight.dtype):
+        return checkpoint(_upsampled_part_conv, root, chain, conv_path, start, bias, *inputs)
+    link = _Link()
+    link.root, link.chain, link.graph = root, chain, None
+    part = _UpsampledPart.apply(link, len(inputs), *inputs, *_chain_params(root, chain))
+    spec = grad_into.ConvSpec.of(conv, (start, part.shape[1]))
+    return _PartConv.apply(link, spec, grad_into.accumulate_node(conv.weight), conv.weight,
+                           conv.bias if bias else None, part, *inputs), part.shape[1]
+
+
 def _split_conv(root: nn.Module, conv_path: str, parts: list) -> torch.Tensor:
     """conv(cat(parts, 1)) as the sum of the convolutions of the parts with their weight
     slices: the concatenation never exists. A part given as (chain program, its inputs) is an
-    upsampling (and what follows it up to the concatenation) computed inside a nested
-    checkpoint: it lives only while its convolution runs, in forward and in backward alike
-    (one transposed convolution again; a full-resolution tensor less at the peak of the
+    upsampling (and what follows it up to the concatenation) computed lazily
+    (`_lazy_part_conv`): it lives only while its convolution runs, in forward and in backward
+    alike (one transposed convolution again; a full-resolution tensor less at the peak of the
     segment's backward)."""
     conv = root.get_submodule(conv_path)
     out, start = None, 0
     for i, part in enumerate(parts):
         if isinstance(part, tuple):
             chain, inputs = part
-            y, c = checkpoint(_upsampled_part_conv, root, chain, conv_path, start, i == 0,
-                              *inputs)
+            y, c = _lazy_part_conv(root, conv, conv_path, chain, inputs, start, i == 0)
         else:
             c = part.shape[1]
             y = _part_conv(conv, part, start, i == 0)
@@ -155,6 +262,8 @@ def _run(program: _Program, module: nn.Module, inputs) -> Any:
             value = _fetch(module, s.target)
         elif kind == "norm":
             value = _norm(module.get_submodule(s.target), *args)
+        elif kind == "conv":
+            value = _conv(module.get_submodule(s.target), *args)
         elif kind == "split_conv":
             value = _split_conv(module, s.target, *args)
         elif s.target.recompute:  # segment

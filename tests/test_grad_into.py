@@ -1,0 +1,124 @@
+"""effseg.ops.grad_into: a convolution whose weight gradient goes into `.grad` a slice at a time
+where that is safe, and comes back whole (as autograd's) where it is not."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effseg.memory import peak_allocated
+from effseg.ops import grad_into
+
+D = torch.float64
+
+
+def _pair(conv_type, cin, cout, **kw):
+    torch.manual_seed(0)
+    stock = conv_type(cin, cout, 3, **kw).to(D)
+    ours = conv_type(cin, cout, 3, **kw).to(D)
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
+@pytest.mark.parametrize("conv_type, kw", [(nn.Conv3d, {"padding": 1}),
+                                           (nn.ConvTranspose3d, {"stride": 2, "padding": 1,
+                                                                 "output_padding": 1})],
+                         ids=["conv", "transposed"])
+def test_accumulates_like_autograd_in_slices(conv_type, kw):
+    stock, ours = _pair(conv_type, 48, 40, **kw)
+    x = torch.randn(1, 48, 3, 3, 3, dtype=D)
+    for step in range(3):  # the first step allocates .grad (whole), the next add into it
+        grads = []
+        for model, run in ((stock, stock), (ours, lambda t: grad_into.conv(ours, t))):
+            xi = x.clone().requires_grad_()
+            y = run(xi)
+            (y * torch.linspace(-1, 1, y.numel(), dtype=D).reshape(y.shape)).sum().backward()
+            grads.append((xi.grad, model.weight.grad.clone(), model.bias.grad.clone()))
+        for got, want in zip(grads[1], grads[0]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_no_weight_sized_transient_once_grad_exists():
+    stock, ours = _pair(nn.Conv3d, 64, 64, padding=1)
+    x = torch.randn(1, 64, 2, 2, 2, dtype=D, requires_grad=True)
+    peaks = {}
+    for name, run in (("stock", stock), ("ours", lambda t: grad_into.conv(ours, t))):
+        run(x).sum().backward()  # .grad allocated
+        y = run(x)
+        peaks[name] = peak_allocated(lambda: y.sum().backward())
+    w = stock.weight.nbytes
+    assert peaks["stock"] >= w  # autograd's whole weight gradient
+    # slices of at most an eighth of the weight, besides the activations' gradients
+    assert peaks["ours"] <= w / grad_into.MAX_SLICES + 4 * x.nbytes, (peaks, w)
+    torch.testing.assert_close(ours.weight.grad, stock.weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_part_of_the_input_channels():
+    """The convolution of one part of a concatenation with its weight slice: its gradient
+    lands in that slice of .grad, the rest untouched."""
+    for conv_type, dim in ((nn.Conv3d, 1), (nn.ConvTranspose3d, 0)):
+        stock, ours = _pair(conv_type, 24, 16)
+        for model in (stock, ours):
+            model.weight.grad = torch.ones_like(model.weight)
+        w = stock.weight.narrow(dim, 10, 14)
+        part = torch.randn(1, 14, 3, 3, 3, dtype=D)
+        fn = F.conv3d if conv_type is nn.Conv3d else F.conv_transpose3d
+        fn(part, w, None).square().sum().backward()
+        grad_into.conv(ours, part, (10, 14), bias=False).square().sum().backward()
+        torch.testing.assert_close(ours.weight.grad, stock.weight.grad, rtol=1e-10, atol=1e-12)
+        assert (ours.weight.grad.narrow(dim, 0, 10) == 1).all()
+
+
+def test_autograd_grad_returns_the_gradient_and_leaves_grad_alone():
+    stock, ours = _pair(nn.Conv3d, 32, 32, padding=1)
+    x = torch.randn(1, 32, 2, 2, 2, dtype=D)
+    ours.weight.grad = torch.zeros_like(ours.weight)
+    (want,) = torch.autograd.grad(stock(x).sum(), [stock.weight])
+    (got,) = torch.autograd.grad(grad_into.conv(ours, x).sum(), [ours.weight])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert (ours.weight.grad == 0).all()
+    # backward(inputs=) that leaves the weight out does not write into its .grad either
+    xi = x.clone().requires_grad_()
+    grad_into.conv(ours, xi).sum().backward(inputs=[xi])
+    assert (ours.weight.grad == 0).all() and xi.grad is not None
+
+
+def test_hooks_see_the_gradient():
+    stock, ours = _pair(nn.Conv3d, 32, 32, padding=1)
+    x = torch.randn(1, 32, 2, 2, 2, dtype=D)
+    stock(x).sum().backward()
+    want = stock.weight.grad.clone()
+    ours.weight.grad = torch.zeros_like(ours.weight)
+    seen = {}
+    # a tensor hook must see the whole gradient: that backward returns it, as autograd does
+    handle = ours.weight.register_hook(lambda g: seen.__setitem__("hook", g.clone()))
+    grad_into.conv(ours, x).sum().backward()
+    handle.remove()
+    torch.testing.assert_close(seen["hook"], want, rtol=1e-10, atol=1e-12)
+    # a post-accumulate hook (what DDP and optimizers-in-backward use) sees the full .grad
+    ours.weight.grad.zero_()
+    ours.weight.register_post_accumulate_grad_hook(
+        lambda p: seen.__setitem__("post", p.grad.clone()))
+    grad_into.conv(ours, x).sum().backward()
+    torch.testing.assert_close(seen["post"], want, rtol=1e-10, atol=1e-12)
+
+
+def test_double_backward_through_the_fallback():
+    stock, ours = _pair(nn.Conv3d, 16, 16, padding=1)
+    x = torch.randn(1, 16, 3, 3, 3, dtype=D)
+    results = []
+    for model, run in ((stock, stock), (ours, lambda t: grad_into.conv(ours, t))):
+        model.weight.grad = torch.zeros_like(model.weight)
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(run(xi).square().sum(), [xi], create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.square().sum(), [xi])
+        results.append((gx.detach(), ggx))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_falls_back_to_the_module_where_it_cannot_run():
+    conv = nn.Conv3d(4, 4, 3, padding=1, padding_mode="reflect").to(D)
+    x = torch.randn(1, 4, 4, 4, 4, dtype=D)
+    assert not grad_into.usable(conv, x)
+    torch.testing.assert_close(grad_into.conv(conv, x), conv(x))
+    assert not grad_into.usable(nn.Conv3d(4, 4, 3), x)  # float32 weight, float64 input

@@ -262,8 +262,10 @@ def take_output(ctx) -> torch.Tensor | None:
 
 
 def converted(ws, cd):
-    """The weights in the compute dtype, converted once per step (forward keeps them for
-    backward) rather than once per convolution call."""
+    """The weights in the compute dtype (None stays None), converted once per pass (forward,
+    backward) rather than once per convolution call. Functions save the weights themselves, not
+    these copies: under autocast the copies of every level's weights would otherwise be held
+    from forward to backward, at the step's memory peak (no copy at all without autocast)."""
     return tuple(None if w is None else w.to(cd) for w in ws)
 
 
@@ -324,12 +326,19 @@ def _lean_backward(ctx, x, grad_out, w1, g1, b1, w2, g2, b2, stats):
     return dx, dw1, dg1, db1, dw2, dg2, db2
 
 
+def _with_converted(params, cd):
+    """(w1, g1, b1, w2, g2, b2, w_skip) with the three weights converted to `cd`."""
+    w1, g1, b1, w2, g2, b2, w_skip = params
+    w1, w2, w_skip = converted((w1, w2, w_skip), cd)
+    return w1, g1, b1, w2, g2, b2, w_skip
+
+
 class RecomputeBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip):
         ctx.weight_dtypes = [None if w is None else w.dtype for w in (w1, w2, w_skip)]
-        w1, w2, w_skip = converted((w1, w2, w_skip), spec.compute_dtype)
-        out, stats, _ = block_forward(x, spec, w1, g1, b1, w2, g2, b2, w_skip)
+        out, stats, _ = block_forward(x, spec, *_with_converted(
+            (w1, g1, b1, w2, g2, b2, w_skip), spec.compute_dtype))
         (m1, v1), (m2, v2) = stats
         # Statistics are copied (O(C)) so that later updates of running buffers (eval-mode
         # units normalize with them) cannot change what backward replays.
@@ -342,9 +351,11 @@ class RecomputeBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w1, g1, b1, w2, g2, b2, w_skip, m1, v1, m2, v2 = ctx.saved_tensors
-        kept = take_output(ctx)
+        x, *params, m1, v1, m2, v2 = ctx.saved_tensors
         spec = ctx.spec
+        w1, g1, b1, w2, g2, b2, w_skip = _with_converted(params, spec.compute_dtype)
+        del params
+        kept = take_output(ctx)
         cd = spec.compute_dtype
         u1, u2 = spec.units
         dt1, dt2, _ = ctx.weight_dtypes

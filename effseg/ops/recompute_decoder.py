@@ -182,6 +182,20 @@ def _input_grad_block(grad, w, u: Unit, like):
         False, [0, 0, 0], u.groups, [True, False, False])[0]
 
 
+def _pass_weights(w_up, w_skip, w_cat_up, w2, w_head, cd, cat: bool, fold: bool):
+    """The weights one pass (forward, backward) computes with, made from the parameters
+    themselves, which is what the Functions save (see `converted`): (w_up, w_skip, w_cat_up,
+    w2, w_head, w_cat, K), the concatenated weight `w_cat` where the level concatenates, the
+    folded weight K where it folds (the upsampling and its convolution's weights then stay in
+    their own dtype: the composition runs in it, and only K is converted)."""
+    K = folded_weight(w_up, w_cat_up).to(cd) if fold else None
+    if not fold:
+        w_up, w_cat_up = converted((w_up, w_cat_up), cd)
+    w_skip, w2, w_head = converted((w_skip, w2, w_head), cd)
+    w_cat = torch.cat([w_skip, w_cat_up], 1) if cat else None
+    return w_up, w_skip, w_cat_up, w2, w_head, w_cat, K
+
+
 class DecoderBlockFunction(torch.autograd.Function):
     """The decoder level, and optionally a 1x1x1 head on its output (the network's last layer).
 
@@ -199,14 +213,10 @@ class DecoderBlockFunction(torch.autograd.Function):
         ctx.weight_dtypes = [None if w is None else w.dtype
                              for w in (w_up, w_skip, w_cat_up, w2, w_head)]
         cat, fold = fusion_plan(low, skip, spec, w_up, w_skip, w_cat_up)
-        # Folded, the upsampling and its convolution weights stay in their own dtype (the
-        # composition runs in it) and only the folded weight is converted.
-        K = folded_weight(w_up, w_cat_up).to(cd) if fold else None
-        if not fold:
-            w_up, w_cat_up = converted((w_up, w_cat_up), cd)
-        w_skip, w2, w_head = converted((w_skip, w2, w_head), cd)
-        w_cat = torch.cat([w_skip, w_cat_up], 1) if cat else None
-        out, stats, _ = decoder_forward(low, skip, spec, w_up, w_skip, w_cat_up, g1, b1, w2,
+        weights = (w_up, w_skip, w_cat_up, w2, w_head)
+        cw_up, cw_skip, cw_cat_up, cw2, cw_head, w_cat, K = _pass_weights(*weights, cd, cat,
+                                                                          fold)
+        out, stats, _ = decoder_forward(low, skip, spec, cw_up, cw_skip, cw_cat_up, g1, b1, cw2,
                                         g2, b2, w_cat, K)
         (m1, v1), (m2, v2) = stats
         ctx.save_for_backward(low, skip, w_up, w_skip, w_cat_up, g1, b1, w2, g2, b2, m1.clone(),
@@ -215,7 +225,7 @@ class DecoderBlockFunction(torch.autograd.Function):
             keep_output(ctx, out)
         ctx.spec, ctx.cat, ctx.fold = spec, cat, fold
         if w_head is not None:
-            return _head(out, w_head, b_head, cd)
+            return _head(out, cw_head, b_head, cd)
         return out
 
     @staticmethod
@@ -228,9 +238,8 @@ class DecoderBlockFunction(torch.autograd.Function):
         u1, u2 = spec.units
         dw_head = db_head = None
         with torch.no_grad():
-            # Rebuilt rather than kept from forward: neither is held through the step.
-            w_cat = torch.cat([w_skip, w_cat_up], 1) if ctx.cat else None
-            K = folded_weight(w_up, w_cat_up).to(cd) if ctx.fold else None
+            w_up, w_skip, w_cat_up, w2, w_head, w_cat, K = _pass_weights(
+                w_up, w_skip, w_cat_up, w2, w_head, cd, ctx.cat, ctx.fold)
             _, _, outs = decoder_forward(low, skip, spec, w_up, w_skip, w_cat_up, g1, b1, w2,
                                          g2, b2, w_cat, K, stats=((m1, v1), (m2, v2)),
                                          units=1 if kept is not None else 2)
@@ -367,7 +376,7 @@ class _FusionFunction(torch.autograd.Function):
         (w_skip_cd,) = converted((w_skip,), cd)
         K = folded_weight(w_up, w_cat_up).to(cd)
         z = _fused_conv(low, skip, spec, None, w_skip_cd, None, K=K)
-        ctx.save_for_backward(low, skip, w_up, w_skip_cd, w_cat_up)
+        ctx.save_for_backward(low, skip, w_up, w_skip, w_cat_up)
         ctx.spec = spec
         return z
 
@@ -377,6 +386,7 @@ class _FusionFunction(torch.autograd.Function):
         spec = ctx.spec
         with torch.no_grad():
             K = folded_weight(w_up, w_cat_up).to(spec.compute_dtype)
+            (w_skip,) = converted((w_skip,), spec.compute_dtype)
             dlow, dskip, dw_up, dw_skip, dw_cat_up = _fusion_backward(
                 dz, low, skip, spec, w_up, w_skip, w_cat_up, None, K, ctx.needs_input_grad[:2])
         t_up, t_skip, t_cat_up = ctx.weight_dtypes
@@ -397,12 +407,12 @@ class _NormConvFunction(torch.autograd.Function):
         u1, u2 = spec.units
         ctx.set_materialize_grads(False)
         ctx.w2_dtype = w2.dtype
-        (w_skip_cd, w2_cd) = converted((w_skip, w2), spec.compute_dtype)
+        (w2_cd,) = converted((w2,), spec.compute_dtype)
         m1, v1 = _unit_stats(z, u1)
         _, y1 = _norm_act_(z, u1, (m1, v1), g1, b1)
         ctx.mark_dirty(z)
         z2 = _conv(y1, w2_cd, u2)
-        ctx.save_for_backward(low, skip, w_up, w_skip_cd, w_cat_up, g1, b1, w2_cd, m1.clone(),
+        ctx.save_for_backward(low, skip, w_up, w_skip, w_cat_up, g1, b1, w2, m1.clone(),
                               v1.clone())
         ctx.spec = spec
         return z2, z
@@ -415,6 +425,7 @@ class _NormConvFunction(torch.autograd.Function):
         u1 = spec.units[0]
         with torch.no_grad():
             K = folded_weight(w_up, w_cat_up).to(cd)
+            w_skip, w2 = converted((w_skip, w2), cd)
             z = _fused_conv(low, skip, spec, None, w_skip, None, K=K, slabs=4)
             pre1, y1 = _norm_act_(z, u1, (m1, v1), g1, b1)
             del z, K
@@ -443,7 +454,7 @@ class _NormHeadFunction(torch.autograd.Function):
         _, y2 = _norm_act_(z2, u2, (m2, v2), g2, b2)
         ctx.mark_dirty(z2)
         logits = _head(y2, w_head_cd, b_head, cd)
-        ctx.save_for_backward(y2, g2, b2, w_head_cd, b_head, m2.clone(), v2.clone())
+        ctx.save_for_backward(y2, g2, b2, w_head, b_head, m2.clone(), v2.clone())
         ctx.spec, ctx.done = spec, False
         return logits, z2
 
@@ -460,6 +471,7 @@ class _NormHeadFunction(torch.autograd.Function):
         head_args = ([1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1)
         with torch.no_grad():
             g = g.to(spec.compute_dtype)
+            (w_head,) = converted((w_head,), spec.compute_dtype)
             _, dw_head, db_head = torch.ops.aten.convolution_backward(
                 g, y2, w_head, None if b_head is None else [b_head.numel()], *head_args,
                 [False, True, b_head is not None])

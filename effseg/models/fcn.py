@@ -51,7 +51,9 @@ class FullVolumeFCN(UNetBase):
     level, for the encoder block and the decoder block of that resolution: `effseg plan` picks
     the cheapest setting that fits a memory budget), deep_supervision (training
     returns [full resolution, then each coarser decoder level] logits; eval returns the full
-    resolution only).
+    resolution only), fold_upsampling (recomputing decoder levels fold their upsampling into
+    the convolution after it where that costs fewer multiply-adds, `effseg.ops.folded_up`;
+    False runs the two convolutions as stock does, at more memory and time).
     """
 
     fuses_head = True
@@ -61,7 +63,7 @@ class FullVolumeFCN(UNetBase):
                  strides: Sequence = DEFAULT_STRIDES, kernel_size: int = 3,
                  norm: Spec = "batch", act: Spec = ("leaky_relu", {"negative_slope": 0.01}),
                  recompute: bool | Sequence[bool] = True,
-                 deep_supervision: bool = False) -> None:
+                 deep_supervision: bool = False, fold_upsampling: bool = True) -> None:
         super().__init__("FullVolumeFCN", spatial_dims, in_channels, out_channels, channels,
                          strides, deep_supervision)
         levels = len(self.channels)
@@ -74,10 +76,11 @@ class FullVolumeFCN(UNetBase):
         self._build(
             lambda ci, co, s, i: RecomputeBlock3d(ci, co, kernel_size, s, norm, act,
                                                   recompute=per_level[i], keep_output=i > 0,
-                                                  lean=i == 0),
+                                                  lean=i == 0, split=i == 1),
             lambda low, skip, co, s, i: DecoderBlock3d(low, skip, co, s, kernel_size, norm, act,
                                                        recompute=per_level[i],
-                                                       keep_output=i > 0, lean=i == 0))
+                                                       keep_output=i > 0, lean=i == 0,
+                                                       fold_upsampling=fold_upsampling))
 
     def to_stock(self):
         """The same network (same weights and statistics) built from stock layers."""

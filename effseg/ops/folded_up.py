@@ -120,3 +120,50 @@ def add_folded_conv_(z: torch.Tensor, low: torch.Tensor, K: torch.Tensor, stride
         # local output row r is global row r + s*a
         z[:, :, s * i0:s * i1] += part[:, :, s * (i0 - a):s * (i1 - a)]
         del part
+
+
+def input_grad_into_(dz: torch.Tensor, w: torch.Tensor, padding, parts: int = 8) -> bool:
+    """Overwrites dz (the output gradient of a stride-1, undilated, ungrouped 'same'
+    convolution with weight w, as many input as output channels) with the input gradient,
+    slab by slab along the first spatial axis: the input gradient of such a convolution is the
+    convolution of dz with w transposed and flipped. Each slab reads its rows and the next one
+    (still intact) and the row before it from a saved copy (that row is overwritten by then),
+    so besides dz only about 1/`parts` of it exists at a time (all channels per slab: the
+    convolution runs as the whole one would). Returns False, touching nothing, where the slabs
+    would run on another backend than the whole (ATen's oneDNN rule for small inputs: the most
+    slabs, up to `parts`, that do not) or the shape does not fit;
+    the caller then computes the gradient whole."""
+    k = tuple(w.shape[2:])
+    D = dz.shape[2]
+    if (w.shape[0] != w.shape[1] or k[0] % 2 == 0 or tuple(padding) != tuple((n - 1) // 2
+                                                                             for n in k)):
+        return False
+    p = padding[0]
+    from .recompute import conv_backend
+    like = dz.new_empty(())
+    wt = w.transpose(0, 1).flip(2, 3, 4)
+
+    def backend(depth):
+        return conv_backend((dz.shape[0], dz.shape[1], depth) + tuple(dz.shape[3:]), like,
+                            tuple(wt.shape), (1, 1, 1), tuple(padding))
+    whole = backend(D)
+    # the most slabs (up to `parts`) that still run on the whole one's backend
+    rows = next((r for r in sorted({-(-D // n) for n in range(2, parts + 1)})
+                 if r + p < D and backend(r + p) == whole), None)
+    if rows is None:
+        return False
+    before = None  # the p rows above the slab, as they were before the slab above was written
+    for d0 in range(0, D, rows):
+        d1 = min(d0 + rows, D)
+        e = min(d1 + p, D)
+        out = F.conv3d(dz[:, :, d0:e], wt, None, 1, tuple(padding))[:, :, :d1 - d0]
+        if before is not None:
+            # what the p rows above add to the slab's first p rows (the padding read zeros)
+            rows_above = torch.cat([before, before.new_zeros(before.shape[:2] + (2 * p,)
+                                                             + before.shape[3:])], 2)
+            out[:, :, :p] += F.conv3d(rows_above, wt, None, 1, (0,) + tuple(padding[1:]))
+            del rows_above
+        before = dz[:, :, d1 - p:d1].clone() if d1 < D else None
+        dz[:, :, d0:d1] = out
+        del out
+    return True

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .folded_up import (add_folded_conv_, folded_conv, folded_weight, folded_weight_backward,
-                        folds)
+                        folds, input_grad_into_)
 from .recompute import (Unit, _conv, _conv_backward, _norm_act_, _norm_act_backward, _unit_stats,
                         conv_backend, converted, blocks_of, keep_output, norm_act_backward_into,
                         shape_only, take_output)
@@ -156,32 +156,6 @@ def _head(y, w_head, b_head, cd):
     return F.conv3d(y, w_head, None if b_head is None else b_head.to(cd))
 
 
-def _chunked(full: torch.Tensor, x_shape, w: torch.Tensor, u: Unit):
-    """Blocks for a chunked input gradient of a convolution (weight `w`, unit `u`) whose input
-    is `full`: `blocks_of(full, parts)` for the most parts (4, 3 or 2) whose largest block's
-    convolution runs on the backend of the whole one (never trade speed for memory behind the
-    user's back; ATen sends inputs with few channels to its slow kernel sooner)."""
-    whole = conv_backend(x_shape, full, tuple(w.shape), u.stride, u.padding)
-    for parts in (4, 3, 2):
-        blocks = blocks_of(full, parts)
-        if not blocks:
-            return None
-        n0, n1, c0, c1 = max(blocks, key=lambda b: (b[1] - b[0]) * (b[3] - b[2]))
-        part = (n1 - n0, c1 - c0) + tuple(x_shape[2:])
-        wpart = (w.shape[0], c1 - c0) + tuple(w.shape[2:])
-        if conv_backend(part, full, wpart, u.stride, u.padding) == whole:
-            return blocks
-    return None
-
-
-def _input_grad_block(grad, w, u: Unit, like):
-    """dL/d(input block) of a convolution: `grad` the output gradient of the block's samples,
-    `w` the weight columns of the block's channels, `like` the input block (shape only)."""
-    return torch.ops.aten.convolution_backward(
-        grad, shape_only(like), w, None, list(u.stride), list(u.padding), list(u.dilation),
-        False, [0, 0, 0], u.groups, [True, False, False])[0]
-
-
 def _pass_weights(w_up, w_skip, w_cat_up, w2, w_head, cd, cat: bool, fold: bool):
     """The weights one pass (forward, backward) computes with, made from the parameters
     themselves, which is what the Functions save (see `converted`): (w_up, w_skip, w_cat_up,
@@ -259,10 +233,10 @@ class DecoderBlockFunction(torch.autograd.Function):
             blocks = blocks_of(pre2) if spec.is_lean else None
             if blocks:
                 if w_head is not None:
+                    g = g.contiguous()
+
                     def dy2_block(n0, n1, c0, c1):
-                        return torch.ops.aten.convolution_backward(
-                            g[n0:n1], pre2[n0:n1, c0:c1], w_head[:, c0:c1], None,
-                            *head_args, [True, False, False])[0]
+                        return _head_input_grad_block(g, w_head, n0, n1, c0, c1)
                 else:
                     def dy2_block(n0, n1, c0, c1):
                         return g[n0:n1, c0:c1].clone()
@@ -303,22 +277,20 @@ def _unit1_backward(held: list, pre1, w2, spec: DecoderSpec, stats1, g1, b1, lea
     """(dw2, dz1, dg1, db1): the second convolution's gradients and the first unit's norm-act
     backward, from `held` = [dz2, y1], which it empties (so that each dies as soon as it is
     done with). The weight gradient comes first, so that y1 (pre1's storage but for ReLU) and
-    dy1 never coexist at full size; `lean` writes dy1 into pre1 a block at a time
-    (`_chunked`)."""
+    dy1 never coexist at full size; `lean` (dz2 is ours) writes dy1 over dz2, slab by slab
+    (`input_grad_into_`), so that it does not coexist with dz2 either."""
     u1, u2 = spec.units
     dz2, y1 = held
     held.clear()
     args2 = (u2.stride, u2.padding, u2.dilation, u2.groups)
     dw2 = _conv_backward(dz2, y1, w2, *args2, False)[1]
-    blocks = _chunked(y1, tuple(y1.shape), w2, u2) if lean else None
-    if blocks:
-        def dy1_block(n0, n1, c0, c1):
-            return _input_grad_block(dz2[n0:n1], w2[:, c0:c1], u2, y1[n0:n1, c0:c1])
-        dg1, db1 = norm_act_backward_into(pre1, dy1_block, u1, stats1, g1, b1, blocks)
-        return dw2, pre1, dg1, db1
     shape = shape_only(y1)
     del y1
-    dy1 = _conv_backward(dz2, shape, w2, *args2, True, False)[0]
+    plain = tuple(u2.stride) == (1, 1, 1) and tuple(u2.dilation) == (1, 1, 1) and u2.groups == 1
+    if lean and plain and input_grad_into_(dz2, w2, u2.padding):
+        dy1 = dz2
+    else:
+        dy1 = _conv_backward(dz2, shape, w2, *args2, True, False)[0]
     del dz2
     dz1, dg1, db1 = _norm_act_backward(pre1, dy1, u1, stats1, g1, b1, owned=True)
     return dw2, dz1, dg1, db1

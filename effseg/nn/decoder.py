@@ -8,8 +8,12 @@ Conv -> norm-act units.
 weight split along its input channels (`concat_weight()` gives that weight back), but the
 concatenated tensor never exists. With `recompute=True` a training step keeps only `low`, `skip`
 and O(C) statistics (`effseg.ops.recompute_decoder`). `lean=True` (for the level at the step's
-memory peak) writes the backward's norm-act gradients into the recomputed pre-activations half a
-tensor at a time: at most three tensors of the level's size at once, skip included.
+memory peak) writes the backward's norm-act gradients into the recomputed pre-activations and
+the second convolution's input gradient over its output gradient (slab by slab); with a fused
+head the level also runs as three Functions (see `effseg.ops.recompute_decoder.decoder_block`):
+at most three tensors of the level's size at once, skip included. `fold_upsampling` (default)
+computes the upsampling and `conv_up` as one transposed convolution of `low` where that costs
+fewer multiply-adds (`effseg.ops.folded_up`).
 """
 from __future__ import annotations
 

@@ -16,9 +16,12 @@ such a level costs. The choice is ATen's own (`torch._C._select_conv_backend`), 
 
 Backward: every convolution's weight gradient is computed before its input gradient, so that a
 convolution's input and its input gradient never coexist at full size. With `lean` (the network's
-full-resolution level, the step's memory peak) the two norm-act backwards are also written into
-the pre-activations' own storage a quarter at a time (`norm_act_backward_into`), so that at most
-three tensors of the level's size (the skip, and two of the block's) live at once.
+full-resolution level, the step's memory peak) the norm-act backwards are written into the
+pre-activations' own storage and the second convolution's input gradient over its output
+gradient, slab by slab (`input_grad_into_`), so that at most three tensors of the level's size
+(the skip, and two of the block's) live at once; with a head the lean level also runs as three
+Functions (`decoder_block`). Upsampling: folded into the convolution after it where that is
+cheaper (`effseg.ops.folded_up`); unfolded, `up` is recomputed when backward needs it.
 """
 from __future__ import annotations
 

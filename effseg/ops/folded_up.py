@@ -27,10 +27,6 @@ import torch
 import torch.nn.functional as F
 
 
-def _triple(v) -> tuple[int, int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
-
-
 def _positions(w_up: torch.Tensor, k: tuple[int, int, int]):
     """(a, window) for every kernel position a of W_up: the slices of K that a covers."""
     s = w_up.shape[2:]

@@ -142,7 +142,6 @@ def conv_backends(config: ModelConfig, shape: Sequence[int], device: torch.devic
     decide its cost per voxel (encoder units, upsampling into them, skip fusion as the decoder
     runs it, decoder units, head), asked with memoryless stand-in tensors: nothing is
     computed."""
-    from ..ops.folded_up import folds
     from ..ops.recompute import conv_backend
     dtype = amp or torch.float32
     like = torch.empty((), dtype=dtype, device=device)
@@ -163,23 +162,15 @@ def conv_backends(config: ModelConfig, shape: Sequence[int], device: torch.devic
         cin = c
     for i in range(min(fine, len(chans) - 1)):
         c, size, up = chans[i], sizes[i], strides[i + 1]
-        low = (batch, chans[i + 1]) + sizes[i + 1]
-        half = conv_backend((batch, c) + size, like, (c, c, k, k, k), (1, 1, 1), (1, 1, 1))
+        out.append(conv_backend((batch, chans[i + 1]) + sizes[i + 1], like,
+                                (chans[i + 1], c) + up, up, (0, 0, 0), transposed=True))
+        halves = [conv_backend((batch, c) + size, like, (c, c, k, k, k), (1, 1, 1), (1, 1, 1))]
         whole = conv_backend((batch, 2 * c) + size, like, (c, 2 * c, k, k, k), (1, 1, 1),
                              (1, 1, 1))
-        # the decoder concatenates where the whole would run on oneDNN and a half would not;
-        # otherwise it folds the upsampling into conv_up where that is cheaper (folded_up)
-        cat = (device.type == "cpu" and whole == int(torch._C._ConvBackend.Mkldnn)
-               and half != whole)
-        if not cat and folds(low, (chans[i + 1], c) + up, (c, c, k, k, k), (1, 1, 1),
-                             (1, 1, 1), (1, 1, 1), 1):
-            out.append(conv_backend(low, like, (chans[i + 1], c) + tuple(u + k - 1 for u in up),
-                                    up, (1, 1, 1), transposed=True))
-        else:
-            out.append(conv_backend(low, like, (chans[i + 1], c) + up, up, (0, 0, 0),
-                                    transposed=True))
-            out.append(whole if cat else half)
-        out.append(half)
+        # the decoder concatenates where the whole would run on oneDNN and a half would not
+        out.append(whole if device.type == "cpu" and whole == int(torch._C._ConvBackend.Mkldnn)
+                   else halves[0])
+        out.append(halves[0])
     out.append(conv_backend((batch, chans[0]) + tuple(shape), like,
                             (config.out_channels, chans[0], 1, 1, 1), (1, 1, 1), (0, 0, 0)))
     return tuple(out)

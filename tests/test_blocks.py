@@ -316,3 +316,58 @@ def test_conv_norm_act_relu_is_exact_through_a_separate_relu():
     ref = F.relu(F.batch_norm(F.conv3d(x, m.conv.weight, None, 1, 1), None, None,
                               m.norm.weight, m.norm.bias, True))
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_split_block_equals_one_function_float64_and_frees_the_output_gradient_first(keep):
+    """split=True (first convolution and the rest as two Functions) gives the same outputs,
+    gradients and buffers as the one-Function block, in float64; and its backward never holds
+    the output's gradient beside the input's: its peak is lower by at least that gradient."""
+    from effseg.memory import peak_allocated
+    torch.manual_seed(0)
+    blocks = {s: RecomputeBlock3d(3, 6, stride=2, keep_output=keep, split=s).double()
+              for s in (False, True)}
+    blocks[True].load_state_dict(blocks[False].state_dict())
+    x = torch.randn(2, 3, 12, 10, 8, dtype=torch.float64)
+    g = torch.randn(2, 6, 6, 5, 4, dtype=torch.float64)
+    results = []
+    for split, block in blocks.items():
+        xi = x.clone().requires_grad_()
+        y = block(xi)
+        y.backward(g)
+        results.append([y.detach(), xi.grad] + [p.grad for p in block.parameters()]
+                       + list(block.buffers()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+    xf = torch.randn(1, 4, 32, 32, 32, requires_grad=True)
+    peaks = {}
+    for split in (False, True):
+        block = RecomputeBlock3d(4, 8, stride=2, keep_output=keep, split=split)
+        y = block(xf)
+        gy = torch.randn_like(y)
+        del y
+
+        def step():  # the output's gradient made by autograd, not held by the caller
+            (block(xf) * gy).sum().backward()
+        peaks[split] = peak_allocated(step)
+        xf.grad = None
+    assert peaks[True] <= peaks[False] - gy.numel() * 4, peaks
+
+
+def test_kept_output_modified_in_place_raises_and_retain_graph_recomputes_it():
+    torch.manual_seed(0)
+    block = RecomputeBlock3d(2, 3, keep_output=True).double()
+    x = torch.randn(1, 2, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    y = block(x)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an in-place operation"):
+        y.sum().backward()
+    # Backward twice (retain_graph): the second run recomputes the output it gave away.
+    grads = []
+    y = block(x)
+    for _ in range(2):
+        x.grad = None
+        (y * y).sum().backward(retain_graph=True)
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

@@ -78,17 +78,19 @@ def test_output_is_dense_in_the_input_format_and_trains_with_dice_ce(layout, dee
 def test_recompute_on_off_and_stock_twin_agree_float64(norm, act):
     torch.manual_seed(0)
     models = []
-    for recompute in (True, False):
+    # recomputing with the upsampling folded (the default), recomputing unfolded, no recompute
+    for recompute, fold in ((True, True), (True, False), (False, True)):
         m = FullVolumeFCN(in_channels=2, out_channels=3, norm=norm, act=act, recompute=recompute,
-                          **SMALL).double()
+                          fold_upsampling=fold, **SMALL).double()
         models.append(randomize(m))
-    models[1].load_state_dict(models[0].state_dict())
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
     stock = models[0].to_stock()
     assert isinstance(stock, StockUNet3d)
     x = torch.randn(2, 2, 9, 10, 11, dtype=torch.float64)
     results = [run(m, x) for m in models + [stock]]
-    ref_y, ref_dx, ref_g = results[2]
-    for y, dx, grads in results[:2]:
+    ref_y, ref_dx, ref_g = results[-1]
+    for y, dx, grads in results[:-1]:
         torch.testing.assert_close(y, ref_y)
         torch.testing.assert_close(dx, ref_dx)
         for name, g in grads.items():
@@ -187,12 +189,14 @@ def test_saved_for_backward_at_most_25_percent_of_stock_at_ct_size():
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
-def test_second_training_step_peak_at_most_22_percent_of_stock_at_ct_size(amp):
+def test_second_training_step_peak_at_most_20_percent_of_stock_at_ct_size(amp):
     """The whole second step (forward, fused Dice + CE, backward, Adam; the first step made the
     optimizer state) at 1x1x96^3, 16 base channels: peak bytes of the tensors the step allocates,
-    tracked op by op (deterministic on CPU). Measured 0.210 (float32) and 0.218 (bf16 autocast);
-    the peak is in the full-resolution decoder block's backward, where the skip tensor (kept by
-    the next encoder block) and two tensors of the block's own live at once."""
+    tracked op by op (deterministic on CPU). Measured 0.198 (float32) and 0.194 (bf16 autocast);
+    the peak is in the full-resolution decoder level's backward (float32: the skip, which the
+    next encoder block keeps, the fusion's input gradient and the skip's gradient) or, in bf16,
+    where the next encoder block computes its input's gradient beside the skip's gradient from
+    the decoder (the parameters' float32 gradients weigh more there)."""
     torch.manual_seed(0)
     fcn = FullVolumeFCN(in_channels=1, out_channels=3)
     stock = fcn.to_stock()
@@ -213,7 +217,7 @@ def test_second_training_step_peak_at_most_22_percent_of_stock_at_ct_size(amp):
         return run
 
     ours, theirs = peak_allocated(step(fcn)), peak_allocated(step(stock))
-    assert ours / theirs <= 0.22, (ours, theirs, ours / theirs)
+    assert ours / theirs <= 0.20, (ours, theirs, ours / theirs)
 
 
 def test_peak_allocated_follows_tensor_lifetimes():
@@ -301,16 +305,20 @@ class _ConvBackends(torch.utils._python_dispatch.TorchDispatchMode):
                 if backward else args[3:9]
             backend = torch._C._select_conv_backend(x, w, None, stride, padding, dilation,
                                                     transposed, output_padding, groups, None)
-            key = ("backward" if backward else "forward", tuple(x.shape[2:]), transposed)
+            key = ("backward" if backward else "forward", tuple(x.shape[2:]), tuple(w.shape[2:]),
+                   transposed)
             self.seen.setdefault(key, set()).add(str(backend).rsplit(".", 1)[-1])
         return func(*args, **(kwargs or {}))
 
 
 def test_convolutions_run_on_the_backends_stock_uses():
     """At the phantom's size (batch 1, float32 on a CPU, where ATen sends small inputs to its
-    slow reference kernel and larger ones to oneDNN), every resolution of FullVolumeFCN's
-    training step uses the same convolution backends as its stock twin's, forward and backward:
-    the concatenation-free skip fusion must not push a level's convolutions onto slow_conv3d."""
+    slow reference kernel and larger ones to oneDNN), every convolution of FullVolumeFCN's
+    training step that stock also runs (same input and kernel size) uses the same backends as
+    its stock twin's, forward and backward: the concatenation-free skip fusion must not push a
+    level's convolutions onto slow_conv3d. The convolutions stock does not have (the folded
+    upsampling, a transposed convolution with a 4^3 kernel, whole or in slabs) run on no slow
+    kernel."""
     torch.manual_seed(0)
     fcn = FullVolumeFCN(in_channels=1, out_channels=4, channels=(16, 32, 64, 128),
                         strides=(1, 2, 2, 2), norm="instance")
@@ -322,9 +330,15 @@ def test_convolutions_run_on_the_backends_stock_uses():
         with _ConvBackends() as rec:
             DiceCELoss()(model(x), target).backward()
         seen.append(rec.seen)
-    assert seen[0] == seen[1]
-    assert any("Slow3d" in b for b in seen[1].values()) and any(
-        "Mkldnn" in b for b in seen[1].values()), seen[1]
+    ours, theirs = seen
+    shared = ours.keys() & theirs.keys()
+    assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
+    assert {k for k in theirs if k[-1] is False} <= shared  # every stock convolution ran
+    extra = {k: b for k, b in ours.items() if k not in shared}
+    assert extra and all(k[-1] is True and k[2] == (4, 4, 4) for k in extra), extra
+    assert not any("Slow" in name for b in extra.values() for name in b), extra
+    assert any("Slow3d" in b for b in theirs.values()) and any(
+        "Mkldnn" in b for b in theirs.values()), theirs
 
 
 def test_bad_model_input():
@@ -378,3 +392,42 @@ def test_short_training_segments_two_shapes(kind):
         pred = model(xt[None]).argmax(1)[0]
     assert _dice(pred, yt, 1) > 0.9 and _dice(pred, yt, 2) > 0.9, (
         _dice(pred, yt, 1), _dice(pred, yt, 2))
+
+
+@pytest.mark.parametrize("stride,kernel", [((2, 2, 2), 3), ((1, 2, 2), 3), ((2, 2, 2), 5)])
+def test_folded_upsampling_equals_upsample_then_convolve(stride, kernel):
+    """The decoder's upsampling folded into its convolution (one transposed convolution of the
+    coarse input, whole or in slabs) and the two weights' gradients through the composition,
+    against ConvTranspose3d then Conv3d, in float64."""
+    from effseg.ops.folded_up import (add_folded_conv_, folded_conv, folded_weight,
+                                      folded_weight_backward)
+    torch.manual_seed(0)
+    low = torch.randn(2, 6, 7, 4, 3, dtype=torch.float64)
+    w_up = torch.randn(6, 4, *stride, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, kernel, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    pad = (kernel - 1) // 2
+    ref = torch.nn.functional.conv3d(torch.nn.functional.conv_transpose3d(low, w_up, None, stride),
+                                     w, None, 1, pad)
+    K = folded_weight(w_up.detach(), w.detach())
+    torch.testing.assert_close(folded_conv(low, K, stride, (pad,) * 3), ref)
+    for parts in (2, 5, 100):  # slabs of many coarse rows, of a few, of one
+        z = torch.ones_like(ref)
+        add_folded_conv_(z, low, K, stride, (pad,) * 3, parts)
+        torch.testing.assert_close(z, ref + 1)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    dlow, dK = torch.ops.aten.convolution_backward(
+        g, low, K, None, list(stride), [pad] * 3, [1] * 3, True, [0] * 3, 1,
+        [True, True, False])[:2]
+    d_up, d_w = folded_weight_backward(dK, w_up.detach(), w.detach())
+    torch.testing.assert_close(d_up, w_up.grad)
+    torch.testing.assert_close(d_w, w.grad)
+
+
+def test_lean_level_with_head_refuses_a_second_backward():
+    torch.manual_seed(0)
+    fcn = FullVolumeFCN(in_channels=1, out_channels=2, **SMALL)
+    y = fcn(torch.randn(1, 1, 8, 8, 8))
+    y.square().mean().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run backward twice"):
+        y.square().mean().backward()

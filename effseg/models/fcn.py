@@ -7,17 +7,21 @@ level's encoder output and the decoder's low-resolution input: every block keeps
 inputs, and keeps its output only where the next layer keeps it anyway (`keep_output`), which
 spares recomputing its second unit.
 
-The step's memory peak is in the backward of the full-resolution blocks, so there the network
-trades a little time for it: the full-resolution encoder and decoder blocks recompute their
-second unit instead of keeping their output (nobody else holds it by then), the head runs
-inside the last decoder block's Function (the gradient of the decoder's output is born and dies
-inside that backward), and both blocks are `lean`: every convolution's weight gradient comes
-before its input gradient, the decoder writes its norm-act gradients into the recomputed
-pre-activations a quarter at a time, and the encoder block recomputes its cheap first unit (one
-input channel) rather than keep it. At the peak live three full-resolution tensors of the first
-level's width (the skip, which the next encoder block keeps, and two of the decoder's) besides
-the coarser levels' saved tensors (measured: `effseg.memory.peak_allocated`, second step,
-0.210x the stock twin's at 1x1x96^3, 0.218x in bf16 autocast).
+The step's memory peak is in the backward of the full-resolution level, so there the network
+trades a little time for it: the full-resolution encoder and decoder blocks are `lean`. The
+encoder block recomputes its cheap first unit (one input channel) rather than keep it; the
+decoder level runs as three autograd Functions (skip fusion, first norm-act and second
+convolution, second norm-act and the head), so that autograd releases each gradient it hands
+over (the logits', then dz2, then dz1) as soon as its Function is done, writes its norm-act
+gradients into the tensors they come from and the second convolution's input gradient over its
+output gradient, slab by slab. Every decoder level folds its upsampling into the convolution
+after it (`effseg.ops.folded_up`: no full-resolution upsampled tensor, about half the
+multiply-adds of the two), and the second encoder block runs split (`split=True`), so that its
+output's gradient is gone before its input's, full resolution, is born. At the peak live three
+full-resolution tensors of the first level's width (the skip, which the next encoder block
+keeps, and two) besides the coarser levels' saved tensors and the parameters' gradients
+(measured: `effseg.memory.peak_allocated`, second step, 0.198x the stock twin's at 1x1x96^3,
+0.194x in bf16 autocast).
 
 Outputs are dense tensors in the input's memory format (contiguous or channels-last), also when
 the padding is cropped off, so `DiceCELoss` and exporters take them as they are.
@@ -51,7 +55,9 @@ class FullVolumeFCN(UNetBase):
     level, for the encoder block and the decoder block of that resolution: `effseg plan` picks
     the cheapest setting that fits a memory budget), deep_supervision (training
     returns [full resolution, then each coarser decoder level] logits; eval returns the full
-    resolution only).
+    resolution only), fold_upsampling (recomputing decoder levels fold their upsampling into
+    the convolution after it where that costs fewer multiply-adds, `effseg.ops.folded_up`;
+    False runs the two convolutions as stock does, at more memory and time).
     """
 
     fuses_head = True
@@ -61,7 +67,7 @@ class FullVolumeFCN(UNetBase):
                  strides: Sequence = DEFAULT_STRIDES, kernel_size: int = 3,
                  norm: Spec = "batch", act: Spec = ("leaky_relu", {"negative_slope": 0.01}),
                  recompute: bool | Sequence[bool] = True,
-                 deep_supervision: bool = False) -> None:
+                 deep_supervision: bool = False, fold_upsampling: bool = True) -> None:
         super().__init__("FullVolumeFCN", spatial_dims, in_channels, out_channels, channels,
                          strides, deep_supervision)
         levels = len(self.channels)
@@ -74,10 +80,11 @@ class FullVolumeFCN(UNetBase):
         self._build(
             lambda ci, co, s, i: RecomputeBlock3d(ci, co, kernel_size, s, norm, act,
                                                   recompute=per_level[i], keep_output=i > 0,
-                                                  lean=i == 0),
+                                                  lean=i == 0, split=i == 1),
             lambda low, skip, co, s, i: DecoderBlock3d(low, skip, co, s, kernel_size, norm, act,
                                                        recompute=per_level[i],
-                                                       keep_output=i > 0, lean=i == 0))
+                                                       keep_output=i > 0, lean=i == 0,
+                                                       fold_upsampling=fold_upsampling))
 
     def to_stock(self):
         """The same network (same weights and statistics) built from stock layers."""

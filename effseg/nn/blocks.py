@@ -14,6 +14,12 @@ keeps it anyway (another block, a convolution, a concatenation), which is the us
 a network; it has no effect with `residual` or act="relu" (the output does not determine the
 second unit's pre-activation there).
 
+`split=True` runs the block as two autograd Functions, its first convolution and the rest
+(`effseg.ops.recompute_split`): the same numbers and work, but the gradient of the output and
+the block's own tensors are released before the gradient of its input is born. For a block
+whose first convolution is strided, where the input and its gradient are the largest tensors
+of its backward. No effect with `residual` or act="relu".
+
 `lean=True` (without `keep_output`) makes backward hold at most two tensors of the output's size
 besides the incoming gradient, for two more computations of the first unit: for a block whose
 first unit is cheap (a network's first block, with one or a few input channels) at the step's
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 
 from ..ops.recompute import BlockSpec, RecomputeBlockFunction, Unit
+from ..ops.recompute_split import split_block, splits
 from .conv_norm_act import ConvNormAct3d, Spec
 
 
@@ -57,7 +64,8 @@ class RecomputeBlock3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, norm: Spec = "batch",
                  act: Spec = ("leaky_relu", {"negative_slope": 0.01}), residual: bool = False,
-                 recompute: bool = True, keep_output: bool = False, lean: bool = False) -> None:
+                 recompute: bool = True, keep_output: bool = False, lean: bool = False,
+                 split: bool = False) -> None:
         super().__init__()
         self.unit1 = ConvNormAct3d(in_channels, out_channels, kernel_size, stride, norm, act)
         self.unit2 = ConvNormAct3d(out_channels, out_channels, kernel_size, 1, norm, act)
@@ -65,6 +73,7 @@ class RecomputeBlock3d(nn.Module):
         self.recompute = recompute
         self.keep_output = keep_output
         self.lean = lean
+        self.split = split
         self.skip = None
         if residual and (in_channels != out_channels or _triple(stride) != (1, 1, 1)):
             self.skip = nn.Conv3d(in_channels, out_channels, 1, stride, bias=False)
@@ -104,10 +113,13 @@ class RecomputeBlock3d(nn.Module):
                          _triple(self.skip.stride) if self.skip is not None else (1, 1, 1),
                          _compute_dtype(x), self.keep_output, self.lean)
         n1, n2 = self.unit1.norm, self.unit2.norm
+        if self.split and splits(spec):
+            return split_block(x, spec, self.unit1.conv.weight, n1.weight, n1.bias,
+                               self.unit2.conv.weight, n2.weight, n2.bias)
         return RecomputeBlockFunction.apply(
             x, spec, self.unit1.conv.weight, n1.weight, n1.bias, self.unit2.conv.weight,
             n2.weight, n2.bias, None if self.skip is None else self.skip.weight)
 
     def extra_repr(self) -> str:
         return (f"residual={self.residual}, recompute={self.recompute}, "
-                f"keep_output={self.keep_output}, lean={self.lean}")
+                f"keep_output={self.keep_output}, lean={self.lean}, split={self.split}")

@@ -8,15 +8,19 @@ Conv -> norm-act units.
 weight split along its input channels (`concat_weight()` gives that weight back), but the
 concatenated tensor never exists. With `recompute=True` a training step keeps only `low`, `skip`
 and O(C) statistics (`effseg.ops.recompute_decoder`). `lean=True` (for the level at the step's
-memory peak) writes the backward's norm-act gradients into the recomputed pre-activations half a
-tensor at a time: at most three tensors of the level's size at once, skip included.
+memory peak) writes the backward's norm-act gradients into the recomputed pre-activations and
+the second convolution's input gradient over its output gradient (slab by slab); with a fused
+head the level also runs as three Functions (see `effseg.ops.recompute_decoder.decoder_block`):
+at most three tensors of the level's size at once, skip included. `fold_upsampling` (default)
+computes the upsampling and `conv_up` as one transposed convolution of `low` where that costs
+fewer multiply-adds (`effseg.ops.folded_up`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..ops.recompute_decoder import DecoderBlockFunction, DecoderSpec
+from ..ops.recompute_decoder import DecoderSpec, decoder_block
 from .blocks import _compute_dtype, _triple, unit_spec
 from .conv_norm_act import ConvNormAct3d, Spec, parse_act, parse_norm
 
@@ -25,7 +29,8 @@ class DecoderBlock3d(nn.Module):
     def __init__(self, low_channels: int, skip_channels: int, out_channels: int,
                  up_stride=2, kernel_size: int = 3, norm: Spec = "batch",
                  act: Spec = ("leaky_relu", {"negative_slope": 0.01}), recompute: bool = True,
-                 keep_output: bool = False, lean: bool = False) -> None:
+                 keep_output: bool = False, lean: bool = False,
+                 fold_upsampling: bool = True) -> None:
         super().__init__()
         self.up_stride = _triple(up_stride)
         self.up = nn.ConvTranspose3d(low_channels, out_channels, self.up_stride, self.up_stride,
@@ -44,6 +49,7 @@ class DecoderBlock3d(nn.Module):
         self.recompute = recompute
         self.keep_output = keep_output
         self.lean = lean
+        self.fold_upsampling = fold_upsampling
 
     def concat_weight(self) -> torch.Tensor:
         """The weight of the equivalent conv over cat(skip, up) (skip channels first)."""
@@ -103,12 +109,13 @@ class DecoderBlock3d(nn.Module):
         unit1 = unit_spec(self.norm1, conv, self.act_name)
         unit2 = unit_spec(self.unit2.norm, self.unit2.conv, self.unit2.act_name)
         spec = DecoderSpec(self.up_stride, (unit1, unit2), _compute_dtype(skip),
-                           self.keep_output, self.lean)
-        return DecoderBlockFunction.apply(
+                           self.keep_output, self.lean, self.fold_upsampling)
+        return decoder_block(
             low, skip, spec, self.up.weight, self.conv_skip.weight, self.conv_up.weight,
             self.norm1.weight, self.norm1.bias, self.unit2.conv.weight, self.unit2.norm.weight,
             self.unit2.norm.bias, None if head is None else head.weight,
             None if head is None else head.bias)
 
     def extra_repr(self) -> str:
-        return f"recompute={self.recompute}, keep_output={self.keep_output}, lean={self.lean}"
+        return (f"recompute={self.recompute}, keep_output={self.keep_output}, lean={self.lean}, "
+                f"fold_upsampling={self.fold_upsampling}")

@@ -225,9 +225,47 @@ def norm_act_backward_into(pre, dy_block, u: Unit, stats, gamma, beta, blocks):
     return s_dzx, s_dz
 
 
+def _saved_tensor_hooks():
+    """The innermost active `torch.autograd.graph.saved_tensors_hooks` (pack, unpack), or None."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
+def keep_output(ctx, out: torch.Tensor) -> None:
+    """Keeps a block's output for its backward outside `save_for_backward`, so that backward can
+    let it go as soon as it is done with it (`take_output`) instead of autograd holding it until
+    the whole backward returns. Kept as a detached alias (no reference cycle), packed with the
+    active saved-tensor hooks as `save_for_backward` would pack it (so that `effseg.memory`'s
+    counters and offloading hooks see it)."""
+    hooks = _saved_tensor_hooks()
+    alias = out.detach()
+    ctx.kept = (None, alias) if hooks is None else (hooks[1], hooks[0](alias))
+    ctx.kept_at = (out.untyped_storage().data_ptr(), out._version)
+
+
+def take_output(ctx) -> torch.Tensor | None:
+    """The output `keep_output` kept, now owned by the caller (None if none was kept, or if an
+    earlier backward took it: with retain_graph the block then recomputes it). Raises if it was
+    modified in place after forward, as autograd does for saved tensors."""
+    kept = getattr(ctx, "kept", None)
+    ctx.kept = None
+    if kept is None:
+        return None
+    unpack, packed = kept
+    out = packed if unpack is None else unpack(packed)
+    ptr, version = ctx.kept_at
+    if out.untyped_storage().data_ptr() == ptr and out._version != version:
+        raise RuntimeError("effseg: the output of a recomputing block, which its backward "
+                           "reads, was modified by an in-place operation after forward; clone "
+                           "it before modifying it")
+    return out
+
+
 def converted(ws, cd):
-    """The weights in the compute dtype, converted once per step (forward keeps them for
-    backward) rather than once per convolution call."""
+    """The weights in the compute dtype (None stays None), converted once per pass (forward,
+    backward) rather than once per convolution call. Functions save the weights themselves, not
+    these copies: under autocast the copies of every level's weights would otherwise be held
+    from forward to backward, at the step's memory peak (no copy at all without autocast)."""
     return tuple(None if w is None else w.to(cd) for w in ws)
 
 
@@ -288,24 +326,36 @@ def _lean_backward(ctx, x, grad_out, w1, g1, b1, w2, g2, b2, stats):
     return dx, dw1, dg1, db1, dw2, dg2, db2
 
 
+def _with_converted(params, cd):
+    """(w1, g1, b1, w2, g2, b2, w_skip) with the three weights converted to `cd`."""
+    w1, g1, b1, w2, g2, b2, w_skip = params
+    w1, w2, w_skip = converted((w1, w2, w_skip), cd)
+    return w1, g1, b1, w2, g2, b2, w_skip
+
+
 class RecomputeBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip):
         ctx.weight_dtypes = [None if w is None else w.dtype for w in (w1, w2, w_skip)]
-        w1, w2, w_skip = converted((w1, w2, w_skip), spec.compute_dtype)
-        out, stats, _ = block_forward(x, spec, w1, g1, b1, w2, g2, b2, w_skip)
+        out, stats, _ = block_forward(x, spec, *_with_converted(
+            (w1, g1, b1, w2, g2, b2, w_skip), spec.compute_dtype))
         (m1, v1), (m2, v2) = stats
         # Statistics are copied (O(C)) so that later updates of running buffers (eval-mode
         # units normalize with them) cannot change what backward replays.
         ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, w_skip, m1.clone(), v1.clone(),
-                              m2.clone(), v2.clone(), out if spec.keeps_output else None)
+                              m2.clone(), v2.clone())
+        if spec.keeps_output:
+            keep_output(ctx, out)
         ctx.spec = spec
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w1, g1, b1, w2, g2, b2, w_skip, m1, v1, m2, v2, kept = ctx.saved_tensors
+        x, *params, m1, v1, m2, v2 = ctx.saved_tensors
         spec = ctx.spec
+        w1, g1, b1, w2, g2, b2, w_skip = _with_converted(params, spec.compute_dtype)
+        del params
+        kept = take_output(ctx)
         cd = spec.compute_dtype
         u1, u2 = spec.units
         dt1, dt2, _ = ctx.weight_dtypes
@@ -324,7 +374,7 @@ class RecomputeBlockFunction(torch.autograd.Function):
                                              units=1 if kept is not None else 2)
             pre1, y1 = recomputed[0]
             pre2 = kept if kept is not None else recomputed[1][0]
-            del recomputed
+            del recomputed, kept
             dz2, dg2, db2 = _norm_act_backward(pre2, grad_out.to(cd), u2, (m2, v2), g2,
                                                b2, owned=False)
             del pre2

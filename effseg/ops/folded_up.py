@@ -1,0 +1,165 @@
+"""The decoder's upsampling folded into the convolution that follows it.
+
+A U-Net decoder level upsamples its coarse input with a transposed convolution whose kernel
+equals its stride s (no overlap), then convolves the result with a k x k x k kernel (stride 1,
+padding (k - 1) / 2). Both are linear, and their composition is one transposed convolution of
+the coarse input itself, stride s, padding (k - 1) / 2 and kernel s + k - 1 per axis:
+
+    conv(convT(low, W_up, stride=s), W)  ==  convT(low, K, stride=s, padding=(k - 1) / 2)
+    K[i, o, a + j] = sum_m W_up[i, m, a] * W[o, m, k - 1 - j]     (a < s, j < k, per axis)
+
+which is `conv3d(W_up, W, padding=k - 1)` with W_up read as a batch of Cin images of Cmid
+channels. Computed from the coarse input, the full-resolution upsampled tensor never exists (one
+tensor of the level's size less at any moment), and the multiply-adds per output voxel drop from
+Cin*Cmid + Cmid*Cout*k^3 to Cin*Cout*(s+k-1)^3/s^3 (U-Net widths, s = 2, k = 3: 16/29 of them).
+Composing K costs s^3*k^3*Cin*Cmid*Cout once per pass, so a level folds only where that and the
+folded convolution together cost less than the two convolutions (`folds`). The numbers equal the
+unfolded ones up to rounding (the same products, summed in another order).
+
+Backward: the weight gradient of the folded convolution, dK, gives both weights' gradients
+through the composition (two small matrix products); its input gradient is the coarse input's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _positions(w_up: torch.Tensor, k: tuple[int, int, int]):
+    """(a, window) for every kernel position a of W_up: the slices of K that a covers."""
+    s = w_up.shape[2:]
+    for a in range(math.prod(s)):
+        ad, ah, aw = a // (s[1] * s[2]), a // s[2] % s[1], a % s[2]
+        yield a, (slice(None), slice(None), slice(ad, ad + k[0]), slice(ah, ah + k[1]),
+                  slice(aw, aw + k[2]))
+
+
+def _products(w_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """P[i, a, o, j] = sum_m W_up[i, m, a] * W[o, m, j] (one matrix product)."""
+    cin, cmid = w_up.shape[:2]
+    cout = w.shape[0]
+    up = w_up.reshape(cin, cmid, -1).transpose(1, 2).reshape(-1, cmid)    # (cin*S, cmid)
+    wm = w.reshape(cout, cmid, -1).transpose(0, 1).reshape(cmid, -1)      # (cmid, cout*k^3)
+    return (up @ wm).reshape(cin, -1, cout, *w.shape[2:])
+
+
+def folded_weight(w_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """K (Cin, Cout, s + k - 1 per axis) of the folded transposed convolution, from the
+    upsampling weight W_up (Cin, Cmid, s) and the convolution weight W (Cout, Cmid, k)."""
+    k = tuple(w.shape[2:])
+    p = _products(w_up, w)
+    size = tuple(a + b - 1 for a, b in zip(w_up.shape[2:], k))
+    K = w.new_zeros((w_up.shape[0], w.shape[0]) + size)
+    for a, window in _positions(w_up, k):
+        K[window] += p[:, a].flip(2, 3, 4)
+    return K
+
+
+def folded_weight_backward(dK: torch.Tensor, w_up: torch.Tensor, w: torch.Tensor):
+    """(dW_up, dW) from the gradient of K."""
+    k = tuple(w.shape[2:])
+    cin, cmid = w_up.shape[:2]
+    cout = w.shape[0]
+    dp = torch.stack([dK[window].flip(2, 3, 4) for _, window in _positions(w_up, k)], 1)
+    dp = dp.reshape(cin * dp.shape[1], cout * math.prod(k))               # (cin*S, cout*k^3)
+    up = w_up.reshape(cin, cmid, -1).transpose(1, 2).reshape(-1, cmid)    # (cin*S, cmid)
+    wm = w.reshape(cout, cmid, -1).transpose(0, 1).reshape(cmid, -1)      # (cmid, cout*k^3)
+    d_up = (dp @ wm.t()).reshape(cin, -1, cmid).transpose(1, 2).reshape(w_up.shape)
+    d_w = (up.t() @ dp).reshape(cmid, cout, -1).transpose(0, 1).reshape(w.shape)
+    return d_up, d_w
+
+
+def folds(low_shape, w_up_shape, w_shape, stride, padding, dilation, groups) -> bool:
+    """Whether upsampling (weight shape `w_up_shape`, kernel = stride) then a convolution
+    (`w_shape`, `stride`, `padding`, `dilation`, `groups`) of a `low_shape` input should run
+    folded: a stride-1, undilated, ungrouped 'same' convolution with an odd kernel, where the
+    folded one with its composition costs fewer multiply-adds than the two."""
+    k = tuple(w_shape[2:])
+    if (groups != 1 or tuple(stride) != (1, 1, 1) or tuple(dilation) != (1, 1, 1)
+            or any(n % 2 == 0 or p != (n - 1) // 2 for n, p in zip(k, padding))):
+        return False
+    cin, cmid = w_up_shape[:2]
+    cout = w_shape[0]
+    s = tuple(w_up_shape[2:])
+    coarse = low_shape[0] * math.prod(low_shape[2:])       # samples x coarse voxels
+    fine = coarse * math.prod(s)
+    apart = fine * (cin * cmid + cmid * cout * math.prod(k))
+    folded = coarse * cin * cout * math.prod(a + b - 1 for a, b in zip(s, k))
+    compose = math.prod(s) * math.prod(k) * cin * cmid * cout
+    return folded + compose < apart
+
+
+def folded_conv(low: torch.Tensor, K: torch.Tensor, stride, padding) -> torch.Tensor:
+    """convT(low, K) at full resolution (the upsampling and the convolution in one)."""
+    return F.conv_transpose3d(low, K, None, tuple(stride), tuple(padding))
+
+
+def add_folded_conv_(z: torch.Tensor, low: torch.Tensor, K: torch.Tensor, stride, padding,
+                     parts: int = 4) -> None:
+    """z += convT(low, K), computed in about `parts` slabs along the first spatial axis, so that
+    no temporary larger than about 1/`parts` of z exists. Each slab reads the coarse rows its
+    output rows need (a halo of one or two rows on each side), so the slabs add up to the whole
+    exactly."""
+    s, p = stride[0], padding[0]
+    L = low.shape[2]
+    lo_halo, hi_halo = (s - 1 + p) // s, 1 + (p - 1) // s
+    rows = max(1, z.shape[2] // (parts * s) - lo_halo - hi_halo)
+    if rows >= L:
+        z += folded_conv(low, K, stride, padding)
+        return
+    for i0 in range(0, L, rows):
+        i1 = min(i0 + rows, L)
+        a, b = max(i0 - lo_halo, 0), min(i1 + hi_halo, L)
+        part = F.conv_transpose3d(low[:, :, a:b], K, None, tuple(stride), (p,) + tuple(padding[1:]))
+        # local output row r is global row r + s*a
+        z[:, :, s * i0:s * i1] += part[:, :, s * (i0 - a):s * (i1 - a)]
+        del part
+
+
+def input_grad_into_(dz: torch.Tensor, w: torch.Tensor, padding, parts: int = 8) -> bool:
+    """Overwrites dz (the output gradient of a stride-1, undilated, ungrouped 'same'
+    convolution with weight w, as many input as output channels) with the input gradient,
+    slab by slab along the first spatial axis: the input gradient of such a convolution is the
+    convolution of dz with w transposed and flipped. Each slab reads its rows and the next one
+    (still intact) and the row before it from a saved copy (that row is overwritten by then),
+    so besides dz only about 1/`parts` of it exists at a time (all channels per slab: the
+    convolution runs as the whole one would). Returns False, touching nothing, where the slabs
+    would run on another backend than the whole (ATen's oneDNN rule for small inputs: the most
+    slabs, up to `parts`, that do not) or the shape does not fit;
+    the caller then computes the gradient whole."""
+    k = tuple(w.shape[2:])
+    D = dz.shape[2]
+    if (w.shape[0] != w.shape[1] or k[0] % 2 == 0 or tuple(padding) != tuple((n - 1) // 2
+                                                                             for n in k)):
+        return False
+    p = padding[0]
+    from .recompute import conv_backend
+    like = dz.new_empty(())
+    wt = w.transpose(0, 1).flip(2, 3, 4)
+
+    def backend(depth):
+        return conv_backend((dz.shape[0], dz.shape[1], depth) + tuple(dz.shape[3:]), like,
+                            tuple(wt.shape), (1, 1, 1), tuple(padding))
+    whole = backend(D)
+    # the most slabs (up to `parts`) that still run on the whole one's backend
+    rows = next((r for r in sorted({-(-D // n) for n in range(2, parts + 1)})
+                 if r + p < D and backend(r + p) == whole), None)
+    if rows is None:
+        return False
+    before = None  # the p rows above the slab, as they were before the slab above was written
+    for d0 in range(0, D, rows):
+        d1 = min(d0 + rows, D)
+        e = min(d1 + p, D)
+        out = F.conv3d(dz[:, :, d0:e], wt, None, 1, tuple(padding))[:, :, :d1 - d0]
+        if before is not None:
+            # what the p rows above add to the slab's first p rows (the padding read zeros)
+            rows_above = torch.cat([before, before.new_zeros(before.shape[:2] + (2 * p,)
+                                                             + before.shape[3:])], 2)
+            out[:, :, :p] += F.conv3d(rows_above, wt, None, 1, (0,) + tuple(padding[1:]))
+            del rows_above
+        before = dz[:, :, d1 - p:d1].clone() if d1 < D else None
+        dz[:, :, d0:d1] = out
+        del out
+    return True

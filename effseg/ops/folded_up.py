@@ -118,6 +118,28 @@ def add_folded_conv_(z: torch.Tensor, low: torch.Tensor, K: torch.Tensor, stride
         del part
 
 
+def slab_rows(dz_shape, like: torch.Tensor, w_shape, padding, parts: int = 8) -> int | None:
+    """The rows per slab `input_grad_into_` would use for an output gradient of `dz_shape`
+    (dtype and device of `like`) and a weight of `w_shape`, or None where it would compute the
+    gradient whole: the most slabs, up to `parts`, whose convolutions run on the backend the
+    whole one would (ATen's oneDNN rule for small inputs), asked without computing anything."""
+    k = tuple(w_shape[2:])
+    D = dz_shape[2]
+    if (w_shape[0] != w_shape[1] or k[0] % 2 == 0
+            or tuple(padding) != tuple((n - 1) // 2 for n in k)):
+        return None
+    p = padding[0]
+    from .recompute import conv_backend
+    wt_shape = (w_shape[1], w_shape[0]) + k
+
+    def backend(depth):
+        return conv_backend((dz_shape[0], dz_shape[1], depth) + tuple(dz_shape[3:]), like,
+                            wt_shape, (1, 1, 1), tuple(padding))
+    whole = backend(D)
+    return next((r for r in sorted({-(-D // n) for n in range(2, parts + 1)})
+                 if r + p < D and backend(r + p) == whole), None)
+
+
 def input_grad_into_(dz: torch.Tensor, w: torch.Tensor, padding, parts: int = 8) -> bool:
     """Overwrites dz (the output gradient of a stride-1, undilated, ungrouped 'same'
     convolution with weight w, as many input as output channels) with the input gradient,
@@ -129,25 +151,12 @@ def input_grad_into_(dz: torch.Tensor, w: torch.Tensor, padding, parts: int = 8)
     would run on another backend than the whole (ATen's oneDNN rule for small inputs: the most
     slabs, up to `parts`, that do not) or the shape does not fit;
     the caller then computes the gradient whole."""
-    k = tuple(w.shape[2:])
-    D = dz.shape[2]
-    if (w.shape[0] != w.shape[1] or k[0] % 2 == 0 or tuple(padding) != tuple((n - 1) // 2
-                                                                             for n in k)):
-        return False
-    p = padding[0]
-    from .recompute import conv_backend
-    like = dz.new_empty(())
-    wt = w.transpose(0, 1).flip(2, 3, 4)
-
-    def backend(depth):
-        return conv_backend((dz.shape[0], dz.shape[1], depth) + tuple(dz.shape[3:]), like,
-                            tuple(wt.shape), (1, 1, 1), tuple(padding))
-    whole = backend(D)
-    # the most slabs (up to `parts`) that still run on the whole one's backend
-    rows = next((r for r in sorted({-(-D // n) for n in range(2, parts + 1)})
-                 if r + p < D and backend(r + p) == whole), None)
+    rows = slab_rows(tuple(dz.shape), dz, tuple(w.shape), padding, parts)
     if rows is None:
         return False
+    p = padding[0]
+    D = dz.shape[2]
+    wt = w.transpose(0, 1).flip(2, 3, 4)
     before = None  # the p rows above the slab, as they were before the slab above was written
     for d0 in range(0, D, rows):
         d1 = min(d0 + rows, D)

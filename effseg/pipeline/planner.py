@@ -16,7 +16,10 @@ crosses that size, and a line through volumes on one side mispredicts the other.
 asks ATen which backend every convolution of the network would get (`conv_backends`, no
 computation) at the two finest levels at the target and at each calibration volume, and a fit
 whose calibration volumes disagree with the target is flagged (`Fit.same_backends`, hence not
-`linear`): `choose` never picks it and `effseg plan` says why.
+`linear`): `choose` never picks it and `effseg plan` says why. Before giving up, calibration
+tries a finer ladder of volumes up to the cap and uses those in the target's regime, if at least
+two of them span 15% of the voxels. The recomputing finest level's choice to write its input
+gradient in slabs (made on the same backend rule) counts as part of the regime.
 """
 from __future__ import annotations
 
@@ -136,12 +139,16 @@ class Plan:
 
 
 def conv_backends(config: ModelConfig, shape: Sequence[int], device: torch.device,
-                  amp: torch.dtype | None = None, batch: int = 1) -> tuple:
+                  amp: torch.dtype | None = None, batch: int = 1, recompute=True) -> tuple:
     """The backend ATen would pick for each convolution of a FullVolumeFCN training step on
     an input of `shape` at the two finest levels, which hold most of the step's voxels and so
     decide its cost per voxel (encoder units, upsampling into them, skip fusion as the decoder
     runs it, decoder units, head), asked with memoryless stand-in tensors: nothing is
-    computed."""
+    computed. Where the finest level recomputes (`recompute`, as `ModelConfig.build` takes it),
+    also whether its lean decoder writes its input gradient in slabs (`input_grad_into_`: only
+    where the slabs keep the whole convolution's backend), which changes the step's memory per
+    voxel as much as a backend does."""
+    from ..ops.folded_up import slab_rows
     from ..ops.recompute import conv_backend
     dtype = amp or torch.float32
     like = torch.empty((), dtype=dtype, device=device)
@@ -173,6 +180,10 @@ def conv_backends(config: ModelConfig, shape: Sequence[int], device: torch.devic
         out.append(halves[0])
     out.append(conv_backend((batch, chans[0]) + tuple(shape), like,
                             (config.out_channels, chans[0], 1, 1, 1), (1, 1, 1), (0, 0, 0)))
+    finest = recompute if isinstance(recompute, bool) else bool(recompute and recompute[0])
+    if finest:
+        out.append(slab_rows((batch, chans[0]) + tuple(shape), like, (chans[0], chans[0], k, k, k),
+                             (1, 1, 1)) is not None)
     return tuple(out)
 
 
@@ -185,14 +196,25 @@ def calibrate(config: ModelConfig, recompute, shape: Sequence[int], device: torc
     multiple = total_stride(as_strides(config.strides, len(config.channels)))
     target = math.prod(shape)
     cap = cap_voxels or (160 ** 3 if device.type == "cuda" else 96 ** 3)
-    want = conv_backends(config, shape, device, amp, batch)
+    want = conv_backends(config, shape, device, amp, batch, recompute)
+
+    def backends(s):
+        return conv_backends(config, s, device, amp, batch, recompute)
 
     top = min(target / 2, cap)
     shapes = sorted({scaled_shape(shape, top * frac, multiple) for frac in (0.5, 0.75, 1.0)})
     if len(shapes) < 2:
         raise ValueError(f"effseg: {tuple(shape)} is too small to calibrate on smaller volumes "
                          f"(multiples of the total stride {multiple})")
-    same = all(conv_backends(config, s, device, amp, batch) == want for s in shapes)
+    same = all(backends(s) == want for s in shapes)
+    if not same:
+        # calibrate in the target's regime where one exists below `top`: the volumes of a
+        # finer ladder that agree with the target, if at least two of them span 15% of voxels
+        ladder = sorted({scaled_shape(shape, top * frac, multiple)
+                         for frac in (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)})
+        agree = [s for s in ladder if backends(s) == want]
+        if len(agree) >= 2 and math.prod(agree[-1]) >= 1.15 * math.prod(agree[0]):
+            shapes, same = sorted({agree[0], agree[len(agree) // 2], agree[-1]}), True
     points = [(math.prod(s), measure_step(config, recompute, s, device, amp, batch))
               for s in shapes]
     return Fit.of(points, same)

@@ -213,7 +213,6 @@ class DecoderBlockFunction(torch.autograd.Function):
         spec = ctx.spec
         cd = spec.compute_dtype
         u1, u2 = spec.units
-        dw_head = db_head = None
         with torch.no_grad():
             w_up, w_skip, w_cat_up, w2, w_head, w_cat, K = _pass_weights(
                 w_up, w_skip, w_cat_up, w2, w_head, cd, ctx.cat, ctx.fold)
@@ -224,34 +223,11 @@ class DecoderBlockFunction(torch.autograd.Function):
             pre2 = kept if kept is not None else outs[1][0]
             y2 = kept if kept is not None else outs[1][1]  # the head's input (ReLU: not pre2)
             del outs, kept
-            g = grad_out.to(cd)
-            del grad_out
-            head_args = ([1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1)
-            if w_head is not None:
-                # The head's weight gradient first: its input is (but for ReLU) pre2's storage,
-                # which the norm-act backward then overwrites.
-                _, dw_head, db_head = torch.ops.aten.convolution_backward(
-                    g, y2, w_head, None if b_head is None else [b_head.numel()], *head_args,
-                    [False, True, b_head is not None])
             blocks = blocks_of(pre2) if spec.is_lean else None
-            if blocks:
-                if w_head is not None:
-                    g = g.contiguous()
-
-                    def dy2_block(n0, n1, c0, c1):
-                        return _head_input_grad_block(g, w_head, n0, n1, c0, c1)
-                else:
-                    def dy2_block(n0, n1, c0, c1):
-                        return g[n0:n1, c0:c1].clone()
-                dg2, db2 = norm_act_backward_into(pre2, dy2_block, u2, (m2, v2), g2, b2, blocks)
-                dz2 = pre2
-            else:
-                owned = w_head is not None
-                if owned:
-                    g = torch.ops.aten.convolution_backward(
-                        g, shape_only(pre2), w_head, None, *head_args, [True, False, False])[0]
-                dz2, dg2, db2 = _norm_act_backward(pre2, g, u2, (m2, v2), g2, b2, owned=owned)
-            del pre2, y2, g
+            held = [grad_out.to(cd), y2, pre2]
+            del grad_out, y2, pre2
+            dz2, dg2, db2, dw_head, db_head = _head_norm_backward(
+                held, w_head, b_head, u2, (m2, v2), g2, b2, blocks)
             held = [dz2, y1]
             del dz2, y1
             dw2, dz1, dg1, db1 = _unit1_backward(held, pre1, w2, spec, (m1, v1), g1, b1,
@@ -412,6 +388,42 @@ class _NormConvFunction(torch.autograd.Function):
                 None if b1 is None else db1.to(b1.dtype), dw2.to(ctx.w2_dtype))
 
 
+def _head_norm_backward(held, w_head, b_head, u2, stats, g2, b2, blocks):
+    """The 1x1x1 head's backward (none without `w_head`) and the second norm-act's, written into
+    the norm's storage `pre`: a block at a time where `blocks` is given (each block of the
+    head's input gradient made just before the norm reads it), else whole. `held` = [the
+    logits' gradient, the head's input, pre] is emptied, so that each is released as soon as it
+    is done with. The head's weight gradient comes first: its input is (but for ReLU) pre's
+    storage, which the norm-act backward then overwrites. Returns (dz, dgamma, dbeta, dw_head,
+    db_head)."""
+    g, head_in, pre = held
+    held.clear()
+    head_args = ([1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1)
+    dw_head = db_head = None
+    if w_head is not None:
+        _, dw_head, db_head = torch.ops.aten.convolution_backward(
+            g, head_in, w_head, None if b_head is None else [b_head.numel()], *head_args,
+            [False, True, b_head is not None])
+    del head_in
+    if blocks:
+        if w_head is not None:
+            g = g.contiguous()
+
+            def dy_block(n0, n1, c0, c1):
+                return _head_input_grad_block(g, w_head, n0, n1, c0, c1)
+        else:
+            def dy_block(n0, n1, c0, c1):
+                return g[n0:n1, c0:c1].clone()
+        dg2, db2 = norm_act_backward_into(pre, dy_block, u2, stats, g2, b2, blocks)
+        return pre, dg2, db2, dw_head, db_head
+    owned = w_head is not None
+    if owned:
+        g = torch.ops.aten.convolution_backward(
+            g, shape_only(pre), w_head, None, *head_args, [True, False, False])[0]
+    dz, dg2, db2 = _norm_act_backward(pre, g, u2, stats, g2, b2, owned=owned)
+    return dz, dg2, db2, dw_head, db_head
+
+
 class _NormHeadFunction(torch.autograd.Function):
     """The lean level's second norm-act (in place on z2) and the 1x1x1 head. Keeps the norm's
     output y2 (nobody else sees it: the block returns the head's output) and writes the head's
@@ -443,23 +455,13 @@ class _NormHeadFunction(torch.autograd.Function):
         ctx.done = True
         spec = ctx.spec
         u2 = spec.units[1]
-        head_args = ([1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1)
         with torch.no_grad():
-            g = g.to(spec.compute_dtype)
             (w_head,) = converted((w_head,), spec.compute_dtype)
-            _, dw_head, db_head = torch.ops.aten.convolution_backward(
-                g, y2, w_head, None if b_head is None else [b_head.numel()], *head_args,
-                [False, True, b_head is not None])
             blocks = blocks_of(y2, y2.shape[1]) if g.is_contiguous() else None
-            if blocks:
-                dg2, db2 = norm_act_backward_into(
-                    y2, lambda *b: _head_input_grad_block(g, w_head, *b), u2, (m2, v2), g2, b2,
-                    blocks)
-                dz2 = y2
-            else:
-                dy2 = torch.ops.aten.convolution_backward(
-                    g, shape_only(y2), w_head, None, *head_args, [True, False, False])[0]
-                dz2, dg2, db2 = _norm_act_backward(y2, dy2, u2, (m2, v2), g2, b2, owned=True)
+            held = [g.to(spec.compute_dtype), y2, y2]
+            del g, y2
+            dz2, dg2, db2, dw_head, db_head = _head_norm_backward(
+                held, w_head, b_head, u2, (m2, v2), g2, b2, blocks)
         t_head, t_bias = ctx.dtypes
         return (dz2, None, None if g2 is None else dg2.to(g2.dtype),
                 None if b2 is None else db2.to(b2.dtype), dw_head.to(t_head),

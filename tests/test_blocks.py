@@ -1,4 +1,5 @@
 """Recomputing blocks and the batch-norm-safe checkpoint."""
+import copy
 import itertools
 
 import pytest
@@ -274,11 +275,22 @@ def test_dropout_inside_checkpoint_gives_the_same_gradients():
 
 
 def test_autocast_bfloat16_cpu():
+    """Under bf16 autocast the recomputing block is as accurate as the same block run plainly
+    (stock convolutions in bf16): both against the float64 block, error relative to each
+    tensor's largest value. (The two bf16 runs round differently, e.g. the recomputing one
+    writes an input gradient slab by slab, so they are compared to the truth, not to each
+    other: the weight gradients' errors are a few percent in both.)"""
     torch.manual_seed(0)
     blocks = [RecomputeBlock3d(3, 4, residual=True, recompute=r) for r in (True, False)]
     blocks[1].load_state_dict(blocks[0].state_dict())
+    truth_block = copy.deepcopy(blocks[1]).double()
     x = torch.randn(2, 3, 6, 6, 6)
-    outs = []
+    xi = x.double().requires_grad_()
+    y = truth_block(xi)
+    y.square().sum().backward()
+    truth = (y.detach(), xi.grad, truth_block.unit1.conv.weight.grad,
+             truth_block.unit2.conv.weight.grad)
+    errors = []
     for b in blocks:
         xi = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -287,9 +299,13 @@ def test_autocast_bfloat16_cpu():
         y.float().square().sum().backward()
         assert xi.grad.dtype == torch.float32
         assert b.unit1.conv.weight.grad.dtype == torch.float32
-        outs.append((y.float(), xi.grad, b.unit1.conv.weight.grad))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+        got = (y.float(), xi.grad, b.unit1.conv.weight.grad, b.unit2.conv.weight.grad)
+        errors.append([((g.double() - t).abs().max() / t.abs().max()).item()
+                       for g, t in zip(got, truth)])
+    ours, stock = errors
+    for mine, theirs in zip(ours, stock):
+        assert mine <= 1.25 * theirs + 2e-3, (ours, stock)
+        assert mine < 0.1, ours
 
 
 @pytest.mark.parametrize("make,exc,words", [

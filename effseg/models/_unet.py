@@ -56,6 +56,13 @@ class UNetBase(nn.Module):
                     for level in range(1, len(self.channels) - 1)]
         return out
 
+    def _encode(self, level: int, block: nn.Module, h: torch.Tensor, skips: list) -> torch.Tensor:
+        """Runs encoder block `level` on `h`, appends its output to `skips` (the skip of its
+        level) and returns it. Subclasses may also replace earlier skips (see FullVolumeFCN)."""
+        h = block(h)
+        skips.append(h)
+        return h
+
     def forward(self, x: torch.Tensor):
         if not isinstance(x, torch.Tensor) or x.dim() != 5:
             raise ValueError(f"effseg: {self._name} expects (N, C, D, H, W), got "
@@ -67,9 +74,8 @@ class UNetBase(nn.Module):
         x, shape = pad_to_multiple(x, self.total_stride)
         skips = []
         h = x
-        for block in self.encoder:
-            h = block(h)
-            skips.append(h)
+        for i, block in enumerate(self.encoder):
+            h = self._encode(i, block, h, skips)
         coarse = []
         last = len(self.decoder) - 1
         for i, block in enumerate(self.decoder[:-1]):

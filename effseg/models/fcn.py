@@ -80,11 +80,25 @@ class FullVolumeFCN(UNetBase):
         self._build(
             lambda ci, co, s, i: RecomputeBlock3d(ci, co, kernel_size, s, norm, act,
                                                   recompute=per_level[i], keep_output=i > 0,
-                                                  lean=i == 0, split=i == 1),
+                                                  lean=i == 0, split=i >= 1,
+                                                  release_input=i == 1 and per_level[0],
+                                                  owns_grad=i == 0),
             lambda low, skip, co, s, i: DecoderBlock3d(low, skip, co, s, kernel_size, norm, act,
                                                        recompute=per_level[i],
                                                        keep_output=i > 0, lean=i == 0,
                                                        fold_upsampling=fold_upsampling))
+
+    def _encode(self, level, block, h, skips):
+        # Each split block passes its input on (an alias) as the skip of the level above, so
+        # that the decoder's gradient for the skip reaches that block's first convolution,
+        # which adds its own input gradient into it: no out-of-place sum by autograd (three
+        # tensors of the level's size), and no input gradient beside the input where the
+        # block also releases it (`RecomputeBlock3d._forward_passing_input`).
+        if level >= 1 and getattr(block, "split", False):
+            h, skips[level - 1] = block._forward_passing_input(h)
+            skips.append(h)
+            return h
+        return super()._encode(level, block, h, skips)
 
     def to_stock(self):
         """The same network (same weights and statistics) built from stock layers."""

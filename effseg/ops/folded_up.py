@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .slabs import MKLDNN, slab_conv
+
 
 def _positions(w_up: torch.Tensor, k: tuple[int, int, int]):
     """(a, window) for every kernel position a of W_up: the slices of K that a covers."""
@@ -36,39 +38,49 @@ def _positions(w_up: torch.Tensor, k: tuple[int, int, int]):
                   slice(aw, aw + k[2]))
 
 
-def _products(w_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """P[i, a, o, j] = sum_m W_up[i, m, a] * W[o, m, j] (one matrix product)."""
-    cin, cmid = w_up.shape[:2]
-    cout = w.shape[0]
-    up = w_up.reshape(cin, cmid, -1).transpose(1, 2).reshape(-1, cmid)    # (cin*S, cmid)
-    wm = w.reshape(cout, cmid, -1).transpose(0, 1).reshape(cmid, -1)      # (cmid, cout*k^3)
-    return (up @ wm).reshape(cin, -1, cout, *w.shape[2:])
+def _flipped_matrix(w: torch.Tensor) -> torch.Tensor:
+    """W flipped in space as a (Cmid, Cout*k^3) matrix: Wf[m, (o, j)] = W[o, m, k - 1 - j]."""
+    cout, cmid = w.shape[:2]
+    return w.flip(2, 3, 4).reshape(cout, cmid, -1).transpose(0, 1).reshape(cmid, -1)
 
 
 def folded_weight(w_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """K (Cin, Cout, s + k - 1 per axis) of the folded transposed convolution, from the
-    upsampling weight W_up (Cin, Cmid, s) and the convolution weight W (Cout, Cmid, k)."""
+    upsampling weight W_up (Cin, Cmid, s) and the convolution weight W (Cout, Cmid, k): one
+    (Cin x Cmid) @ (Cmid x Cout*k^3) product per upsampling position a, added into its window
+    of K (no temporary larger than one position's share)."""
     k = tuple(w.shape[2:])
-    p = _products(w_up, w)
+    cin, cmid = w_up.shape[:2]
+    cout = w.shape[0]
+    wf = _flipped_matrix(w)
+    up = w_up.reshape(cin, cmid, -1)
     size = tuple(a + b - 1 for a, b in zip(w_up.shape[2:], k))
-    K = w.new_zeros((w_up.shape[0], w.shape[0]) + size)
+    K = w.new_zeros((cin, cout) + size)
     for a, window in _positions(w_up, k):
-        K[window] += p[:, a].flip(2, 3, 4)
+        K[window] += (up[:, :, a] @ wf).reshape((cin, cout) + k)
     return K
 
 
 def folded_weight_backward(dK: torch.Tensor, w_up: torch.Tensor, w: torch.Tensor):
-    """(dW_up, dW) from the gradient of K."""
+    """(dW_up, dW) from the gradient of K, a position a at a time as in `folded_weight`."""
     k = tuple(w.shape[2:])
     cin, cmid = w_up.shape[:2]
     cout = w.shape[0]
-    dp = torch.stack([dK[window].flip(2, 3, 4) for _, window in _positions(w_up, k)], 1)
-    dp = dp.reshape(cin * dp.shape[1], cout * math.prod(k))               # (cin*S, cout*k^3)
-    up = w_up.reshape(cin, cmid, -1).transpose(1, 2).reshape(-1, cmid)    # (cin*S, cmid)
-    wm = w.reshape(cout, cmid, -1).transpose(0, 1).reshape(cmid, -1)      # (cmid, cout*k^3)
-    d_up = (dp @ wm.t()).reshape(cin, -1, cmid).transpose(1, 2).reshape(w_up.shape)
-    d_w = (up.t() @ dp).reshape(cmid, cout, -1).transpose(0, 1).reshape(w.shape)
-    return d_up, d_w
+    wf = _flipped_matrix(w)
+    up = w_up.reshape(cin, cmid, -1)
+    d_up = torch.empty_like(up)
+    d_wf = None
+    for a, window in _positions(w_up, k):
+        dka = dK[window].reshape(cin, -1)                                 # (cin, cout*k^3)
+        d_up[:, :, a] = dka @ wf.t()
+        part = up[:, :, a].t() @ dka                                      # (cmid, cout*k^3)
+        if d_wf is None:
+            d_wf = part
+        else:
+            d_wf += part
+        del dka, part
+    d_w = d_wf.reshape(cmid, cout, *k).transpose(0, 1).flip(2, 3, 4)
+    return d_up.reshape(w_up.shape), d_w.contiguous()
 
 
 def folds(low_shape, w_up_shape, w_shape, stride, padding, dilation, groups) -> bool:
@@ -118,24 +130,37 @@ def add_folded_conv_(z: torch.Tensor, low: torch.Tensor, K: torch.Tensor, stride
         del part
 
 
+def _whole_backend(dz_shape, like: torch.Tensor, w_shape, padding) -> int:
+    from .recompute import conv_backend
+    k = tuple(w_shape[2:])
+    return conv_backend(tuple(dz_shape), like, (w_shape[1], w_shape[0]) + k, (1, 1, 1),
+                        tuple(padding))
+
+
 def slab_rows(dz_shape, like: torch.Tensor, w_shape, padding, parts: int = 8) -> int | None:
     """The rows per slab `input_grad_into_` would use for an output gradient of `dz_shape`
     (dtype and device of `like`) and a weight of `w_shape`, or None where it would compute the
-    gradient whole: the most slabs, up to `parts`, whose convolutions run on the backend the
-    whole one would (ATen's oneDNN rule for small inputs), asked without computing anything."""
+    gradient whole; asked without computing anything. Where ATen would run the whole
+    convolution on oneDNN (CPU), the slabs run on oneDNN too, called directly
+    (`aten.mkldnn_convolution`: ATen's own rule would send thin slabs of few channels to its
+    slow kernel), `parts` of them; elsewhere, the most slabs, up to `parts`, on the backend
+    ATen picks for the whole."""
     k = tuple(w_shape[2:])
     D = dz_shape[2]
     if (w_shape[0] != w_shape[1] or k[0] % 2 == 0
             or tuple(padding) != tuple((n - 1) // 2 for n in k)):
         return None
     p = padding[0]
+    whole = _whole_backend(dz_shape, like, w_shape, padding)
+    if whole == MKLDNN:
+        rows = -(-D // parts)
+        return rows if rows + p < D else None
     from .recompute import conv_backend
     wt_shape = (w_shape[1], w_shape[0]) + k
 
     def backend(depth):
         return conv_backend((dz_shape[0], dz_shape[1], depth) + tuple(dz_shape[3:]), like,
                             wt_shape, (1, 1, 1), tuple(padding))
-    whole = backend(D)
     return next((r for r in sorted({-(-D // n) for n in range(2, parts + 1)})
                  if r + p < D and backend(r + p) == whole), None)
 
@@ -146,28 +171,34 @@ def input_grad_into_(dz: torch.Tensor, w: torch.Tensor, padding, parts: int = 8)
     slab by slab along the first spatial axis: the input gradient of such a convolution is the
     convolution of dz with w transposed and flipped. Each slab reads its rows and the next one
     (still intact) and the row before it from a saved copy (that row is overwritten by then),
-    so besides dz only about 1/`parts` of it exists at a time (all channels per slab: the
-    convolution runs as the whole one would). Returns False, touching nothing, where the slabs
-    would run on another backend than the whole (ATen's oneDNN rule for small inputs: the most
-    slabs, up to `parts`, that do not) or the shape does not fit;
-    the caller then computes the gradient whole."""
+    so besides dz only about 1/`parts` of it exists at a time (all channels per slab: each
+    slab's convolution runs on the backend the whole one would, see `slab_rows`). Returns
+    False, touching nothing, where the shape does not fit or no slabs keep the backend; the
+    caller then computes the gradient whole."""
     rows = slab_rows(tuple(dz.shape), dz, tuple(w.shape), padding, parts)
     if rows is None:
         return False
     p = padding[0]
     D = dz.shape[2]
-    wt = w.transpose(0, 1).flip(2, 3, 4)
+    wt = w.transpose(0, 1).flip(2, 3, 4).contiguous()
+    wt_top = wt[:, :, :1].contiguous()
+    conv = slab_conv(_whole_backend(tuple(dz.shape), dz, tuple(w.shape), padding))
     before = None  # the p rows above the slab, as they were before the slab above was written
     for d0 in range(0, D, rows):
         d1 = min(d0 + rows, D)
         e = min(d1 + p, D)
-        out = F.conv3d(dz[:, :, d0:e], wt, None, 1, tuple(padding))[:, :, :d1 - d0]
+        out = conv(dz[:, :, d0:e], wt, padding)[:, :, :d1 - d0]
         if before is not None:
-            # what the p rows above add to the slab's first p rows (the padding read zeros)
-            rows_above = torch.cat([before, before.new_zeros(before.shape[:2] + (2 * p,)
-                                                             + before.shape[3:])], 2)
-            out[:, :, :p] += F.conv3d(rows_above, wt, None, 1, (0,) + tuple(padding[1:]))
-            del rows_above
+            # What the p rows above add to the slab's first p rows (the padding read zeros):
+            # output row i < p reads them through the kernel's taps 0 .. p - 1 - i; with
+            # p = 1, row 0 through tap 0 alone (no zero rows to convolve).
+            if p == 1:
+                out[:, :, :1] += conv(before, wt_top, (0,) + tuple(padding[1:]))
+            else:
+                rows_above = torch.cat([before, before.new_zeros(
+                    before.shape[:2] + (2 * p,) + before.shape[3:])], 2)
+                out[:, :, :p] += conv(rows_above, wt, (0,) + tuple(padding[1:]))
+                del rows_above
         before = dz[:, :, d1 - p:d1].clone() if d1 < D else None
         dz[:, :, d0:d1] = out
         del out

@@ -61,6 +61,11 @@ class BlockSpec:
     # `_lean_backward`): where that unit is cheap (few input channels) and the block sits at the
     # step's memory peak (full resolution). Only without a kept output, residual or ReLU.
     lean: bool = False
+    # The incoming gradient is a fresh tensor that nothing else reads (the network makes sure:
+    # FullVolumeFCN's first block), so a lean backward writes its gradients into it and holds
+    # one tensor of the output's size besides it, computing the second unit's pre-activation a
+    # slab at a time (`_second_unit_in_slabs`).
+    owns_grad: bool = False
 
     @property
     def keeps_output(self) -> bool:
@@ -293,12 +298,99 @@ def _norm_act_backward(pre, dy, u: Unit, stats, gamma, beta, owned: bool):
     return dz, s_dzx, s_dz
 
 
+def second_conv_backward(held: list, w2, u2: Unit, owned: bool):
+    """(dy1, dw2) of the second convolution from `held` = [dz2, y1], which it empties: the
+    weight gradient first, then y1 is let go, and the input gradient is written over dz2 slab
+    by slab where dz2 is ours (`owned`), the convolution is one `input_grad_into_` takes and
+    the tensor is not small (on a CPU: where ATen would run the whole on oneDNN; below that
+    size its slow kernel runs and the slabs would save next to nothing), so that dz2, dy1 and
+    y1 need not coexist; else computed whole."""
+    from .folded_up import _whole_backend, input_grad_into_
+    from .slabs import MKLDNN, same_rows
+    dz2, y1 = held
+    held.clear()
+    args = (u2.stride, u2.padding, u2.dilation, u2.groups)
+    dw2 = _conv_backward(dz2, y1, w2, *args, False)[1]
+    shape = shape_only(y1)
+    del y1
+    if (owned and same_rows(tuple(w2.shape), *args)
+            and (dz2.device.type != "cpu" or _whole_backend(
+                tuple(dz2.shape), dz2, tuple(w2.shape), u2.padding) == MKLDNN)
+            and input_grad_into_(dz2, w2, u2.padding)):
+        return dz2, dw2
+    return _conv_backward(dz2, shape, w2, *args, True, False)[0], dw2
+
+
+def _second_unit_in_slabs(x, spec: BlockSpec, w1, g1, b1, w2, stats, parts: int = 8):
+    """The second unit's convolution output z2, computed a slab of rows at a time from the first
+    unit's output recomputed for each slab (with the rows around it that the convolution
+    reads) from x: the first unit's output never exists whole. None where a convolution is not
+    one `conv_rows` computes or the volume is too thin for slabs."""
+    from .slabs import conv_rows, same_rows, slab_conv
+    u1, u2 = spec.units
+    D = x.shape[2]
+    rows = -(-D // parts)
+    if (rows >= D or not same_rows(tuple(w1.shape), u1.stride, u1.padding, u1.dilation, u1.groups)
+            or not same_rows(tuple(w2.shape), u2.stride, u2.padding, u2.dilation, u2.groups)):
+        return None
+    cd = spec.compute_dtype
+    xc = x.to(cd)
+    conv1 = slab_conv(conv_backend(tuple(xc.shape), xc, tuple(w1.shape), (1, 1, 1), u1.padding))
+    y1_shape = (x.shape[0], w1.shape[0]) + tuple(x.shape[2:])
+    conv2 = slab_conv(conv_backend(y1_shape, xc, tuple(w2.shape), (1, 1, 1), u2.padding))
+    p2 = u2.padding[0]
+    z2 = None
+    for d0 in range(0, D, rows):
+        d1 = min(d0 + rows, D)
+        a, b = max(d0 - p2, 0), min(d1 + p2, D)
+        y1 = conv_rows(conv1, xc, 0, D, a, b, w1, u1.padding).contiguous(
+            memory_format=_layout(xc))
+        _norm_act_(y1, u1, stats[0], g1, b1)
+        part = conv_rows(conv2, y1, a, D, d0, d1, w2, u2.padding)
+        del y1
+        if z2 is None:
+            z2 = part.new_empty(part.shape[:2] + (D,) + part.shape[3:]).contiguous(
+                memory_format=_layout(xc))
+        z2[:, :, d0:d1] = part
+        del part
+    return z2
+
+
+def sole_tensor(t: torch.Tensor) -> bool:
+    """Whether `t` is the only tensor on its storage (no view, no alias a caller or a saved
+    tensor still holds), so that overwriting it cannot change what anyone else sees."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return False
+    storage = t.untyped_storage()
+    return count(storage._cdata) <= 2  # t's and the `storage` object's own reference
+
+
+def norm_act_backward_over(pre, grad, u: Unit, stats, gamma, beta, parts: int = 4):
+    """`_norm_act_backward` with dL/dz written into pre's storage where pre is ours alone
+    (`sole_tensor`: a recomputed pre-activation, or a kept output that nobody holds any more),
+    the incoming gradient copied a block at a time (`blocks_of`), so that besides pre and the
+    gradient only a block exists; as `_norm_act_backward` (a new tensor) where pre is shared,
+    not contiguous, has too few channels for blocks, or the activation is ReLU."""
+    blocks = blocks_of(pre, parts) if (u.activation != "relu" and grad.shape == pre.shape
+                                       and sole_tensor(pre)) else None
+    if blocks is None:
+        return _norm_act_backward(pre, grad, u, stats, gamma, beta, owned=False)
+
+    def dy_block(n0, n1, c0, c1):
+        return grad[n0:n1, c0:c1].to(pre.dtype, copy=True)
+    dgamma, dbeta = norm_act_backward_into(pre, dy_block, u, stats, gamma, beta, blocks)
+    return pre, dgamma, dbeta
+
+
 def _lean_backward(ctx, x, grad_out, w1, g1, b1, w2, g2, b2, stats):
     """The block's backward holding at most the incoming gradient and two tensors of the
     output's size: the first unit's output is computed three times (for the second unit, for
     the second convolution's weight gradient, for its own norm-act backward) and dropped in
     between, and the second convolution's two gradients are computed apart, so that its input
-    and its input gradient never coexist."""
+    and its input gradient never coexist. Where the incoming gradient is ours to overwrite
+    (`BlockSpec.owns_grad`), the gradients are written into it and the second unit is computed
+    in slabs: one tensor of the output's size besides it."""
     spec = ctx.spec
     cd = spec.compute_dtype
     u1, u2 = spec.units
@@ -306,18 +398,20 @@ def _lean_backward(ctx, x, grad_out, w1, g1, b1, w2, g2, b2, stats):
     def first_unit():
         return block_forward(x, spec, w1, g1, b1, w2, g2, b2, None, stats=stats, units=1)[2][0][1]
 
-    y1 = first_unit()
-    pre2 = _norm_act_(_conv(y1, w2, u2), u2, stats[1], g2, b2)[0]
-    del y1
-    dz2, dg2, db2 = _norm_act_backward(pre2, grad_out.to(cd), u2, stats[1], g2, b2, owned=False)
+    owned = spec.owns_grad and grad_out.dtype == cd
+    z2 = _second_unit_in_slabs(x, spec, w1, g1, b1, w2, stats) if owned else None
+    if z2 is None:
+        y1 = first_unit()
+        z2 = _conv(y1, w2, u2)
+        del y1
+    pre2 = _norm_act_(z2, u2, stats[1], g2, b2)[0]
+    del z2
+    dz2, dg2, db2 = _norm_act_backward(pre2, grad_out.to(cd), u2, stats[1], g2, b2,
+                                       owned=owned)
     del pre2
-    y1 = first_unit()
-    args = (u2.stride, u2.padding, u2.dilation, u2.groups)
-    dw2 = _conv_backward(dz2, y1, w2, *args, False)[1]
-    shape = shape_only(y1)
-    del y1
-    dy1 = _conv_backward(dz2, shape, w2, *args, True, False)[0]
+    held = [dz2, first_unit()]
     del dz2
+    dy1, dw2 = second_conv_backward(held, w2, u2, owned=True)
     y1 = first_unit()
     dz1, dg1, db1 = _norm_act_backward(y1, dy1, u1, stats[0], g1, b1, owned=True)
     del y1, dy1
@@ -378,9 +472,9 @@ class RecomputeBlockFunction(torch.autograd.Function):
             dz2, dg2, db2 = _norm_act_backward(pre2, grad_out.to(cd), u2, (m2, v2), g2,
                                                b2, owned=False)
             del pre2
-            dy1, dw2 = _conv_backward(dz2, y1, w2, u2.stride, u2.padding, u2.dilation,
-                                      u2.groups, True)
+            held = [dz2, y1]
             del dz2, y1
+            dy1, dw2 = second_conv_backward(held, w2, u2, owned=True)
             dz1, dg1, db1 = _norm_act_backward(pre1, dy1, u1, (m1, v1), g1, b1,
                                                owned=True)
             del pre1, dy1

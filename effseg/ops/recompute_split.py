@@ -15,13 +15,22 @@ tensors are released before the input's gradient is born:
 Rest's backward recomputes z1 from x and returns dL/dz1; FirstConv's turns it into dL/dx and
 the first weight's gradient. Only for blocks without residual and without ReLU (the fused
 activation is then the unit's output).
+
+`release_input=True` goes one step further where the block's input is held by nobody else once
+backward reaches the first convolution (a network's second block, when the first one keeps
+only its own input and the decoder that shares the skip has run its backward): FirstConv keeps
+x outside `save_for_backward` (`keep_output`), computes the weight's gradient first and lets x
+go before dL/dx is born, so x, its gradient and the skip's gradient from the decoder (which
+autograd holds to add dL/dx to it) are never alive together. That backward then runs once: a
+second one (retain_graph=True) raises.
 """
 from __future__ import annotations
 
 import torch
 
 from .recompute import (BlockSpec, _conv, _conv_backward, _norm_act_, _norm_act_backward,
-                        _unit_stats, converted, keep_output, take_output)
+                        _unit_stats, converted, keep_output, norm_act_backward_over,
+                        second_conv_backward, take_output)
 
 
 def splits(spec: BlockSpec) -> bool:
@@ -32,23 +41,59 @@ def splits(spec: BlockSpec) -> bool:
 
 class _FirstConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, spec: BlockSpec, w1):
+    def forward(ctx, x, spec: BlockSpec, w1, release_input: bool, pass_input: bool):
         (w1c,) = converted((w1,), spec.compute_dtype)
-        ctx.save_for_backward(x, w1)
+        ctx.release = release_input
+        ctx.set_materialize_grads(False)
+        if release_input:
+            keep_output(ctx, x)
+            ctx.save_for_backward(w1)
+        else:
+            ctx.save_for_backward(x, w1)
         ctx.spec = spec
-        return _conv(x.to(spec.compute_dtype), w1c, spec.units[0])
+        z1 = _conv(x.to(spec.compute_dtype), w1c, spec.units[0])
+        return (z1, x) if pass_input else z1
 
     @staticmethod
-    def backward(ctx, dz1):
-        x, w1 = ctx.saved_tensors
+    def backward(ctx, dz1, dskip=None):
+        if ctx.release:
+            x = take_output(ctx)
+            if x is None:
+                raise RuntimeError(
+                    "effseg: a split block with release_input=True lets its input go in its "
+                    "first backward; it cannot run backward twice (retain_graph=True)")
+            (w1,) = ctx.saved_tensors
+        else:
+            x, w1 = ctx.saved_tensors
         spec = ctx.spec
         cd = spec.compute_dtype
         u1 = spec.units[0]
+        args = (u1.stride, u1.padding, u1.dilation, u1.groups)
+        x_dtype = x.dtype
         with torch.no_grad():
             (w1c,) = converted((w1,), cd)
-            dx, dw1 = _conv_backward(dz1.to(cd), x.to(cd), w1c, u1.stride, u1.padding,
-                                     u1.dilation, u1.groups, ctx.needs_input_grad[0])
-        return None if dx is None else dx.to(x.dtype), None, dw1.to(w1.dtype)
+            dw1 = dx = None
+            if dz1 is not None:
+                dz1 = dz1.to(cd)
+                # The weight's gradient first, so that x can go before its own gradient is born.
+                dw1 = _conv_backward(dz1, x.to(cd), w1c, *args, False)[1].to(w1.dtype)
+            shape = x.new_empty((), dtype=cd).expand(x.shape)
+            del x
+            if dz1 is not None and ctx.needs_input_grad[0]:
+                dx = _conv_backward(dz1, shape, w1c, *args, True, False)[0]
+                del dz1
+            if dskip is not None:
+                # The skip consumer's gradient (passed-on input, see `split_block`): a fresh
+                # tensor that nothing else reads (FullVolumeFCN's decoder makes it), ours to
+                # add into where its dtype is x's.
+                if dx is None:
+                    dx = dskip
+                elif dskip.dtype == x_dtype:
+                    dx = dskip.add_(dx)
+                else:
+                    dx = dskip + dx
+                del dskip
+        return None if dx is None else dx.to(x_dtype), None, dw1, None, None
 
 
 class _RestFunction(torch.autograd.Function):
@@ -86,12 +131,13 @@ class _RestFunction(torch.autograd.Function):
             else:
                 pre2 = kept
             del kept
-            dz2, dg2, db2 = _norm_act_backward(pre2, grad_out.to(cd), u2, (m2, v2), g2, b2,
-                                               owned=False)
+            # pre2 (kept or recomputed) is ours by now: the consumers of the block's output
+            # have run their backward, so dL/dz2 is written over it.
+            dz2, dg2, db2 = norm_act_backward_over(pre2, grad_out, u2, (m2, v2), g2, b2)
             del pre2, grad_out
-            dy1, dw2 = _conv_backward(dz2, y1, w2c, u2.stride, u2.padding, u2.dilation,
-                                      u2.groups, True)
+            held = [dz2, y1]
             del dz2, y1
+            dy1, dw2 = second_conv_backward(held, w2c, u2, owned=True)
             dz1, dg1, db1 = _norm_act_backward(pre1, dy1, u1, (m1, v1), g1, b1, owned=True)
         return (dz1, None, None, None, None if g1 is None else dg1.to(g1.dtype),
                 None if b1 is None else db1.to(b1.dtype), dw2.to(w2.dtype),
@@ -99,8 +145,18 @@ class _RestFunction(torch.autograd.Function):
                 None if b2 is None else db2.to(b2.dtype))
 
 
-def split_block(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2):
-    """The block's output, through the two Functions (see the module docstring)."""
-    z1 = _FirstConvFunction.apply(x, spec, w1)
+def split_block(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, release_input: bool = False,
+                pass_input: bool = False):
+    """The block's output, through the two Functions (see the module docstring); with
+    `pass_input`, (output, x'), x' an alias of x that the first convolution returns: the
+    consumer of x' (a skip connection) sends its gradient to that convolution's backward, which
+    adds the input gradient into it in place. So the consumer's backward must hand over a fresh
+    gradient that nothing else reads (a convolution's or effseg decoder block's does; an
+    addition's, which hands the same tensor to both its inputs, does not)."""
+    if pass_input:
+        z1, passed = _FirstConvFunction.apply(x, spec, w1, release_input, True)
+    else:
+        z1 = _FirstConvFunction.apply(x, spec, w1, release_input, False)
     # Rest's second output (its norm's output, in z1's storage) is dropped here.
-    return _RestFunction.apply(z1, x, spec, w1, g1, b1, w2, g2, b2)[0]
+    out = _RestFunction.apply(z1, x, spec, w1, g1, b1, w2, g2, b2)[0]
+    return (out, passed) if pass_input else out

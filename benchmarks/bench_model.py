@@ -76,24 +76,50 @@ def loss_fn(classes: int):
     return lambda out, target: loss(out.float(), target)
 
 
-def measure(variant, edge, device, amp, reps, classes=3):
+def as_shape(size) -> tuple[int, int, int, int]:
+    """(batch, D, H, W) from an edge (a cube, batch 1) or a "NxDxHxW" string."""
+    if isinstance(size, int):
+        return (1, size, size, size)
+    if isinstance(size, (tuple, list)):
+        return tuple(int(v) for v in size)
+    parts = [int(v) for v in str(size).lower().split("x")]
+    if len(parts) != 4 or min(parts) < 1:
+        raise ValueError(f"bench_model: a shape is NxDxHxW (batch and volume), got {size!r}")
+    return tuple(parts)
+
+
+def label(shape) -> str:
+    n, d, h, w = shape
+    return f"{d}^3" if n == 1 and d == h == w else f"{n}x{d}x{h}x{w}"
+
+
+def measure(variant, size, device, amp, reps, classes=3):
+    shape = as_shape(size)
+    n, spatial = shape[0], shape[1:]
     model = build(variant, classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(1, 1, edge, edge, edge, device=device)
-    target = torch.randint(0, classes, (1, edge, edge, edge), device=device)
+    x = torch.randn(n, 1, *spatial, device=device)
+    target = torch.randint(0, classes, (n,) + spatial, device=device)
     lf = loss_fn(classes)
     ctx = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
-
-    def run_step():
-        with ctx:
-            step_peak(model, x, target, lf, opt)
 
     def forward_loss():
         with ctx:
             return lf(model(x), target)
 
-    run_step()  # warm-up: algorithm choice, Adam state
-    row = {"variant": variant, "edge": edge, "voxels": edge ** 3,
+    def timed():
+        opt.zero_grad(set_to_none=True)
+        forward_loss().backward()
+        opt.step()
+
+    # Timed first, after a warm-up (algorithm choice, Adam state): the RSS probe below
+    # (`step_peak`) switches glibc to mmap for every allocation above 64 KiB for the rest of the
+    # process, which would charge page faults to every later temporary, as no training run has.
+    timed()
+    seconds = time_it(timed, device, reps, warmup=1)
+    cube = n == 1 and len(set(spatial)) == 1
+    row = {"variant": variant, "edge": spatial[0] if cube else None, "shape": list(shape),
+           "voxels": n * spatial[0] * spatial[1] * spatial[2],
            "parameters": sum(p.numel() for p in model.parameters()),
            "saved_bytes": saved_bytes(forward_loss)}
     with ctx:
@@ -110,13 +136,7 @@ def measure(variant, edge, device, amp, reps, classes=3):
             opt.step()
             opt.zero_grad(set_to_none=True)
         row["alloc_bytes"] = peak_allocated(step)
-
-    def timed():
-        opt.zero_grad(set_to_none=True)
-        forward_loss().backward()
-        opt.step()
-
-    row["seconds"] = time_it(timed, device, reps, warmup=0)
+    row["seconds"] = seconds
     return row
 
 
@@ -161,6 +181,9 @@ def largest_cube(variant, device, amp, lo=64, hi=1024, step=32, seconds=150.0) -
 
 def predict(rows, edge: int) -> dict:
     """Least-squares line peak = a + b * voxels per variant, evaluated at edge^3."""
+    rows = [r for r in rows if r["edge"] is not None]
+    if not rows:
+        return {}
     key = "alloc_bytes" if rows[0].get("alloc_bytes") is not None else "peak_bytes"
     out = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
@@ -195,6 +218,9 @@ def plot(rows, path):
         return
     # CPU: the peak of bytes held by tensors (RSS adds the allocator's and oneDNN's own memory);
     # CUDA: the allocator's peak.
+    rows = [r for r in rows if r["edge"] is not None]
+    if not rows:
+        return
     key = "alloc_bytes" if rows[0].get("alloc_bytes") is not None else "peak_bytes"
     fig, ax = plt.subplots(figsize=(6, 4))
     styles = ["o-", "s--", "^-.", "d:"]
@@ -219,6 +245,9 @@ def main(argv=None):
     parser.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--edges", type=int, nargs="+")
+    parser.add_argument("--shapes", nargs="+", default=[], metavar="NxDxHxW",
+                        help="also these batch sizes and volumes, e.g. 2x40x40x28 (the phantom "
+                             "job's)")
     parser.add_argument("--bisect", type=float, default=0.0, metavar="SECONDS",
                         help="on a GPU, spend up to SECONDS per variant finding the largest "
                              "cube that trains")
@@ -233,13 +262,13 @@ def main(argv=None):
                              "variant, tensor peak on CPU) and extrapolate to EDGE^3")
     parser.add_argument("--out", default="benchmarks/out/bench_model.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--edge", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
     reps = args.reps or (5 if device.type == "cuda" else 2)
     if args.worker:
-        print(json.dumps(measure(args.worker, args.edge, device, amp, reps)))
+        print(json.dumps(measure(args.worker, as_shape(args.shape), device, amp, reps)))
         return
     if args.edges:
         edges = args.edges
@@ -254,7 +283,7 @@ def main(argv=None):
         """The JSON so far: a run stopped by a time limit keeps what it measured."""
         for r in rows:
             ref = next((s for s in rows
-                        if s["edge"] == r["edge"] and s["variant"] == "StockUNet3d"), None)
+                        if s["shape"] == r["shape"] and s["variant"] == "StockUNet3d"), None)
             for k in ("saved_bytes", "peak_bytes", "alloc_bytes", "seconds", "parameters"):
                 r[k.split("_")[0] + "_vs_stock"] = (
                     None if ref is None or r[k] is None else r[k] / ref[k])
@@ -266,18 +295,20 @@ def main(argv=None):
     def time_left() -> float:
         return args.time_limit - (time.time() - start) if args.time_limit else float("inf")
 
-    for edge in edges:
+    shapes = [as_shape(e) for e in edges] + [as_shape(s) for s in args.shapes]
+    for shape in shapes:
         for variant in filter(available, args.variants or VARIANTS):
             if time_left() <= 0:
-                skipped.append([variant, edge])
+                skipped.append([variant, label(shape)])
                 continue
             if device.type == "cpu":
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--edge",
-                       str(edge), "--device", "cpu", "--amp", args.amp, "--reps", str(reps)]
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--shape",
+                       "x".join(map(str, shape)), "--device", "cpu", "--amp", args.amp,
+                       "--reps", str(reps)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             else:
-                rows.append(measure(variant, edge, device, amp, reps))
+                rows.append(measure(variant, shape, device, amp, reps))
                 torch.cuda.empty_cache()
             save()
     if args.bisect and device.type == "cuda":
@@ -295,7 +326,7 @@ def main(argv=None):
           + f"{'step s':>8} {'x':>5}")
     for r in filter(lambda r: r["saved_vs_stock"] is not None, rows):
         alloc = (f"{r['alloc_bytes'] / 2**20:11.1f} {r['alloc_vs_stock']:5.2f} " if cpu else "")
-        print(f"{r['edge']:>4}^3     {r['variant']:<22} {r['parameters'] / 1e6:8.2f} "
+        print(f"{label(r['shape']):<10} {r['variant']:<22} {r['parameters'] / 1e6:8.2f} "
               f"{r['saved_bytes'] / 2**20:9.1f} {r['saved_vs_stock']:5.2f} "
               f"{r['peak_bytes'] / 2**20:14.1f} {r['peak_vs_stock']:5.2f} {alloc}"
               f"{r['seconds']:8.3f} {r['seconds_vs_stock']:5.2f}")

@@ -7,21 +7,27 @@ level's encoder output and the decoder's low-resolution input: every block keeps
 inputs, and keeps its output only where the next layer keeps it anyway (`keep_output`), which
 spares recomputing its second unit.
 
-The step's memory peak is in the backward of the full-resolution level, so there the network
-trades a little time for it: the full-resolution encoder and decoder blocks are `lean`. The
-encoder block recomputes its cheap first unit (one input channel) rather than keep it; the
-decoder level runs as three autograd Functions (skip fusion, first norm-act and second
-convolution, second norm-act and the head), so that autograd releases each gradient it hands
-over (the logits', then dz2, then dz1) as soon as its Function is done, writes its norm-act
-gradients into the tensors they come from and the second convolution's input gradient over its
-output gradient, slab by slab. Every decoder level folds its upsampling into the convolution
-after it (`effseg.ops.folded_up`: no full-resolution upsampled tensor, about half the
-multiply-adds of the two), and the second encoder block runs split (`split=True`), so that its
-output's gradient is gone before its input's, full resolution, is born. At the peak live three
-full-resolution tensors of the first level's width (the skip, which the next encoder block
-keeps, and two) besides the coarser levels' saved tensors and the parameters' gradients
-(measured: `effseg.memory.peak_allocated`, second step, 0.198x the stock twin's at 1x1x96^3,
-0.194x in bf16 autocast).
+The step's memory peak is in the backward of the two finest levels, so there the network
+trades a little time for it. The full-resolution encoder and decoder blocks are `lean`: the
+encoder block recomputes its cheap first unit (one input channel) rather than keep it, writes
+its gradients into the incoming one (`owns_grad`: the network makes sure nothing else reads it)
+and recomputes its second unit a slab of rows at a time; the decoder level runs as three
+autograd Functions (skip fusion, first norm-act and second convolution, second norm-act and the
+head), so that autograd releases each gradient it hands over (the logits', then dz2, then dz1)
+as soon as its Function is done, writes its norm-act gradients into the tensors they come from
+and the convolutions' input gradients over their output gradients, slab by slab. Every decoder
+level folds its upsampling into the convolution after it (`effseg.ops.folded_up`: no
+full-resolution upsampled tensor, about half the multiply-adds of the two). The encoder blocks
+below the first run split (`split=True`: the output's gradient is gone before the input's is
+born) and pass their input on as the skip of the level above (`_encode`), so the decoder's
+gradient for the skip reaches the block's first convolution, which adds its input gradient
+into it rather than autograd summing the two into a third tensor; the second block also lets
+its input (the finest skip) go before that gradient is born (`release_input`). Measured
+(`effseg.memory.peak_allocated`, second step, 1x1xE^3): 0.198x the stock twin's at 64^3 and
+96^3, 0.197x at 128^3 in float32; 0.194x (96^3) and 0.196x (128^3) in bf16 autocast, 0.229x at
+64^3, where the parameters' float32 gradients (16 MB, 10% of the stock twin's peak there) and
+the finest skip with its gradient, both held through the deeper levels' backward, already make
+0.19x.
 
 Outputs are dense tensors in the input's memory format (contiguous or channels-last), also when
 the padding is cropped off, so `DiceCELoss` and exporters take them as they are.

@@ -44,11 +44,26 @@ def _flipped_matrix(w: torch.Tensor) -> torch.Tensor:
     return w.flip(2, 3, 4).reshape(cout, cmid, -1).transpose(0, 1).reshape(cmid, -1)
 
 
+_GROUP_ELEMENTS = 1 << 18  # products computed per matrix multiplication (1 MiB in float32)
+
+
+def _groups(w_up: torch.Tensor, w: torch.Tensor):
+    """The upsampling positions in groups whose products (Cin x Cout*k^3 each) hold at most
+    `_GROUP_ELEMENTS` values together: [(first, last + 1, windows)]."""
+    cin, cout = w_up.shape[0], w.shape[0]
+    k = tuple(w.shape[2:])
+    per = max(1, _GROUP_ELEMENTS // (cin * cout * math.prod(k)))
+    positions = list(_positions(w_up, k))
+    return [(positions[i][0], positions[min(i + per, len(positions)) - 1][0] + 1,
+             [win for _, win in positions[i:i + per]]) for i in range(0, len(positions), per)]
+
+
 def folded_weight(w_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """K (Cin, Cout, s + k - 1 per axis) of the folded transposed convolution, from the
-    upsampling weight W_up (Cin, Cmid, s) and the convolution weight W (Cout, Cmid, k): one
-    (Cin x Cmid) @ (Cmid x Cout*k^3) product per upsampling position a, added into its window
-    of K (no temporary larger than one position's share)."""
+    upsampling weight W_up (Cin, Cmid, s) and the convolution weight W (Cout, Cmid, k): the
+    products (Cin x Cmid) @ (Cmid x Cout*k^3) of a group of upsampling positions in one matrix
+    multiplication, each added into its window of K (groups bound the temporary: a deep level's
+    products for all positions at once would be 8x K)."""
     k = tuple(w.shape[2:])
     cin, cmid = w_up.shape[:2]
     cout = w.shape[0]
@@ -56,13 +71,18 @@ def folded_weight(w_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     up = w_up.reshape(cin, cmid, -1)
     size = tuple(a + b - 1 for a, b in zip(w_up.shape[2:], k))
     K = w.new_zeros((cin, cout) + size)
-    for a, window in _positions(w_up, k):
-        K[window] += (up[:, :, a] @ wf).reshape((cin, cout) + k)
+    for a0, a1, windows in _groups(w_up, w):
+        prod = (up[:, :, a0:a1].transpose(1, 2).reshape(-1, cmid) @ wf).reshape(
+            (cin, a1 - a0, cout) + k)
+        for i, window in enumerate(windows):
+            K[window] += prod[:, i]
+        del prod
     return K
 
 
 def folded_weight_backward(dK: torch.Tensor, w_up: torch.Tensor, w: torch.Tensor):
-    """(dW_up, dW) from the gradient of K, a position a at a time as in `folded_weight`."""
+    """(dW_up, dW) from the gradient of K, a group of positions at a time as in
+    `folded_weight`."""
     k = tuple(w.shape[2:])
     cin, cmid = w_up.shape[:2]
     cout = w.shape[0]
@@ -70,15 +90,15 @@ def folded_weight_backward(dK: torch.Tensor, w_up: torch.Tensor, w: torch.Tensor
     up = w_up.reshape(cin, cmid, -1)
     d_up = torch.empty_like(up)
     d_wf = None
-    for a, window in _positions(w_up, k):
-        dka = dK[window].reshape(cin, -1)                                 # (cin, cout*k^3)
-        d_up[:, :, a] = dka @ wf.t()
-        part = up[:, :, a].t() @ dka                                      # (cmid, cout*k^3)
+    for a0, a1, windows in _groups(w_up, w):
+        dk = torch.stack([dK[window] for window in windows], 1).reshape(cin * (a1 - a0), -1)
+        d_up[:, :, a0:a1] = (dk @ wf.t()).reshape(cin, a1 - a0, cmid).transpose(1, 2)
+        part = up[:, :, a0:a1].transpose(1, 2).reshape(-1, cmid).t() @ dk  # (cmid, cout*k^3)
         if d_wf is None:
             d_wf = part
         else:
             d_wf += part
-        del dka, part
+        del dk, part
     d_w = d_wf.reshape(cmid, cout, *k).transpose(0, 1).flip(2, 3, 4)
     return d_up.reshape(w_up.shape), d_w.contiguous()
 

@@ -34,7 +34,7 @@ from .folded_up import (add_folded_conv_, folded_conv, folded_weight, folded_wei
                         folds, input_grad_into_)
 from .recompute import (Unit, _conv, _conv_backward, _norm_act_, _norm_act_backward, _unit_stats,
                         conv_backend, converted, blocks_of, keep_output, norm_act_backward_into,
-                        shape_only, take_output)
+                        second_conv_backward, shape_only, sole_tensor, take_output)
 
 
 @dataclass
@@ -276,7 +276,7 @@ def _unit1_backward(held: list, pre1, w2, spec: DecoderSpec, stats1, g1, b1, lea
 
 
 def _fusion_backward(dz1, low, skip, spec: DecoderSpec, w_up, w_skip, w_cat_up, w_cat, K,
-                     needs):
+                     needs, over_dz: bool = False):
     """(dlow, dskip, dw_up, dw_skip, dw_cat_up) from the first unit's pre-activation gradient.
     The upsampling branch first: up and its gradient (unfolded) die before the skip's gradient
     (full resolution) is born."""
@@ -285,7 +285,14 @@ def _fusion_backward(dz1, low, skip, spec: DecoderSpec, w_up, w_skip, w_cat_up, 
     args = (u1.stride, u1.padding, u1.dilation, u1.groups)
     if K is not None:
         dlow, dw_up, dw_cat_up = _fold_backward(dz1, low, K, w_up, w_cat_up, spec, needs[0])
-        dskip, dw_skip = _conv_backward(dz1, skip.to(cd), w_skip, *args, needs[1])
+        if needs[1] and over_dz:
+            # dz1 is ours alone: the skip's gradient is written over it (see
+            # `second_conv_backward`), after the weight's, which reads it.
+            held = [dz1, skip.to(cd)]
+            del dz1
+            dskip, dw_skip = second_conv_backward(held, w_skip, u1, owned=True)
+        else:
+            dskip, dw_skip = _conv_backward(dz1, skip.to(cd), w_skip, *args, needs[1])
         return dlow, dskip, dw_up, dw_skip, dw_cat_up
     up = _upsample(low, skip, spec, w_up)
     if w_cat is not None:
@@ -338,8 +345,10 @@ class _FusionFunction(torch.autograd.Function):
         with torch.no_grad():
             K = folded_weight(w_up, w_cat_up).to(spec.compute_dtype)
             (w_skip,) = converted((w_skip,), spec.compute_dtype)
+            over_dz = dz.dtype == spec.compute_dtype and sole_tensor(dz)
             dlow, dskip, dw_up, dw_skip, dw_cat_up = _fusion_backward(
-                dz, low, skip, spec, w_up, w_skip, w_cat_up, None, K, ctx.needs_input_grad[:2])
+                dz, low, skip, spec, w_up, w_skip, w_cat_up, None, K, ctx.needs_input_grad[:2],
+                over_dz)
         t_up, t_skip, t_cat_up = ctx.weight_dtypes
         return (None if dlow is None else dlow.to(low.dtype),
                 dskip.to(skip.dtype) if ctx.needs_input_grad[1] else None, None,

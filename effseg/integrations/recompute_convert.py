@@ -670,13 +670,13 @@ def measure_segments(probe: nn.Module, segments: list[Segment], example_input) -
     fixed = {t.untyped_storage()._cdata for t in (*probe.parameters(), *probe.buffers())}
     # a storage's id: its address may be reused once it is freed (nothing here keeps it)
     ids: dict[int, tuple[StorageWeakRef, int]] = {}
-    sizes: dict[int, int] = {}
+    sizes: dict[int, int] = {}  # id -> bytes
 
     def uid(t: torch.Tensor) -> int:
         st = t.untyped_storage()
         known = ids.get(st._cdata)
         if known is None or known[0].expired():
-            known = ids[st._cdata] = (StorageWeakRef(st), len(ids) + len(sizes))
+            known = ids[st._cdata] = (StorageWeakRef(st), len(sizes))
         sizes[known[1]] = st.nbytes()
         return known[1]
 

@@ -47,7 +47,7 @@ def test_no_weight_sized_transient_once_grad_exists():
         peaks[name] = peak_allocated(lambda: y.sum().backward())
     w = stock.weight.nbytes
     assert peaks["stock"] >= w  # autograd's whole weight gradient
-    # slices of at most an eighth of the weight, besides the activations' gradients
+    # slices of at most 1/MAX_SLICES of the weight, besides the activations' gradients
     assert peaks["ours"] <= w / grad_into.MAX_SLICES + 4 * x.nbytes, (peaks, w)
     torch.testing.assert_close(ours.weight.grad, stock.weight.grad, rtol=1e-10, atol=1e-12)
 

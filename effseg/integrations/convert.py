@@ -96,6 +96,9 @@ class ConversionReport:
     # of the forward left stock, with the reason
     segments: list = field(default_factory=list)
     not_recomputed: list[Skipped] = field(default_factory=list)
+    # recompute=True: what the cost policy (recompute_convert.plain_where_costly) did, or why it
+    # did not run
+    policy: str = ""
 
     def reason(self, path: str) -> str | None:
         """Why the norm at `path` was left stock (None if it was replaced or is unknown)."""
@@ -112,6 +115,8 @@ class ConversionReport:
                          f"{len(self.not_recomputed)} left stock")
             lines += [f"  {seg}" for seg in self.segments]
             lines += [f"  {s.path}: not recomputed: {s.reason}" for s in self.not_recomputed]
+        if self.policy:
+            lines.append(f"  {self.policy}")
         return "\n".join(lines)
 
 
@@ -421,7 +426,8 @@ def _plan(graphs: list, failed: dict[str, str], norms: dict[str, nn.Module],
 
 def convert(model: nn.Module, inplace: bool = False, recompute: bool | str = False,
             example_input=None, budget: int | None = None, sync: bool = False,
-            process_group=None) -> tuple[nn.Module, ConversionReport]:
+            process_group=None, plain_fraction: float | None = None
+            ) -> tuple[nn.Module, ConversionReport]:
     """Fuses norm + activation pairs of `model` into effseg's in-place modules.
 
     With `recompute=True` it also cuts the training forward into recomputing segments that keep
@@ -432,6 +438,20 @@ def convert(model: nn.Module, inplace: bool = False, recompute: bool | str = Fal
     `recompute="auto"` (with `budget` bytes and `example_input`) recomputes only as many
     segments as keep the tensor peak of a training step on the example within the budget, as
     measured (effseg.integrations.recompute_convert.choose).
+
+    With `recompute=True` and `example_input`, a cost policy (recompute_convert.
+    plain_where_costly) leaves plain the segments whose recomputation costs the most convolution
+    multiply-adds per byte it saves, as long as the bytes they keep stay within `plain_fraction`
+    (default 0.03, `recompute_convert.PLAIN_FRACTION`) of the bytes the forward saves for
+    backward without recomputation, all measured by one forward on the example (it needs the
+    memory of an inference forward; the random number generators are restored): on U-Nets the
+    deep, wide, coarse levels, whose recomputation costs much time and saves little memory.
+    Without `example_input` it does not run (segment sizes cannot be known from the traced graph
+    alone; deciding at the first training forward instead would leave the report returned here
+    wrong) and every segment but the model's last is recomputed; `plain_fraction=0` recomputes
+    them all with an example too. The report's `not_recomputed` lists each segment it left
+    plain with its multiply-adds, bytes and rank, and `policy` says what it did or why it did
+    not run.
 
     Returns `(converted model, report)`. With `inplace=False` (default) `model` is left as it is
     and a deep copy is converted; with `inplace=True` `model` itself is changed (its parameters
@@ -457,6 +477,16 @@ def convert(model: nn.Module, inplace: bool = False, recompute: bool | str = Fal
                          f"{type(example_input).__name__})")
     if budget is not None and recompute != "auto":
         raise ValueError("effseg.convert: budget= is used only with recompute='auto'")
+    if plain_fraction is not None:
+        if recompute is not True:
+            raise ValueError("effseg.convert: plain_fraction= is used only with recompute=True")
+        if isinstance(plain_fraction, bool) or not isinstance(plain_fraction, (int, float)) or (
+                not 0 <= plain_fraction < 1):
+            raise ValueError("effseg.convert: plain_fraction must be a number in [0, 1), got "
+                             f"{plain_fraction!r}")
+        if plain_fraction > 0 and example_input is None:
+            raise ValueError("effseg.convert: plain_fraction > 0 needs example_input= (the cost "
+                             "policy measures the segments on it)")
     if sync and recompute:
         raise ValueError("effseg.convert: sync=True and recompute together are not supported "
                          "yet (recomputed segments replay local statistics only)")
@@ -513,10 +543,21 @@ def convert(model: nn.Module, inplace: bool = False, recompute: bool | str = Fal
     if sync:
         target = convert_sync(target, process_group)
     if recompute:
-        from .recompute_convert import add_recompute, choose
+        from .recompute_convert import PLAIN_FRACTION, add_recompute, choose, plain_where_costly
         report.segments, report.not_recomputed = add_recompute(target, example_input)
         if recompute == "auto" and report.segments:
             report.not_recomputed += choose(target, report.segments, budget, example_input)
+        elif recompute is True and report.segments:
+            fraction = PLAIN_FRACTION if plain_fraction is None else plain_fraction
+            if fraction == 0:
+                report.policy = "cost policy: not run (plain_fraction=0)"
+            elif example_input is None:
+                report.policy = ("cost policy: not run (no example_input to measure the "
+                                 "segments on); every segment but the model's last recomputed")
+            else:
+                entries, report.policy = plain_where_costly(target, report.segments,
+                                                            example_input, fraction)
+                report.not_recomputed += entries
     return target, report
 
 

@@ -15,6 +15,17 @@ The model's last segment runs plainly: its backward is the first, right after th
 recomputing it would bring back at once what a plain run keeps until then (the same tensor peak,
 one segment's forward less; `recompute="auto"` decides by measurement instead).
 
+With `example_input`, a cost policy (`plain_where_costly`) leaves plain the segments whose
+recomputation costs the most for the memory it saves: one forward on the example
+(`measure_segments`) gives each segment's convolution multiply-adds and the bytes it keeps for
+backward besides its inputs when it runs plainly; the segments at the top of the ranking by
+multiply-adds per byte stay plain as long as their bytes together are at most `PLAIN_FRACTION`
+(3%) of the bytes the forward keeps without recomputation. On U-Nets these are the deep levels:
+wide convolutions over few voxels (MONAI UNet at 64^3: its three deepest encoder levels, 24% of
+the recomputation's multiply-adds for 2.5% of the bytes). Without an example it does not run:
+the traced graph has no shapes, and deciding at the first training forward would leave the
+report that convert returns wrong.
+
 A segment worth recomputing (it holds a norm or two convolutions) runs
 (`effseg.integrations.recompute_program`) through
 `effseg.checkpoint` in training: its forward keeps only its inputs (boundary values, which are
@@ -64,13 +75,17 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer, proxys_to_metas
 from torch.fx.node import map_aggregate
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules.batchnorm import _NormBase
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 
 from .convert import (_BATCH, _INSTANCE, _Proxy, _Tracer, _describe, _has_hooks, _modified_in_place,
                       Skipped)
 from ..nn.norm_act import InPlaceABNSync, _InPlaceNormAct
-from .recompute_program import (_CONV_T, _RUNNING, RecomputedForward, _Program, _shapes, _Slot,
-                                _Step)
+from .recompute_program import (_CONV_T, _RUNNING, _WATCHERS, RecomputedForward, _Program,
+                                _shapes, _Slot, _Step)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Convolutions a segment holds before the next one starts a new segment (one conv block).
@@ -92,16 +107,23 @@ class Segment:
     keeps: list[str]
     replayed: list[str] = field(default_factory=list)
     concat_free: list[str] = field(default_factory=list)
-    # whether it is recomputed, and why not; recompute="auto": the bytes its nodes keep for
-    # backward when it is not (measured on the example input)
+    # whether it is recomputed, and why not. Measured on the example input (`measure_segments`,
+    # recompute="auto" and the cost policy of recompute=True): the bytes its nodes keep for
+    # backward when it is not recomputed, those of them that are not its inputs (which a
+    # recomputed segment keeps as well: what running it plainly adds), and the multiply-adds of
+    # its convolutions (what recomputing it costs)
     recomputed: bool = True
     why_plain: str = "within the budget"
     stock_saved_bytes: int | None = None
+    extra_saved_bytes: int | None = None
+    recompute_macs: int | None = None
 
     def __str__(self) -> str:
         extra = f"; concatenation-free: {', '.join(self.concat_free)}" if self.concat_free else ""
         if self.stock_saved_bytes is not None:
-            extra += f"; {self.stock_saved_bytes} bytes kept when not recomputed"
+            extra += (f"; {self.stock_saved_bytes} bytes kept when not recomputed "
+                      f"({self.extra_saved_bytes} besides its inputs), "
+                      f"{self.recompute_macs} multiply-adds to recompute")
         what = "segment" if self.recomputed else f"segment, not recomputed ({self.why_plain})"
         return (f"{self.path or 'model'}: {what} -> {self.output} ({len(self.modules)} module "
                 f"call(s)); keeps {', '.join(self.keeps)}; replays {len(self.replayed)} "
@@ -607,16 +629,157 @@ def _loss(out) -> torch.Tensor:
     return sum(o.float().square().mean() for o in outs)
 
 
+class _ConvMacs(TorchDispatchMode):
+    """Adds the multiply-adds of every convolution (aten.convolution, its transposed form
+    included; torch's own shape formula) to the innermost segment running plainly."""
+
+    def __init__(self, macs: dict[int, int]) -> None:
+        super().__init__()
+        self.macs = macs
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if _RUNNING and func.overloadpacket is torch.ops.aten.convolution:
+            flops = flop_registry[torch.ops.aten.convolution](*args, **(kwargs or {}),
+                                                               out_val=out)
+            self.macs[_RUNNING[-1]] = self.macs.get(_RUNNING[-1], 0) + flops // 2
+        return out
+
+
+def _example_tuple(example_input) -> tuple:
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def measure_segments(probe: nn.Module, segments: list[Segment], example_input) -> int:
+    """Runs one training-mode forward of `probe` (a copy of the converted model: its running
+    statistics move) on `example_input` with every segment plain, and sets on each segment of
+    `segments` what it measured: `stock_saved_bytes`, the bytes of the storages its nodes save
+    for backward (each storage once; parameters and buffers not counted), `extra_saved_bytes`,
+    those of them that are not storages of its inputs, and `recompute_macs`, the multiply-adds
+    of its convolutions. Returns the bytes the whole forward saves for backward (the network's
+    activation bytes without recomputation; each storage once, parameters and buffers not
+    counted). Nothing saved is kept (the pack hook keeps only a note), so the probe needs the
+    memory of an inference forward, not of a stock training step; the random number generators
+    are restored afterwards (dropout draws in the probe do not move the caller's stream). A
+    segment that did not run (the program of a child that its parent's program inlines) gets
+    zeros."""
+    example = _example_tuple(example_input)
+    programs = _segment_programs(probe)
+    for prog in programs.values():
+        prog.recompute = False
+    fixed = {t.untyped_storage()._cdata for t in (*probe.parameters(), *probe.buffers())}
+    # a storage's id: its address may be reused once it is freed (nothing here keeps it)
+    ids: dict[int, tuple[StorageWeakRef, int]] = {}
+    sizes: dict[int, int] = {}  # id -> bytes
+
+    def uid(t: torch.Tensor) -> int:
+        st = t.untyped_storage()
+        known = ids.get(st._cdata)
+        if known is None or known[0].expired():
+            known = ids[st._cdata] = (StorageWeakRef(st), len(sizes))
+        sizes[known[1]] = st.nbytes()
+        return known[1]
+
+    saved_by: dict[int, set[int]] = {i: set() for i in programs}
+    inputs_of: dict[int, set[int]] = {i: set() for i in programs}
+    everything: set[int] = set()
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage()._cdata not in fixed:
+            u = uid(t)
+            everything.add(u)
+            if _RUNNING:
+                saved_by[_RUNNING[-1]].add(u)
+        return None  # nothing kept: there is no backward
+
+    def watch(index: int, args) -> None:
+        inputs_of[index].update(uid(t) for t in tree_flatten(args)[0]
+                                if isinstance(t, torch.Tensor))
+
+    macs: dict[int, int] = {}
+    devices = sorted({t.device for t in example if isinstance(t, torch.Tensor)
+                      and t.device.type != "cpu"}, key=str)
+    _WATCHERS.append(watch)
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices
+                                   else "cuda"), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None), _ConvMacs(macs):
+            out = probe(*example)
+        del out
+    finally:
+        _WATCHERS.remove(watch)
+    for i, seg in enumerate(segments):
+        mine = saved_by.get(i, set())
+        seg.stock_saved_bytes = sum(sizes[u] for u in mine)
+        seg.extra_saved_bytes = sum(sizes[u] for u in mine - inputs_of.get(i, set()))
+        seg.recompute_macs = macs.get(i, 0)
+    return sum(sizes[u] for u in everything)
+
+
+# recompute=True with example_input: the segments left plain may keep, together, at most this
+# fraction of the bytes the forward saves for backward without recomputation (`plain_where_costly`)
+PLAIN_FRACTION = 0.03
+
+
+def plain_where_costly(target: nn.Module, segments: list[Segment], example_input,
+                       fraction: float = PLAIN_FRACTION) -> tuple[list[Skipped], str]:
+    """The cost policy of recompute=True: leaves plain the segments whose recomputation costs
+    the most computation for the memory it saves. On a copy of `target`, `measure_segments`
+    measures each segment's convolution multiply-adds (its recomputation's cost) and the bytes it
+    keeps for backward besides its inputs when it runs plainly (what recomputing it saves). The
+    recomputed segments are ranked by multiply-adds per byte, and the longest run from the top of
+    that ranking whose bytes together are at most `fraction` of the bytes the whole forward saves
+    for backward without recomputation is left plain: a bounded memory price, spent where it buys
+    the most time. On U-Nets these are the deep levels: wide convolutions (large weights, many
+    multiply-adds per voxel) over few voxels. The tensor peak of a training step can grow by at
+    most those bytes. Segments that did not run on the example (children whose parent's program
+    inlines them) are left as they are.
+
+    Returns the report entries for the segments left plain and a line describing the outcome."""
+    probe = copy.deepcopy(target).train()
+    total = measure_segments(probe, segments, example_input)
+    del probe
+
+    def cost(i: int) -> float:
+        return segments[i].recompute_macs / max(segments[i].extra_saved_bytes, 1)
+    ranked = sorted((i for i, seg in enumerate(segments) if seg.recomputed and
+                     seg.recompute_macs), key=lambda i: (-cost(i), i))
+    limit = fraction * total
+    chosen, kept = [], 0
+    for i in ranked:
+        if kept + segments[i].extra_saved_bytes > limit:
+            break
+        chosen.append(i)
+        kept += segments[i].extra_saved_bytes
+    programs = _segment_programs(target)
+    entries = []
+    all_macs = sum(seg.recompute_macs for seg in segments if seg.recomputed)
+    for rank, i in enumerate(chosen, 1):
+        seg = segments[i]
+        programs[i].recompute = seg.recomputed = False
+        seg.why_plain = (f"cost policy: {seg.recompute_macs / 1e6:.0f}M multiply-adds to "
+                         f"recompute for {seg.extra_saved_bytes} bytes kept, "
+                         f"{cost(i):.0f} per byte, rank {rank} of {len(ranked)}")
+        entries.append(Skipped(f"{seg.path or 'model'}: segment -> {seg.output}",
+                               seg.why_plain))
+    saved_macs = sum(segments[i].recompute_macs for i in chosen)
+    line = (f"cost policy (fraction {fraction:g}): {len(chosen)} of {len(ranked)} recomputed "
+            f"segment(s) left plain, keeping {kept} bytes ({kept / max(total, 1):.2%} of the "
+            f"{total} bytes the forward keeps without recomputation) and saving "
+            f"{saved_macs / max(all_macs, 1):.1%} of the recomputation's multiply-adds")
+    return entries, line
+
+
 def choose(target: nn.Module, segments: list[Segment], budget: int,
            example_input) -> list[Skipped]:
     """recompute="auto": recomputes as few segments as keep the tensor peak of a training step
     on `example_input` (forward, mean-square loss, backward; measured with
     effseg.memory.peak_allocated on a copy, gradients already allocated) within `budget` bytes.
-    The segments that keep the fewest bytes when not recomputed are the first left plain (they
-    are deep and coarse: most computation for the least memory). Returns the report entries
-    for the segments left plain, and one for a budget that cannot be met."""
+    The segments that keep the fewest bytes when not recomputed (`measure_segments`) are the
+    first left plain (they are deep and coarse: most computation for the least memory). Returns
+    the report entries for the segments left plain, and one for a budget that cannot be met."""
     from ..memory import peak_allocated
-    example = example_input if isinstance(example_input, tuple) else (example_input,)
+    example = _example_tuple(example_input)
     probe = copy.deepcopy(target).train()
     programs = _segment_programs(probe)
 
@@ -630,21 +793,7 @@ def choose(target: nn.Module, segments: list[Segment], budget: int,
         step()  # gradients allocated, as in training
         return peak_allocated(step)
 
-    # What each segment keeps for backward when it runs plainly: saved storages, each once.
-    kept: dict[int, dict[int, int]] = {i: {} for i in programs}
-
-    def pack(t: torch.Tensor):
-        if _RUNNING and not isinstance(t, nn.Parameter):
-            st = t.untyped_storage()
-            kept[_RUNNING[-1]][st._cdata] = st.nbytes()
-        return t
-
-    set_plain(set(programs))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = probe(*example)
-    del out
-    for i, seg in enumerate(segments):
-        seg.stock_saved_bytes = sum(kept.get(i, {}).values())
+    measure_segments(probe, segments, example)
     order = sorted(programs, key=lambda i: segments[i].stock_saved_bytes)
     lo, hi = 0, len(order)  # the most segments left plain whose peak fits: in [lo, hi]
     set_plain(set())
@@ -674,4 +823,5 @@ def choose(target: nn.Module, segments: list[Segment], budget: int,
                     f"{segments[i].stock_saved_bytes} bytes for backward)") for i in order[:lo]]
 
 
-__all__ = ["Segment", "RecomputedForward", "add_recompute", "choose"]
+__all__ = ["PLAIN_FRACTION", "Segment", "RecomputedForward", "add_recompute", "choose",
+           "measure_segments", "plain_where_costly"]

@@ -3,12 +3,12 @@
 A traced forward becomes a list of steps over numbered values, each value dropped after its last
 use. A segment step runs its own program through `effseg.checkpoint` (only its inputs and O(C)
 statistics kept; recomputed in backward with the statistics replayed), or plainly where
-`recompute="auto"` chose so. Inside segments, stock batch and instance norms replay their
-statistics out of place (`effseg.ops.replay_norm`), and a convolution over a channel
-concatenation runs on the parts with its weight slices (`_split_conv`); a convolution whose
-weight is larger than its input adds its weight gradient into `.grad` a slice at a time
-(`effseg.ops.grad_into`). `RecomputedForward`,
-stored on the module instance, runs the program in training with gradients and the module's own
+`recompute="auto"` or the cost policy of `recompute=True` chose so. Inside segments, stock batch
+and instance norms replay their statistics out of place (`effseg.ops.replay_norm`), and a
+convolution over a channel concatenation runs on the parts with its weight slices
+(`_split_conv`); a convolution whose weight is larger than its input adds its weight gradient
+into `.grad` a slice at a time (`effseg.ops.grad_into`). `RecomputedForward`, stored on the
+module instance, runs the program in training with gradients and the module's own
 forward otherwise. `effseg.integrations.recompute_convert` builds the programs.
 """
 from __future__ import annotations
@@ -270,6 +270,8 @@ def _run(program: _Program, module: nn.Module, inputs) -> Any:
             value = checkpoint(_run_segment, module, s.target, *args)
         else:
             _RUNNING.append(s.target.index)
+            for watch in _WATCHERS:
+                watch(s.target.index, args)
             try:
                 value = _run(s.target, module, args)
             finally:
@@ -280,9 +282,11 @@ def _run(program: _Program, module: nn.Module, inputs) -> Any:
     raise RuntimeError("effseg: a recomputing program has no output")
 
 
-# The segments running without recomputation, innermost last (recompute="auto" attributes
-# the bytes saved for backward to them).
+# The segments running without recomputation, innermost last (the measurement of
+# `recompute_convert.measure_segments` attributes saved bytes and multiply-adds to them), and
+# the callables told of each such segment's start with its inputs (the same measurement).
 _RUNNING: list[int] = []
+_WATCHERS: list = []
 
 
 def _run_segment(module, program, *inputs):

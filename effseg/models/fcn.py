@@ -23,8 +23,8 @@ born) and pass their input on as the skip of the level above (`_encode`), so the
 gradient for the skip reaches the block's first convolution, which adds its input gradient
 into it rather than autograd summing the two into a third tensor; the second block also lets
 its input (the finest skip) go before that gradient is born (`release_input`). Measured
-(`effseg.memory.peak_allocated`, second step, 1x1xE^3): 0.198x the stock twin's at 64^3 and
-96^3, 0.197x at 128^3 in float32; 0.194x (96^3) and 0.196x (128^3) in bf16 autocast, 0.229x at
+(`effseg.memory.peak_allocated`, second step, 1x1xE^3): 0.198x the stock twin's at 64^3,
+96^3 and 128^3 in float32; 0.194x (96^3) and 0.196x (128^3) in bf16 autocast, 0.229x at
 64^3, where the parameters' float32 gradients (16 MB, 10% of the stock twin's peak there) and
 the finest skip with its gradient, both held through the deeper levels' backward, already make
 0.19x.

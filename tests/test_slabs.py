@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from effseg.nn import RecomputeBlock3d
 from effseg.ops.recompute import (Unit, conv_backend, second_conv_backward, sole_tensor)
+from effseg.ops.folded_up import input_grad_into_
 from effseg.ops.slabs import conv_rows, same_rows, slab_conv
 
 
@@ -29,6 +30,26 @@ def test_conv_rows_equal_the_whole_convolution(dtype, k, rows, layout):
         ref = whole[:, :, r0:r1]
         assert part.shape == ref.shape
         assert ((part.double() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,c,d,k,layout", [
+    (1, 16, 64, 3, torch.contiguous_format), (2, 8, 40, 3, torch.channels_last_3d),
+    (1, 16, 33, 5, torch.contiguous_format), (1, 4, 24, 3, torch.channels_last_3d)])
+def test_input_gradient_written_over_the_output_gradient_equals_the_whole(dtype, n, c, d, k,
+                                                                          layout):
+    torch.manual_seed(0)
+    p = (k - 1) // 2
+    w = torch.randn(c, c, k, k, k, dtype=dtype)
+    dz = torch.randn(n, c, d, d - 4, d + 2, dtype=dtype).contiguous(memory_format=layout)
+    ref = torch.ops.aten.convolution_backward(
+        dz.double(), dz.double(), w.double(), None, [1] * 3, [p] * 3, [1] * 3, False, [0] * 3, 1,
+        [True, False, False])[0]
+    mine = dz.clone()
+    assert input_grad_into_(mine, w, (p, p, p))
+    assert mine.is_contiguous(memory_format=layout)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((mine.double() - ref).abs().max() / ref.abs().max()).item() < tol
 
 
 def test_same_rows_only_for_stride_one_same_convolutions():

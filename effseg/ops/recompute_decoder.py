@@ -18,7 +18,7 @@ Backward: every convolution's weight gradient is computed before its input gradi
 convolution's input and its input gradient never coexist at full size. With `lean` (the network's
 full-resolution level, the step's memory peak) the norm-act backwards are written into the
 pre-activations' own storage and the second convolution's input gradient over its output
-gradient, slab by slab (`input_grad_into_`), so that at most three tensors of the level's size
+gradient, slab by slab (`second_conv_backward`), so that at most three tensors of the level's size
 (the skip, and two of the block's) live at once; with a head the lean level also runs as three
 Functions (`decoder_block`). Upsampling: folded into the convolution after it where that is
 cheaper (`effseg.ops.folded_up`); unfolded, `up` is recomputed when backward needs it.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .folded_up import (add_folded_conv_, folded_conv, folded_weight, folded_weight_backward,
-                        folds, input_grad_into_)
+                        folds)
 from .recompute import (Unit, _conv, _conv_backward, _norm_act_, _norm_act_backward, _unit_stats,
                         conv_backend, converted, blocks_of, keep_output, norm_act_backward_into,
                         second_conv_backward, shape_only, sole_tensor, take_output)
@@ -257,20 +257,9 @@ def _unit1_backward(held: list, pre1, w2, spec: DecoderSpec, stats1, g1, b1, lea
     backward, from `held` = [dz2, y1], which it empties (so that each dies as soon as it is
     done with). The weight gradient comes first, so that y1 (pre1's storage but for ReLU) and
     dy1 never coexist at full size; `lean` (dz2 is ours) writes dy1 over dz2, slab by slab
-    (`input_grad_into_`), so that it does not coexist with dz2 either."""
+    (`second_conv_backward`), so that it does not coexist with dz2 either."""
     u1, u2 = spec.units
-    dz2, y1 = held
-    held.clear()
-    args2 = (u2.stride, u2.padding, u2.dilation, u2.groups)
-    dw2 = _conv_backward(dz2, y1, w2, *args2, False)[1]
-    shape = shape_only(y1)
-    del y1
-    plain = tuple(u2.stride) == (1, 1, 1) and tuple(u2.dilation) == (1, 1, 1) and u2.groups == 1
-    if lean and plain and input_grad_into_(dz2, w2, u2.padding):
-        dy1 = dz2
-    else:
-        dy1 = _conv_backward(dz2, shape, w2, *args2, True, False)[0]
-    del dz2
+    dy1, dw2 = second_conv_backward(held, w2, u2, owned=lean)
     dz1, dg1, db1 = _norm_act_backward(pre1, dy1, u1, stats1, g1, b1, owned=True)
     return dw2, dz1, dg1, db1
 

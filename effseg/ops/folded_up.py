@@ -157,13 +157,16 @@ def _whole_backend(dz_shape, like: torch.Tensor, w_shape, padding) -> int:
                         tuple(padding))
 
 
-def slab_rows(dz_shape, like: torch.Tensor, w_shape, padding, parts: int = 8) -> int | None:
+def slab_rows(dz_shape, like: torch.Tensor, w_shape, padding, parts: int = 8,
+              whole: int | None = None) -> int | None:
     """The rows per slab `input_grad_into_` would use for an output gradient of `dz_shape`
-    (dtype and device of `like`) and a weight of `w_shape`, or None where it would compute the
-    gradient whole; asked without computing anything. Where ATen would run the whole
-    convolution on oneDNN (CPU), the slabs run on oneDNN too, called directly
+    (dtype and device of `like`) and a weight of `w_shape`, or None where it computes the
+    gradient whole; asked without computing anything (`whole`: the backend ATen picks for the
+    whole convolution, if the caller has it). On a CPU, slabs only where ATen would run the
+    whole on oneDNN: the slabs then run on oneDNN too, called directly
     (`aten.mkldnn_convolution`: ATen's own rule would send thin slabs of few channels to its
-    slow kernel), `parts` of them; elsewhere, the most slabs, up to `parts`, on the backend
+    slow kernel), `parts` of them; below that size ATen's slow kernel runs the whole and the
+    slabs would save next to nothing. Elsewhere, the most slabs, up to `parts`, on the backend
     ATen picks for the whole."""
     k = tuple(w_shape[2:])
     D = dz_shape[2]
@@ -171,10 +174,10 @@ def slab_rows(dz_shape, like: torch.Tensor, w_shape, padding, parts: int = 8) ->
             or tuple(padding) != tuple((n - 1) // 2 for n in k)):
         return None
     p = padding[0]
-    whole = _whole_backend(dz_shape, like, w_shape, padding)
-    if whole == MKLDNN:
+    whole = _whole_backend(dz_shape, like, w_shape, padding) if whole is None else whole
+    if like.device.type == "cpu":
         rows = -(-D // parts)
-        return rows if rows + p < D else None
+        return rows if whole == MKLDNN and rows + p < D else None
     from .recompute import conv_backend
     wt_shape = (w_shape[1], w_shape[0]) + k
 
@@ -193,16 +196,18 @@ def input_grad_into_(dz: torch.Tensor, w: torch.Tensor, padding, parts: int = 8)
     (still intact) and the row before it from a saved copy (that row is overwritten by then),
     so besides dz only about 1/`parts` of it exists at a time (all channels per slab: each
     slab's convolution runs on the backend the whole one would, see `slab_rows`). Returns
-    False, touching nothing, where the shape does not fit or no slabs keep the backend; the
-    caller then computes the gradient whole."""
-    rows = slab_rows(tuple(dz.shape), dz, tuple(w.shape), padding, parts)
+    False, touching nothing, where the shape does not fit or `slab_rows` computes it whole
+    (small on a CPU, or no slabs keep the backend); the caller then computes the gradient
+    whole."""
+    whole = _whole_backend(tuple(dz.shape), dz, tuple(w.shape), padding)
+    rows = slab_rows(tuple(dz.shape), dz, tuple(w.shape), padding, parts, whole)
     if rows is None:
         return False
     p = padding[0]
     D = dz.shape[2]
     wt = w.transpose(0, 1).flip(2, 3, 4).contiguous()
     wt_top = wt[:, :, :1].contiguous()
-    conv = slab_conv(_whole_backend(tuple(dz.shape), dz, tuple(w.shape), padding))
+    conv = slab_conv(whole)
     before = None  # the p rows above the slab, as they were before the slab above was written
     for d0 in range(0, D, rows):
         d1 = min(d0 + rows, D)

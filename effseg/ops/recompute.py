@@ -301,22 +301,18 @@ def _norm_act_backward(pre, dy, u: Unit, stats, gamma, beta, owned: bool):
 def second_conv_backward(held: list, w2, u2: Unit, owned: bool):
     """(dy1, dw2) of the second convolution from `held` = [dz2, y1], which it empties: the
     weight gradient first, then y1 is let go, and the input gradient is written over dz2 slab
-    by slab where dz2 is ours (`owned`), the convolution is one `input_grad_into_` takes and
-    the tensor is not small (on a CPU: where ATen would run the whole on oneDNN; below that
-    size its slow kernel runs and the slabs would save next to nothing), so that dz2, dy1 and
-    y1 need not coexist; else computed whole."""
-    from .folded_up import _whole_backend, input_grad_into_
-    from .slabs import MKLDNN, same_rows
+    by slab where dz2 is ours (`owned`) and `input_grad_into_` takes the convolution (not small
+    on a CPU, see `slab_rows`), so that dz2, dy1 and y1 need not coexist; else computed
+    whole."""
+    from .folded_up import input_grad_into_
+    from .slabs import same_rows
     dz2, y1 = held
     held.clear()
     args = (u2.stride, u2.padding, u2.dilation, u2.groups)
     dw2 = _conv_backward(dz2, y1, w2, *args, False)[1]
     shape = shape_only(y1)
     del y1
-    if (owned and same_rows(tuple(w2.shape), *args)
-            and (dz2.device.type != "cpu" or _whole_backend(
-                tuple(dz2.shape), dz2, tuple(w2.shape), u2.padding) == MKLDNN)
-            and input_grad_into_(dz2, w2, u2.padding)):
+    if owned and same_rows(tuple(w2.shape), *args) and input_grad_into_(dz2, w2, u2.padding):
         return dz2, dw2
     return _conv_backward(dz2, shape, w2, *args, True, False)[0], dw2
 
@@ -349,8 +345,8 @@ def _second_unit_in_slabs(x, spec: BlockSpec, w1, g1, b1, w2, stats, parts: int 
         part = conv_rows(conv2, y1, a, D, d0, d1, w2, u2.padding)
         del y1
         if z2 is None:
-            z2 = part.new_empty(part.shape[:2] + (D,) + part.shape[3:]).contiguous(
-                memory_format=_layout(xc))
+            z2 = torch.empty(part.shape[:2] + (D,) + part.shape[3:], dtype=part.dtype,
+                             device=part.device, memory_format=_layout(xc))
         z2[:, :, d0:d1] = part
         del part
     return z2

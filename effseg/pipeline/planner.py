@@ -145,9 +145,9 @@ def conv_backends(config: ModelConfig, shape: Sequence[int], device: torch.devic
     decide its cost per voxel (encoder units, upsampling into them, skip fusion as the decoder
     runs it, decoder units, head), asked with memoryless stand-in tensors: nothing is
     computed. Where the finest level recomputes (`recompute`, as `ModelConfig.build` takes it),
-    also whether its lean decoder writes its input gradient in slabs (`input_grad_into_`: only
-    where the slabs keep the whole convolution's backend), which changes the step's memory per
-    voxel as much as a backend does."""
+    also whether its lean decoder writes its input gradient in slabs (`slab_rows`: on a CPU
+    only where the whole convolution runs on oneDNN), which changes the step's memory per voxel
+    as much as a backend does."""
     from ..ops.folded_up import slab_rows
     from ..ops.recompute import conv_backend
     dtype = amp or torch.float32

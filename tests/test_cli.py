@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import effseg
 from effseg.ops import OP_NAMES
 
@@ -34,6 +36,7 @@ def test_info_without_extension_says_why():
     assert "EFFSEG_NO_EXTENSION" in proc.stdout and "reference" in proc.stdout
 
 
+@pytest.mark.slow
 def test_plan_command_reports_options_and_largest_volume():
     proc = run("plan", "--budget", "64GB", "--shape", "96", "96", "80", "--spacing", "1", "1",
                "2", "--target-spacing", "2", "2", "2", "--channels", "4", "8", "--strides", "1",

@@ -232,6 +232,7 @@ def phantom(tmp_path_factory) -> Path:
                                 shape=(32, 32, 24), spacing=(6.0, 6.0, 6.0), seed=21)
 
 
+@pytest.mark.slow
 def test_ddp_training_stops_on_every_rank_and_resumes_to_the_uninterrupted_run(phantom,
                                                                                tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"

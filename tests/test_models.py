@@ -377,6 +377,7 @@ def _dice(pred, label, k):
     return (2 * (p & t).sum() / (p.sum() + t.sum())).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["effseg", "stock"])
 def test_short_training_segments_two_shapes(kind):
     from effseg.losses import DiceCELoss

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 CONFIG = ModelConfig(channels=(8, 16, 32), strides=(1, 2, 2))
 
 
+@pytest.mark.slow
 def test_prediction_within_15_percent_of_a_measured_step():
     shape = (96, 96, 96)
     fit = calibrate(CONFIG, True, shape, torch.device("cpu"))
@@ -42,6 +43,7 @@ def test_prediction_within_15_percent_of_a_measured_step_on_cuda():
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured, fit.points)
 
 
+@pytest.mark.slow
 def test_plan_picks_the_first_recompute_setting_that_fits():
     # calibrated at 12^3 to 20^3: every convolution of the two finest levels runs on the
     # target's backend (ATen's slow kernel for these small float32 inputs)

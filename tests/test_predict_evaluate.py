@@ -404,6 +404,7 @@ def test_predict_warns_about_an_all_background_prediction(trained, tmp_path, mon
     assert len(notes) == 1 and "holds only background" in notes[0] and "liver" in notes[0]
 
 
+@pytest.mark.slow
 def test_checkpoint_argument_takes_a_run_folder_and_refuses_other_files(trained, tmp_path):
     assert resolve_checkpoint(trained.parent) == trained
     (tmp_path / "empty_run").mkdir()

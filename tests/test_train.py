@@ -89,6 +89,7 @@ def ts_dataset(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_two_steps_on_the_whole_real_ct_then_predict_in_its_geometry(tmp_path):
     data = ts_dataset(tmp_path / "Dataset001_TS")
     declared = json.loads((data / "dataset.json").read_text())["labels"]
@@ -314,6 +315,7 @@ def test_short_cpu_training_on_phantoms_segments_liver_and_lungs(tmp_path):
 
 # ---------------------------------------------------------------- command line
 
+@pytest.mark.slow
 def test_cli_train_predict_evaluate_on_the_default_phantom(tmp_path):
     env = dict(ONE_THREAD, EFFSEG_CACHE=str(tmp_path / "cache"))
     run = tmp_path / "run"

@@ -336,6 +336,13 @@ def test_convolutions_run_on_the_backends_stock_uses():
     extra = {k: b for k, b in ours.items() if k not in shared}
     folded = {k: b for k, b in extra.items() if k[-1] is True and k[2] == (4, 4, 4)}
     assert folded and not any("Slow" in name for b in folded.values() for name in b), folded
+    # Composing the folded weight (`folded_weight`): a transposed convolution of the upsampling
+    # weight (Cin images of 2^3 voxels) with the 3^3 kernel, forward and backward, on no slow
+    # kernel either.
+    compose = {k: b for k, b in extra.items() if k[-1] is True and k[1] == (2, 2, 2)}
+    assert {k[0] for k in compose} == {"forward", "backward"}, compose
+    assert not any("Slow" in name for b in compose.values() for name in b), compose
+    folded.update(compose)
     # The first block's backward computes its second unit in slabs of rows: each slab on the
     # backend stock's whole convolution of that kernel at that resolution uses (a slab that
     # oneDNN runs calls it directly and is not seen here).

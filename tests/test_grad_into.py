@@ -52,6 +52,38 @@ def test_no_weight_sized_transient_once_grad_exists():
     torch.testing.assert_close(ours.weight.grad, stock.weight.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale_weights", [0.1, 0.5, 2.0])
+def test_slices_no_smaller_than_twice_the_networks_largest_tensor(scale_weights):
+    """With `scale` (the largest tensor of the network's pass) the slices are at most
+    1/MAX_SLICES of the weight but need not be smaller than twice `scale`: a transient of that
+    size sets no peak where the network keeps such tensors. Gradients unchanged."""
+    stock, ours = _pair(nn.Conv3d, 64, 64, padding=1)
+    x = torch.randn(1, 64, 2, 2, 2, dtype=D, requires_grad=True)
+    w = stock.weight
+    scale = int(scale_weights * w.numel())
+    run = (lambda t: grad_into.conv(ours, t, scale=scale))
+    stock(x).sum().backward()
+    run(x).sum().backward()  # .grad allocated
+    calls = []
+    real = grad_into._backward
+
+    def counting(*args):
+        calls.append(args[4])
+        return real(*args)
+    grad_into._backward = counting
+    try:
+        y = run(x)
+        peak = peak_allocated(lambda: y.sum().backward())
+    finally:
+        grad_into._backward = real
+    stock(x).sum().backward()
+    want = min(grad_into.MAX_SLICES, -(-w.numel() // (2 * scale)))
+    weight_calls = [m for m in calls if m[1]]
+    assert len(weight_calls) == want, (calls, want)
+    assert peak <= w.nbytes / want + 4 * x.nbytes, (peak, w.nbytes, want)
+    torch.testing.assert_close(ours.weight.grad, stock.weight.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_part_of_the_input_channels():
     """The convolution of one part of a concatenation with its weight slice: its gradient
     lands in that slice of .grad, the rest untouched."""

@@ -14,6 +14,7 @@ forward otherwise. `effseg.integrations.recompute_convert` builds the programs.
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,23 +66,30 @@ def _load(env: list, a):
     return map_aggregate(a, lambda v: env[v.i] if isinstance(v, _Slot) else v)
 
 
-def _part_conv(conv: nn.Module, part: torch.Tensor, start: int, bias: bool) -> torch.Tensor:
-    return grad_into.conv(conv, part, (start, part.shape[1]), bias)
+# The largest tensor (elements) the latest forward of each converted root module produced: a
+# weight gradient is sliced only down to about twice that (`grad_into.conv_grads`), since a
+# transient of that size sets no peak where tensors of that size are kept for backward.
+_LARGEST: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
-def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _part_conv(root: nn.Module, conv: nn.Module, part: torch.Tensor, start: int,
+               bias: bool) -> torch.Tensor:
+    return grad_into.conv(conv, part, (start, part.shape[1]), bias, _LARGEST.get(root, 0))
+
+
+def _conv(root: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A convolution step: where its weight is larger than its input (deep levels), its weight
     gradient goes into `.grad` a slice at a time (`effseg.ops.grad_into`); elsewhere the module
     runs as it is."""
     if conv.weight.numel() > x.numel() and grad_into.usable(conv, x):
-        return grad_into.conv(conv, x)
+        return grad_into.conv(conv, x, scale=_LARGEST.get(root, 0))
     return conv(x)
 
 
 def _upsampled_part_conv(root: nn.Module, chain: "_Program", conv_path: str, start: int,
                          bias: bool, *inputs) -> tuple[torch.Tensor, int]:
     part = _run(chain, root, inputs)
-    return _part_conv(root.get_submodule(conv_path), part, start, bias), part.shape[1]
+    return _part_conv(root, root.get_submodule(conv_path), part, start, bias), part.shape[1]
 
 
 def _chain_params(root: nn.Module, chain: "_Program") -> list[torch.Tensor]:
@@ -185,7 +193,7 @@ def _lazy_part_conv(root: nn.Module, conv: nn.Module, conv_path: str, chain: "_P
     link = _Link()
     link.root, link.chain, link.graph = root, chain, None
     part = _UpsampledPart.apply(link, len(inputs), *inputs, *_chain_params(root, chain))
-    spec = grad_into.ConvSpec.of(conv, (start, part.shape[1]))
+    spec = grad_into.ConvSpec.of(conv, (start, part.shape[1]), _LARGEST.get(root, 0))
     return _PartConv.apply(link, spec, grad_into.accumulate_node(conv.weight), conv.weight,
                            conv.bias if bias else None, part, *inputs), part.shape[1]
 
@@ -205,7 +213,7 @@ def _split_conv(root: nn.Module, conv_path: str, parts: list) -> torch.Tensor:
             y, c = _lazy_part_conv(root, conv, conv_path, chain, inputs, start, i == 0)
         else:
             c = part.shape[1]
-            y = _part_conv(conv, part, start, i == 0)
+            y = _part_conv(root, conv, part, start, i == 0)
         out = y if out is None else out.add_(y)
         start += c
     if start != conv.in_channels:
@@ -263,7 +271,7 @@ def _run(program: _Program, module: nn.Module, inputs) -> Any:
         elif kind == "norm":
             value = _norm(module.get_submodule(s.target), *args)
         elif kind == "conv":
-            value = _conv(module.get_submodule(s.target), *args)
+            value = _conv(module, module.get_submodule(s.target), *args)
         elif kind == "split_conv":
             value = _split_conv(module, s.target, *args)
         elif s.target.recompute:  # segment
@@ -277,6 +285,8 @@ def _run(program: _Program, module: nn.Module, inputs) -> Any:
             finally:
                 _RUNNING.pop()
         env[s.out] = value
+        if isinstance(value, torch.Tensor) and value.numel() > _LARGEST.get(module, 0):
+            _LARGEST[module] = value.numel()
         for i in s.free:
             env[i] = None
     raise RuntimeError("effseg: a recomputing program has no output")
@@ -327,6 +337,7 @@ class RecomputedForward:
             bound.apply_defaults()
             inputs = [bound.arguments[n] for n in self.names]
             if self.shapes is None or self.shapes == _shapes(inputs):
+                _LARGEST[m] = 0  # this pass's largest tensor, as `_run` meets it
                 return _run(self.program, m, inputs)
         return type(m).forward(m, *args, **kwargs)
 

@@ -154,3 +154,37 @@ def test_falls_back_to_the_module_where_it_cannot_run():
     assert not grad_into.usable(conv, x)
     torch.testing.assert_close(grad_into.conv(conv, x), conv(x))
     assert not grad_into.usable(nn.Conv3d(4, 4, 3), x)  # float32 weight, float64 input
+
+
+@pytest.mark.parametrize("grad_exists", [False, True], ids=["returned", "into-grad"])
+def test_transposed_part_runs_on_onednn_where_the_whole_would(grad_exists):
+    """A transposed convolution over one part of a concatenation (MONAI UNet's decoder,
+    concatenation-free): ATen's CPU rule would send the part (64 of 128 channels at 16^3) to
+    its slow kernel while the whole runs on oneDNN, as stock's does; the part runs on oneDNN
+    directly, forward (`mkldnn._convolution_transpose_pointwise`) and backward (through the
+    adjoint convolution), and equals the float64 reference: output, input, weight and bias
+    gradients."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("needs oneDNN")
+    torch.manual_seed(0)
+    up = nn.ConvTranspose3d(128, 32, 3, stride=2, padding=1, output_padding=1)
+    ref = nn.ConvTranspose3d(128, 32, 3, stride=2, padding=1, output_padding=1).double()
+    ref.load_state_dict(up.state_dict())
+    x = torch.randn(1, 64, 16, 16, 16)
+    spec = grad_into.ConvSpec.of(up, (64, 64))
+    assert grad_into._part_on_onednn(x, up.weight, spec)
+    assert not grad_into._part_on_onednn(x.double(), ref.weight, spec)  # float64: ATen's
+    if grad_exists:
+        up.weight.grad = torch.zeros_like(up.weight)
+        ref.weight.grad = torch.zeros_like(ref.weight)
+    gy = torch.randn(1, 32, 32, 32, 32)
+    outs = []
+    for m, t, g in ((up, x, gy), (ref, x.double(), gy.double())):
+        t = t.clone().requires_grad_()
+        y = grad_into.conv(m, t, (64, 64))
+        y.backward(g)
+        outs.append((y, t.grad, m.weight.grad[64:], m.bias.grad))
+    for got, want in zip(*outs):
+        scale = want.abs().max()
+        assert ((got.double() - want).abs().max() / scale).item() < 1e-5
+    assert torch.count_nonzero(up.weight.grad[:64]) == 0  # the other part's rows untouched

@@ -74,10 +74,45 @@ def _weight_part(w: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     return w.narrow(0 if spec.transposed else 1, start, count)
 
 
+# int(torch._C._ConvBackend.MkldnnTranspose) (unnamed in Python: compare by value)
+_MKLDNN_TRANSPOSE = 9
+
+
+def _select(x_shape, like: torch.Tensor, w_shape, spec: ConvSpec) -> int:
+    def stand_in(shape):
+        return like.new_empty(()).expand(tuple(shape))
+    return int(torch._C._select_conv_backend(
+        stand_in(x_shape), stand_in(w_shape), None, list(spec.stride), list(spec.padding),
+        list(spec.dilation), spec.transposed, list(spec.output_padding), spec.groups, None))
+
+
+def _part_on_onednn(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
+    """Whether a transposed convolution over a part of the input channels (a concatenation
+    computed without concatenating) runs on oneDNN directly: on a CPU where ATen runs the whole
+    (all input channels) on oneDNN but would send the part, with fewer channels, to its slow
+    kernel (its rule counts N*C*D*H), as stock's whole transposed convolution runs."""
+    if not (spec.transposed and spec.part is not None and spec.groups == 1
+            and x.device.type == "cpu" and x.dim() == 5 and x.dtype == weight.dtype):
+        return False
+    full = (x.shape[0], weight.shape[0]) + tuple(x.shape[2:])
+    w_part = (x.shape[1],) + tuple(weight.shape[1:])
+    return (_select(full, x, tuple(weight.shape), spec) == _MKLDNN_TRANSPOSE
+            and _select(tuple(x.shape), x, w_part, spec) != _MKLDNN_TRANSPOSE)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() or t.is_contiguous(
+        memory_format=torch.channels_last_3d) else t.contiguous()
+
+
 def conv_forward(x, weight, b, spec: ConvSpec):
     """The convolution of `x` with `weight` (its part `spec.part`) and `b`."""
     w = _weight_part(weight, spec)
     nd = w.dim() - 2
+    if _part_on_onednn(x, weight, spec):
+        return torch.ops.mkldnn._convolution_transpose_pointwise(
+            _dense(x), w.contiguous(), b, list(spec.padding), list(spec.output_padding),
+            list(spec.stride), list(spec.dilation), spec.groups, "none", [], None)
     if spec.transposed:
         fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
         return fn(x, w, b, spec.stride, spec.padding, spec.output_padding, spec.groups,
@@ -86,7 +121,21 @@ def conv_forward(x, weight, b, spec: ConvSpec):
     return fn(x, w, b, spec.stride, spec.padding, spec.dilation, spec.groups)
 
 
-def _backward(g, x, w, spec: ConvSpec, mask):
+def _backward(g, x, w, spec: ConvSpec, mask, onednn: bool = False):
+    if onednn:
+        # The transposed convolution's gradients through its adjoint, a convolution from g:
+        # the input gradient is that convolution (on oneDNN, called directly), the weight
+        # gradient its weight gradient with x as the output gradient (on the backend ATen picks
+        # for an input of g's, the full resolution's, size).
+        nd = w.dim() - 2
+        dx = torch.ops.aten.mkldnn_convolution(
+            _dense(g), w.contiguous(), None, list(spec.padding), list(spec.stride),
+            list(spec.dilation), spec.groups) if mask[0] else None
+        dw = torch.ops.aten.convolution_backward(
+            x, g, w, None, list(spec.stride), list(spec.padding), list(spec.dilation), False,
+            [0] * nd, spec.groups, [False, True, False])[1] if mask[1] else None
+        db = g.sum([0] + list(range(2, g.dim()))) if mask[2] else None
+        return dx, dw, db
     return torch.ops.aten.convolution_backward(
         g, x, w, [w.shape[1] * spec.groups if spec.transposed else w.shape[0]] if mask[2]
         else None, list(spec.stride), list(spec.padding), list(spec.dilation), spec.transposed,
@@ -133,7 +182,8 @@ def conv_grads(g, x, weight, spec: ConvSpec, node, need_x: bool, need_w: bool,
         slices = min(rows, MAX_SLICES, max(1, math.ceil(wp.numel() / largest)))
     else:
         target, slices = None, 1
-    dx, dw, db = _backward(g, x, wp, spec, (need_x, need_w and slices == 1, need_b))
+    onednn = _part_on_onednn(x, weight, spec)
+    dx, dw, db = _backward(g, x, wp, spec, (need_x, need_w and slices == 1, need_b), onednn)
     if target is None:
         if dw is not None and spec.part is not None:
             full = dw.new_zeros(weight.shape)
@@ -149,7 +199,7 @@ def conv_grads(g, x, weight, spec: ConvSpec, node, need_x: bool, need_w: bool,
         # rows of the weight: output channels of a convolution (a slice of g), input channels
         # of a transposed one (a slice of x)
         gs, xs = (g, x[:, r0:r1]) if spec.transposed else (g[:, r0:r1], x)
-        part = _backward(gs, xs, wp[r0:r1], spec, (False, True, False))[1]
+        part = _backward(gs, xs, wp[r0:r1], spec, (False, True, False), onednn)[1]
         into[r0:r1].add_(part)
         del part
     return dx, None, db

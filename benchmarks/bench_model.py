@@ -244,7 +244,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--edges", type=int, nargs="+")
+    parser.add_argument("--edges", type=int, nargs="*",
+                        help="cubes (batch 1) to measure; given without values, only --shapes")
     parser.add_argument("--shapes", nargs="+", default=[], metavar="NxDxHxW",
                         help="also these batch sizes and volumes, e.g. 2x40x40x28 (the phantom "
                              "job's)")
@@ -270,7 +271,7 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(measure(args.worker, as_shape(args.shape), device, amp, reps)))
         return
-    if args.edges:
+    if args.edges is not None:
         edges = args.edges
     elif device.type == "cuda":
         edges = [128, 256] if args.quick else [128, 192, 256, 320]

@@ -172,8 +172,10 @@ def test_transposed_part_runs_on_onednn_where_the_whole_would(grad_exists):
     ref.load_state_dict(up.state_dict())
     x = torch.randn(1, 64, 16, 16, 16)
     spec = grad_into.ConvSpec.of(up, (64, 64))
-    assert grad_into._part_on_onednn(x, up.weight, spec)
-    assert not grad_into._part_on_onednn(x.double(), ref.weight, spec)  # float64: ATen's
+    with torch.no_grad():  # as inside the Function
+        assert grad_into._part_on_onednn(x, up.weight, spec)
+        assert not grad_into._part_on_onednn(x.double(), ref.weight, spec)  # float64: ATen's
+    assert not grad_into._part_on_onednn(x, up.weight, spec)  # autograd recording: ATen's
     if grad_exists:
         up.weight.grad = torch.zeros_like(up.weight)
         ref.weight.grad = torch.zeros_like(ref.weight)
@@ -188,3 +190,22 @@ def test_transposed_part_runs_on_onednn_where_the_whole_would(grad_exists):
         scale = want.abs().max()
         assert ((got.double() - want).abs().max() / scale).item() < 1e-5
     assert torch.count_nonzero(up.weight.grad[:64]) == 0  # the other part's rows untouched
+
+
+def test_transposed_part_where_autograd_records_runs_through_aten():
+    """The same part convolution on the module's fallback path (a forward hook makes the
+    module not `usable`: autograd records the functional form) stays on ATen's differentiable
+    convolution and equals the float64 reference."""
+    torch.manual_seed(0)
+    up = nn.ConvTranspose3d(128, 32, 3, stride=2, padding=1, output_padding=1)
+    up.register_forward_hook(lambda *a: None)
+    ref = nn.ConvTranspose3d(128, 32, 3, stride=2, padding=1, output_padding=1).double()
+    ref.load_state_dict(up.state_dict())
+    x = torch.randn(1, 64, 16, 16, 16)
+    grads = []
+    for m, t in ((up, x), (ref, x.double())):
+        t = t.clone().requires_grad_()
+        grad_into.conv(m, t, (64, 64)).square().sum().backward()
+        grads.append((t.grad, m.weight.grad[64:]))
+    for got, want in zip(*grads):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5

@@ -10,8 +10,9 @@ the coarse input itself, stride s, padding (k - 1) / 2 and kernel s + k - 1 per 
 
 which is a transposed convolution of W_up, read as a batch of Cin images of Cmid channels, with
 W flipped (`folded_weight`). Computed from the coarse input, the full-resolution upsampled
-tensor never exists (one tensor of the level's size less at any moment), and the multiply-adds per output voxel drop from
-Cin*Cmid + Cmid*Cout*k^3 to Cin*Cout*(s+k-1)^3/s^3 (U-Net widths, s = 2, k = 3: 16/29 of them).
+tensor never exists (one tensor of the level's size less at any moment), and the multiply-adds
+per output voxel drop from Cin*Cmid + Cmid*Cout*k^3 to Cin*Cout*(s+k-1)^3/s^3 (U-Net widths,
+s = 2, k = 3: 16/29 of them).
 Composing K costs s^3*k^3*Cin*Cmid*Cout once per pass, so a level folds only where that and the
 folded convolution together cost less than the two convolutions (`folds`). The numbers equal the
 unfolded ones up to rounding (the same products, summed in another order).

@@ -90,9 +90,12 @@ def _part_on_onednn(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bo
     """Whether a transposed convolution over a part of the input channels (a concatenation
     computed without concatenating) runs on oneDNN directly: on a CPU where ATen runs the whole
     (all input channels) on oneDNN but would send the part, with fewer channels, to its slow
-    kernel (its rule counts N*C*D*H), as stock's whole transposed convolution runs."""
+    kernel (its rule counts N*C*D*H), as stock's whole transposed convolution runs. Only
+    where autograd does not record (the Function's own forward and backward: the oneDNN calls
+    have no derivative of their own) and outside autocast."""
     if not (spec.transposed and spec.part is not None and spec.groups == 1
-            and x.device.type == "cpu" and x.dim() == 5 and x.dtype == weight.dtype):
+            and x.device.type == "cpu" and x.dim() == 5 and x.dtype == weight.dtype
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
         return False
     full = (x.shape[0], weight.shape[0]) + tuple(x.shape[2:])
     w_part = (x.shape[1],) + tuple(weight.shape[1:])

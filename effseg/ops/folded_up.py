@@ -42,8 +42,8 @@ def folded_weight(w_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     upsampling weight W_up (Cin, Cmid, s) and the convolution weight W (Cout, Cmid, k): one
     transposed convolution of W_up, read as a batch of Cin images of Cmid channels and s^3
     voxels, with W flipped, K[i, o, a + j] = sum_m W_up[i, m, a] * W[o, m, k - 1 - j] (on
-    oneDNN in float32/bf16: no temporary besides K, and 2-5x faster than matrix products per
-    upsampling position added into K's windows)."""
+    oneDNN in float32/bf16: no temporary besides K, and no per-position loop of strided adds
+    into K's windows)."""
     return F.conv_transpose3d(w_up, _flipped_transposed(w))
 
 

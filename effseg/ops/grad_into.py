@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.graph import get_gradient_edge
 
+from .recompute import conv_backend
+from .slabs import MKLDNN_TRANSPOSE
+
 # The weight gradient of one convolution is computed in at most this many slices: a slice is
 # then at most a quarter of the weight (or the size of the convolution's largest activation,
 # where that is more), at the price of as many calls of the weight-gradient kernel, each of
@@ -74,16 +77,9 @@ def _weight_part(w: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     return w.narrow(0 if spec.transposed else 1, start, count)
 
 
-# int(torch._C._ConvBackend.MkldnnTranspose) (unnamed in Python: compare by value)
-_MKLDNN_TRANSPOSE = 9
-
-
 def _select(x_shape, like: torch.Tensor, w_shape, spec: ConvSpec) -> int:
-    def stand_in(shape):
-        return like.new_empty(()).expand(tuple(shape))
-    return int(torch._C._select_conv_backend(
-        stand_in(x_shape), stand_in(w_shape), None, list(spec.stride), list(spec.padding),
-        list(spec.dilation), spec.transposed, list(spec.output_padding), spec.groups, None))
+    return conv_backend(x_shape, like, w_shape, spec.stride, spec.padding, spec.transposed,
+                        spec.dilation, spec.output_padding, spec.groups)
 
 
 def _part_on_onednn(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bool:
@@ -99,8 +95,8 @@ def _part_on_onednn(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> bo
         return False
     full = (x.shape[0], weight.shape[0]) + tuple(x.shape[2:])
     w_part = (x.shape[1],) + tuple(weight.shape[1:])
-    return (_select(full, x, tuple(weight.shape), spec) == _MKLDNN_TRANSPOSE
-            and _select(tuple(x.shape), x, w_part, spec) != _MKLDNN_TRANSPOSE)
+    return (_select(full, x, tuple(weight.shape), spec) == MKLDNN_TRANSPOSE
+            and _select(tuple(x.shape), x, w_part, spec) != MKLDNN_TRANSPOSE)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:

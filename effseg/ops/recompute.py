@@ -142,15 +142,17 @@ def shape_only(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(()).expand(t.shape)
 
 
-def conv_backend(x_shape, like: torch.Tensor, w_shape, stride, padding, transposed=False):
+def conv_backend(x_shape, like: torch.Tensor, w_shape, stride, padding, transposed=False,
+                 dilation=None, output_padding=None, groups=1):
     """The backend ATen picks for a convolution of an input of `x_shape` (dtype and device of
     `like`) with a weight of `w_shape` (asked with memoryless stand-ins), as its enum's integer
     value (some values have no Python name, and unnamed values compare by identity)."""
     def stand_in(shape):
         return like.new_empty(()).expand(tuple(shape))
+    nd = len(stride)
     return int(torch._C._select_conv_backend(
-        stand_in(x_shape), stand_in(w_shape), None, list(stride), list(padding), [1, 1, 1],
-        transposed, [0, 0, 0], 1, None))
+        stand_in(x_shape), stand_in(w_shape), None, list(stride), list(padding),
+        list(dilation or [1] * nd), transposed, list(output_padding or [0] * nd), groups, None))
 
 
 def blocks_of(t: torch.Tensor, parts: int = 4):

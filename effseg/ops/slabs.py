@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 MKLDNN = 8  # int(torch._C._ConvBackend.Mkldnn)
+# int(torch._C._ConvBackend.MkldnnTranspose) (unnamed in Python: compare by value)
+MKLDNN_TRANSPOSE = 9
 
 
 def slab_conv(whole_backend: int):

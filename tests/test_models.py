@@ -385,13 +385,13 @@ def _dice(pred, label, k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["effseg", "stock"])
-def test_short_training_segments_two_shapes(kind):
+def test_short_training_segments_two_shapes():
+    # (the stock twin learns the same task too, in twice the time here: equality with it in
+    # float64 is asserted step by step elsewhere, so it is not trained here)
     from effseg.losses import DiceCELoss
     torch.manual_seed(0)
-    fcn = FullVolumeFCN(in_channels=1, out_channels=3, channels=(8, 16, 32), strides=(1, 2, 2),
-                        norm="instance")
-    model = fcn if kind == "effseg" else fcn.to_stock()
+    model = FullVolumeFCN(in_channels=1, out_channels=3, channels=(8, 16, 32), strides=(1, 2, 2),
+                          norm="instance")
     data = [_two_shapes(s) for s in range(4)]
     x = torch.stack([d[0] for d in data])
     y = torch.stack([d[1] for d in data])

@@ -88,8 +88,8 @@ def test_calibration_across_an_algorithm_switch_is_flagged(monkeypatch):
     assert target != small
     assert int(torch._C._ConvBackend.Mkldnn) in target
     # a perfectly linear (fake) measurement: only the backends can flag it
-    monkeypatch.setattr(planner, "measure_step",
-                        lambda config, recompute, s, *args: 1000 + 7 * math.prod(s))
+    monkeypatch.setattr(planner, "measure_steps", lambda config, recompute, shapes, *args: [
+        1000 + 7 * math.prod(s) for s in shapes])
     fit = calibrate(CONFIG, True, shape, cpu, cap_voxels=32 ** 3)
     assert not fit.same_backends and not fit.linear
     assert len(fit.points) == 3

@@ -215,9 +215,8 @@ def calibrate(config: ModelConfig, recompute, shape: Sequence[int], device: torc
         agree = [s for s in ladder if backends(s) == want]
         if len(agree) >= 2 and math.prod(agree[-1]) >= 1.15 * math.prod(agree[0]):
             shapes, same = sorted({agree[0], agree[len(agree) // 2], agree[-1]}), True
-    points = [(math.prod(s), measure_step(config, recompute, s, device, amp, batch))
-              for s in shapes]
-    return Fit.of(points, same)
+    peaks = measure_steps(config, recompute, shapes, device, amp, batch)
+    return Fit.of([(math.prod(s), p) for s, p in zip(shapes, peaks)], same)
 
 
 def measure_step(config: ModelConfig, recompute, shape: Sequence[int], device: torch.device,
@@ -225,14 +224,38 @@ def measure_step(config: ModelConfig, recompute, shape: Sequence[int], device: t
     """Peak bytes of one training step (after a warm-up step) at `shape`. On CPU it runs in a
     fresh process: the RSS of a long-lived process depends on what it freed before (memory glibc
     kept is reused without growing the RSS), which would make small steps look cheaper."""
-    if device.type == "cpu":
-        job = {"config": asdict(config), "recompute": recompute, "shape": list(shape),
-               "amp": None if amp is None else str(amp).split(".")[-1], "batch": batch}
-        code = "import sys; from effseg.pipeline.planner import _worker; _worker(sys.argv[1])"
-        out = subprocess.run([sys.executable, "-c", code, json.dumps(job)], check=True,
-                             capture_output=True, text=True)
-        return int(out.stdout.strip().splitlines()[-1])
-    return _measure_here(config, recompute, shape, device, amp, batch)
+    return measure_steps(config, recompute, [shape], device, amp, batch)[0]
+
+
+def measure_steps(config: ModelConfig, recompute, shapes: Sequence[Sequence[int]],
+                  device: torch.device, amp: torch.dtype | None = None,
+                  batch: int = 1) -> list[int]:
+    """`measure_step` at each of `shapes`. On CPU the fresh processes run at the same time:
+    each one's peak RSS is its own, so they share only the wall time (most of which is
+    importing torch)."""
+    if device.type != "cpu":
+        return [_measure_here(config, recompute, s, device, amp, batch) for s in shapes]
+    code = "import sys; from effseg.pipeline.planner import _worker; _worker(sys.argv[1])"
+    procs = []
+    try:
+        for shape in shapes:
+            job = {"config": asdict(config), "recompute": recompute, "shape": list(shape),
+                   "amp": None if amp is None else str(amp).split(".")[-1], "batch": batch}
+            procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(job)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        peaks = []
+        for proc in procs:
+            out, err = proc.communicate()
+            if proc.returncode != 0:
+                raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+            peaks.append(int(out.strip().splitlines()[-1]))
+        return peaks
+    finally:
+        for proc in procs:  # the others, where one failed (or Ctrl-C)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _measure_here(config, recompute, shape, device, amp, batch) -> int:

@@ -77,6 +77,24 @@ def test_fit_and_units():
     assert scaled_shape((100, 100, 50), 100 * 100 * 50 / 8, (4, 4, 4)) == (48, 48, 24)
 
 
+def test_a_failed_calibration_process_raises_with_its_error():
+    """The fresh processes of a CPU calibration: one that fails (here the network cannot be
+    built) raises a RuntimeError naming the volume and ending with the process's own error,
+    and the other processes are not left running."""
+    from pathlib import Path
+
+    def children():
+        return {pid for f in Path("/proc/self/task").glob("*/children")
+                for pid in f.read_text().split()}
+
+    bad = ModelConfig(1, 2, (4, 8), (1, 2), "nonsense-norm")
+    before = children()
+    with pytest.raises(RuntimeError, match=r"calibration step at \(8, 8, 8\) failed(?s:.*)"
+                                           r"nonsense-norm"):
+        planner.measure_steps(bad, True, [(8, 8, 8), (12, 12, 12)], torch.device("cpu"))
+    assert children() <= before
+
+
 def test_calibration_across_an_algorithm_switch_is_flagged(monkeypatch):
     """At 48x48x40 the finest decoder level's skip fusion runs on oneDNN; on calibration volumes
     of at most 32^3 it would run on ATen's slow kernel (im2col scratch): a line through them is

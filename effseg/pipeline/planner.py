@@ -245,10 +245,12 @@ def measure_steps(config: ModelConfig, recompute, shapes: Sequence[Sequence[int]
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True))
         peaks = []
-        for proc in procs:
+        for shape, proc in zip(shapes, procs):
             out, err = proc.communicate()
             if proc.returncode != 0:
-                raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+                tail = "\n".join(err.strip().splitlines()[-8:])
+                raise RuntimeError(f"effseg: the calibration step at {tuple(shape)} failed in "
+                                   f"its process (exit code {proc.returncode}):\n{tail}")
             peaks.append(int(out.strip().splitlines()[-1]))
         return peaks
     finally:

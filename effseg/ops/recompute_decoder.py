@@ -305,11 +305,15 @@ def _fusion_backward(dz1, low, skip, spec: DecoderSpec, w_up, w_skip, w_cat_up, 
 
 def _head_input_grad_block(g, w_head, n0, n1, c0, c1):
     """dL/d(head input) of samples n0:n1, channels c0:c1, from the head's output gradient `g`
-    (contiguous): one matrix product per block (a 1x1x1 convolution's input gradient)."""
-    n, k = n1 - n0, g.shape[1]
-    wt = w_head[:, c0:c1].reshape(k, c1 - c0).t()
-    out = torch.matmul(wt, g[n0:n1].reshape(n, k, -1))
-    return out.reshape((n, c1 - c0) + tuple(g.shape[2:]))
+    (contiguous): one matrix product per sample (a 1x1x1 convolution's input gradient), written
+    into the block (a batched torch.matmul of the 2-D weight with the 3-D gradient would make
+    a copy of its result)."""
+    k, c = g.shape[1], c1 - c0
+    wt = w_head[:, c0:c1].reshape(k, c).t()
+    out = g.new_empty((n1 - n0, c) + tuple(g.shape[2:]))
+    for i in range(n0, n1):
+        torch.mm(wt, g[i].reshape(k, -1), out=out[i - n0].view(c, -1))
+    return out
 
 
 class _FusionFunction(torch.autograd.Function):

@@ -5,9 +5,42 @@ import torch
 import torch.nn.functional as F
 
 from effseg.nn import RecomputeBlock3d
-from effseg.ops.recompute import (Unit, conv_backend, second_conv_backward, sole_tensor)
+from effseg.ops.recompute import (Unit, conv_backend, conv_input_grad, second_conv_backward,
+                                  sole_tensor)
 from effseg.ops.folded_up import input_grad_into_, slab_rows
 from effseg.ops.slabs import conv_rows, same_rows, slab_conv
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size,stride,k,pad", [((47, 45, 31), 2, 3, 1), ((48, 48, 32), 2, 3, 1),
+                                               ((20, 18, 16), 1, 3, 1), ((12, 12, 8), 1, 1, 0),
+                                               ((9, 8, 7), 2, 3, 1)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_conv_input_grad_from_the_shape_alone(dtype, size, stride, k, pad, layout):
+    """conv_input_grad: the input gradient of a convolution from its output gradient and the
+    input's shape, equal to convolution_backward's in float64 (on oneDNN where ATen runs the
+    convolution there: odd sizes need output padding; on the stand-in path elsewhere: float64,
+    channels-last gradients, small inputs)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    x = torch.randn((2, 16) + size, dtype=torch.float64)
+    w = torch.randn(32, 16, k, k, k, dtype=torch.float64) / (16 * k ** 3) ** 0.5
+    dz = torch.randn_like(F.conv3d(x, w, None, stride, pad)).to(dtype).contiguous(
+        memory_format=layout)
+    ref = torch.ops.aten.convolution_backward(
+        dz.double(), x, w, None, [stride] * 3, [pad] * 3, [1] * 3, False, [0] * 3, 1,
+        [True, False, False])[0]
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        dx = conv_input_grad(dz, x.shape, w.to(dtype), (stride,) * 3, (pad,) * 3, (1,) * 3, 1)
+    onednn = any("convolution_transpose_pointwise" in e.name for e in prof.events())
+    assert onednn == (dtype != torch.float64 and layout == torch.contiguous_format and
+                      conv_backend(tuple(x.shape), dz, tuple(w.shape), (stride,) * 3,
+                                   (pad,) * 3) == 8)
+    if dtype == torch.float32 and layout == torch.contiguous_format and size[0] >= 20:
+        assert onednn  # the case it is for: ATen's oneDNN convolutions
+    assert dx.shape == x.shape and dx.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(dx.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

@@ -142,6 +142,31 @@ def shape_only(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(()).expand(t.shape)
 
 
+def conv_input_grad(dz: torch.Tensor, x_shape, w: torch.Tensor, stride, padding, dilation,
+                    groups: int) -> torch.Tensor:
+    """dL/dx of a convolution from its output gradient `dz` and the input's shape alone. Where
+    ATen runs the convolution on oneDNN (a CPU, 5-D, outside autograd), the transposed
+    convolution is called on oneDNN directly: ATen's convolution_backward would first make a
+    dense copy of the memoryless stand-in it is handed for the input (`shape_only`), a tensor of
+    the input's size that no tensor count sees. Elsewhere convolution_backward with the
+    stand-in."""
+    from .slabs import MKLDNN
+    x_shape = tuple(x_shape)
+    if (dz.device.type == "cpu" and dz.dim() == 5 and dz.dtype == w.dtype
+            and not torch.is_grad_enabled() and dz.is_contiguous()
+            and conv_backend(x_shape, dz, tuple(w.shape), stride, padding,
+                             dilation=dilation, groups=groups) == MKLDNN):
+        k = w.shape[2:]
+        extra = [n - ((m - 1) * s - 2 * p + d * (kk - 1) + 1) for n, m, s, p, d, kk in
+                 zip(x_shape[2:], dz.shape[2:], stride, padding, dilation, k)]
+        if all(0 <= e < max(s, d) for e, s, d in zip(extra, stride, dilation)):
+            return torch.ops.mkldnn._convolution_transpose_pointwise(
+                dz, w.contiguous(), None, list(padding), extra, list(stride), list(dilation),
+                groups, "none", [], None)
+    return _conv_backward(dz, dz.new_empty(()).expand(x_shape), w, stride, padding, dilation,
+                          groups, True, False)[0]
+
+
 def conv_backend(x_shape, like: torch.Tensor, w_shape, stride, padding, transposed=False,
                  dilation=None, output_padding=None, groups=1):
     """The backend ATen picks for a convolution of an input of `x_shape` (dtype and device of

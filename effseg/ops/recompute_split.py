@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from .recompute import (BlockSpec, _conv, _conv_backward, _norm_act_, _norm_act_backward,
-                        _unit_stats, converted, keep_output, norm_act_backward_over,
-                        second_conv_backward, take_output)
+                        _unit_stats, conv_input_grad, converted, keep_output,
+                        norm_act_backward_over, second_conv_backward, take_output)
 
 
 def splits(spec: BlockSpec) -> bool:
@@ -77,10 +77,10 @@ class _FirstConvFunction(torch.autograd.Function):
                 dz1 = dz1.to(cd)
                 # The weight's gradient first, so that x can go before its own gradient is born.
                 dw1 = _conv_backward(dz1, x.to(cd), w1c, *args, False)[1].to(w1.dtype)
-            shape = x.new_empty((), dtype=cd).expand(x.shape)
+            x_shape = tuple(x.shape)
             del x
             if dz1 is not None and ctx.needs_input_grad[0]:
-                dx = _conv_backward(dz1, shape, w1c, *args, True, False)[0]
+                dx = conv_input_grad(dz1, x_shape, w1c, *args)
                 del dz1
             if dskip is not None:
                 # The skip consumer's gradient (passed-on input, see `split_block`): a fresh

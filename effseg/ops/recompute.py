@@ -337,11 +337,11 @@ def second_conv_backward(held: list, w2, u2: Unit, owned: bool):
     held.clear()
     args = (u2.stride, u2.padding, u2.dilation, u2.groups)
     dw2 = _conv_backward(dz2, y1, w2, *args, False)[1]
-    shape = shape_only(y1)
+    y1_shape = tuple(y1.shape)
     del y1
     if owned and same_rows(tuple(w2.shape), *args) and input_grad_into_(dz2, w2, u2.padding):
         return dz2, dw2
-    return _conv_backward(dz2, shape, w2, *args, True, False)[0], dw2
+    return conv_input_grad(dz2, y1_shape, w2, *args), dw2
 
 
 def _second_unit_in_slabs(x, spec: BlockSpec, w1, g1, b1, w2, stats, parts: int = 8):

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from .folded_up import (add_folded_conv_, folded_conv, folded_weight, folded_weight_backward,
                         folds)
 from .recompute import (Unit, _conv, _conv_backward, _norm_act_, _norm_act_backward, _unit_stats,
-                        conv_backend, converted, blocks_of, keep_output, norm_act_backward_into,
-                        second_conv_backward, shape_only, sole_tensor, take_output)
+                        conv_backend, conv_input_grad, converted, blocks_of, keep_output,
+                        norm_act_backward_into, second_conv_backward, shape_only, sole_tensor,
+                        take_output)
 
 
 @dataclass
@@ -291,9 +292,9 @@ def _fusion_backward(dz1, low, skip, spec: DecoderSpec, w_up, w_skip, w_cat_up, 
         del up
     else:
         dw_cat_up = _conv_backward(dz1, up, w_cat_up, *args, False)[1]
-        shape = shape_only(up)
+        up_shape = tuple(up.shape)
         del up
-        dup = _conv_backward(dz1, shape, w_cat_up, *args, True, False)[0]
+        dup = conv_input_grad(dz1, up_shape, w_cat_up, *args)
     dlow, dw_up = torch.ops.aten.convolution_backward(
         dup, low.to(cd), w_up, None, list(spec.up_stride), [0, 0, 0], [1, 1, 1],
         True, [0, 0, 0], 1, [needs[0], True, False])[:2]

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.autograd.graph import get_gradient_edge
 
 from .recompute import conv_backend
-from .slabs import MKLDNN_TRANSPOSE
+from .slabs import MKLDNN_TRANSPOSE, onednn_conv_transpose
 
 # The weight gradient of one convolution is computed in at most this many slices: a slice is
 # then at most a quarter of the weight (or the size of the convolution's largest activation,
@@ -109,9 +109,8 @@ def conv_forward(x, weight, b, spec: ConvSpec):
     w = _weight_part(weight, spec)
     nd = w.dim() - 2
     if _part_on_onednn(x, weight, spec):
-        return torch.ops.mkldnn._convolution_transpose_pointwise(
-            _dense(x), w.contiguous(), b, list(spec.padding), list(spec.output_padding),
-            list(spec.stride), list(spec.dilation), spec.groups, "none", [], None)
+        return onednn_conv_transpose(_dense(x), w, b, spec.stride, spec.padding,
+                                     spec.output_padding, spec.dilation, spec.groups)
     if spec.transposed:
         fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
         return fn(x, w, b, spec.stride, spec.padding, spec.output_padding, spec.groups,

@@ -150,7 +150,7 @@ def conv_input_grad(dz: torch.Tensor, x_shape, w: torch.Tensor, stride, padding,
     dense copy of the memoryless stand-in it is handed for the input (`shape_only`), a tensor of
     the input's size that no tensor count sees. Elsewhere convolution_backward with the
     stand-in."""
-    from .slabs import MKLDNN
+    from .slabs import MKLDNN, onednn_conv_transpose
     x_shape = tuple(x_shape)
     if (dz.device.type == "cpu" and dz.dim() == 5 and dz.dtype == w.dtype
             and not torch.is_grad_enabled() and dz.is_contiguous()
@@ -160,9 +160,7 @@ def conv_input_grad(dz: torch.Tensor, x_shape, w: torch.Tensor, stride, padding,
         extra = [n - ((m - 1) * s - 2 * p + d * (kk - 1) + 1) for n, m, s, p, d, kk in
                  zip(x_shape[2:], dz.shape[2:], stride, padding, dilation, k)]
         if all(0 <= e < max(s, d) for e, s, d in zip(extra, stride, dilation)):
-            return torch.ops.mkldnn._convolution_transpose_pointwise(
-                dz, w.contiguous(), None, list(padding), extra, list(stride), list(dilation),
-                groups, "none", [], None)
+            return onednn_conv_transpose(dz, w, None, stride, padding, extra, dilation, groups)
     return _conv_backward(dz, dz.new_empty(()).expand(x_shape), w, stride, padding, dilation,
                           groups, True, False)[0]
 

@@ -18,6 +18,15 @@ MKLDNN = 8  # int(torch._C._ConvBackend.Mkldnn)
 MKLDNN_TRANSPOSE = 9
 
 
+def onednn_conv_transpose(x, w, b, stride, padding, output_padding, dilation, groups: int):
+    """A transposed convolution on oneDNN, called directly (where ATen's own rule would send it
+    to another backend, or where ATen's route would make extra copies). It has no derivative:
+    only where autograd does not record."""
+    return torch.ops.mkldnn._convolution_transpose_pointwise(
+        x, w.contiguous(), b, list(padding), list(output_padding), list(stride), list(dilation),
+        groups, "none", [], None)
+
+
 def slab_conv(whole_backend: int):
     """conv(t, w, padding): F.conv3d (stride 1, undilated, ungrouped) on the backend
     `whole_backend` (a `conv_backend` value) where that is oneDNN, else as ATen chooses."""

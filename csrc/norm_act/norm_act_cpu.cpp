@@ -108,6 +108,30 @@ std::vector<ActParam<acc_t>> channel_act(const at::Tensor& slope, double param, 
   return ap;
 }
 
+// The channels-last row loops run over the C channels of a voxel innermost. They read their
+// per-channel constants from one plain array per field through restrict-qualified pointers, and
+// rebuild the small structs of norm_act_math.h in registers: with arrays of structs, which a
+// store into the tensor might alias, the compiler neither vectorizes the channel loop nor keeps
+// the constants out of memory.
+template <typename acc_t> struct ActArrays {
+  std::vector<acc_t> p, inv;
+  explicit ActArrays(const std::vector<ActParam<acc_t>>& ap) : p(ap.size()), inv(ap.size()) {
+    for (size_t c = 0; c < ap.size(); ++c) {
+      p[c] = ap[c].p;
+      inv[c] = ap[c].inv;
+    }
+  }
+};
+
+template <typename acc_t> EFFSEG_HD ActParam<acc_t> act_at(const acc_t* __restrict__ p,
+                                                           const acc_t* __restrict__ inv,
+                                                           int64_t c) {
+  ActParam<acc_t> a;
+  a.p = p[c];
+  a.inv = inv[c];
+  return a;
+}
+
 // Merges the partials of each group in a fixed order: group g is channel g % C, over all samples
 // (per_sample false) or sample g / C only. entry(idx, n, k) builds one partial; finish(g, acc)
 // stores the merged result.
@@ -145,9 +169,9 @@ template <typename scalar_t> void stats_kernel(const at::Tensor& x, const StatsA
         part.b[idx] = m2;
       },
       [&](int64_t n, int64_t k, int64_t off, int64_t rows) {
-        const scalar_t* p = xp + off;
-        acc_t* m = part.a.data() + part.index(bl, n, k, 0);
-        acc_t* m2 = part.b.data() + part.index(bl, n, k, 0);
+        const scalar_t* __restrict__ p = xp + off;
+        acc_t* __restrict__ m = part.a.data() + part.index(bl, n, k, 0);
+        acc_t* __restrict__ m2 = part.b.data() + part.index(bl, n, k, 0);
         const int64_t C = g.C;
         std::fill(m, m + C, acc_t(0));
         std::fill(m2, m2 + C, acc_t(0));
@@ -184,6 +208,12 @@ template <typename scalar_t, Act A> void forward_kernel(at::Tensor& x, const For
   for (int64_t gi = 0; gi < G; ++gi)
     coef[gi] = forward_coef<acc_t>(mp[gi], vp[gi], gp[gi % g.C], bp[gi % g.C], acc_t(a.eps));
   const std::vector<ActParam<acc_t>> ap = channel_act<acc_t>(a.slope, a.param, g.C);
+  const ActArrays<acc_t> aa(ap);
+  std::vector<acc_t> scale(G), shift(G);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    scale[gi] = coef[gi].scale;
+    shift[gi] = coef[gi].shift;
+  }
   scalar_t* xp = x.data_ptr<scalar_t>();
   Blocks(g).run(
       [&](int64_t n, int64_t c, int64_t, int64_t off, int64_t len) {
@@ -193,12 +223,15 @@ template <typename scalar_t, Act A> void forward_kernel(at::Tensor& x, const For
         for (int64_t i = 0; i < len; ++i) p[i] = scalar_t(forward_value<A>(acc_t(p[i]), cf, prm));
       },
       [&](int64_t n, int64_t, int64_t off, int64_t rows) {
-        const ForwardCoef<acc_t>* cf = coef.data() + (per_sample ? n * g.C : 0);
-        scalar_t* p = xp + off;
-        const int64_t C = g.C;
+        const int64_t C = g.C, base = per_sample ? n * C : 0;
+        const acc_t *__restrict__ sc = scale.data() + base, *__restrict__ sh = shift.data() + base;
+        const acc_t *__restrict__ pp = aa.p.data(), *__restrict__ pi = aa.inv.data();
+        scalar_t* __restrict__ p = xp + off;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < C; ++c)
-            p[r * C + c] = scalar_t(forward_value<A>(acc_t(p[r * C + c]), cf[c], ap[c]));
+            p[r * C + c] = scalar_t(forward_value<A>(acc_t(p[r * C + c]),
+                                                     ForwardCoef<acc_t>{sc[c], sh[c]},
+                                                     act_at(pp, pi, c)));
       });
 }
 
@@ -206,22 +239,36 @@ template <typename scalar_t, Act A> void forward_kernel(at::Tensor& x, const For
 // slope's sum(dy * z) over z <= 0. A template flag rather than a test per element, so that the
 // loop without the slope stays as it was.
 template <bool kSlope, Act A, typename scalar_t, typename acc_t>
-void reduce_rows(const scalar_t* yb, const scalar_t* db, int64_t rows, int64_t C,
-                 const Affine<acc_t>* af, const ActParam<acc_t>* ap, acc_t* s1, acc_t* s2,
-                 acc_t* s3) {
+void reduce_rows(const scalar_t* __restrict__ yb, const scalar_t* __restrict__ db, int64_t rows,
+                 int64_t C, const acc_t* __restrict__ ig, const acc_t* __restrict__ be,
+                 const acc_t* __restrict__ pp, const acc_t* __restrict__ pi,
+                 acc_t* __restrict__ s1, acc_t* __restrict__ s2, acc_t* __restrict__ s3) {
   std::fill(s1, s1 + C, acc_t(0));
   std::fill(s2, s2 + C, acc_t(0));
   if constexpr (kSlope) std::fill(s3, s3 + C, acc_t(0));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) {
       const acc_t y = acc_t(yb[r * C + c]), dy = acc_t(db[r * C + c]);
+      const ActParam<acc_t> ap = act_at(pp, pi, c);
       acc_t dz, xhat;
-      recover<A>(y, dy, af[c], ap[c], dz, xhat);
+      recover<A>(y, dy, Affine<acc_t>{ig[c], be[c]}, ap, dz, xhat);
       s1[c] += dz;
       s2[c] += dz * xhat;
-      if constexpr (kSlope) s3[c] += slope_grad_term(y, dy, ap[c]);
+      if constexpr (kSlope) s3[c] += slope_grad_term(y, dy, ap);
     }
 }
+
+// Affine constants as one array per field (see ActArrays).
+template <typename acc_t> struct AffineArrays {
+  std::vector<acc_t> inv_gamma, beta;
+  explicit AffineArrays(const std::vector<Affine<acc_t>>& af)
+      : inv_gamma(af.size()), beta(af.size()) {
+    for (size_t c = 0; c < af.size(); ++c) {
+      inv_gamma[c] = af[c].inv_gamma;
+      beta[c] = af[c].beta;
+    }
+  }
+};
 
 template <typename scalar_t, Act A>
 void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const ReduceArgs& ra) {
@@ -233,6 +280,8 @@ void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Red
   const scalar_t *yp = y.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
   const Blocks bl(g);
   Partials<acc_t> part(bl, slope);
+  const AffineArrays<acc_t> afa(af);
+  const ActArrays<acc_t> aa(ap);
   bl.run(
       [&](int64_t n, int64_t c, int64_t k, int64_t off, int64_t len) {
         // Values, not references into shared state, inside the element loops: then the
@@ -257,11 +306,13 @@ void backward_reduce_kernel(const at::Tensor& y, const at::Tensor& dy, const Red
       [&](int64_t n, int64_t k, int64_t off, int64_t rows) {
         const int64_t idx = part.index(bl, n, k, 0);
         if (slope)
-          reduce_rows<true, A>(yp + off, dyp + off, rows, g.C, af.data(), ap.data(),
-                               part.a.data() + idx, part.b.data() + idx, part.c.data() + idx);
+          reduce_rows<true, A>(yp + off, dyp + off, rows, g.C, afa.inv_gamma.data(),
+                               afa.beta.data(), aa.p.data(), aa.inv.data(), part.a.data() + idx,
+                               part.b.data() + idx, part.c.data() + idx);
         else
-          reduce_rows<false, A>(yp + off, dyp + off, rows, g.C, af.data(), ap.data(),
-                                part.a.data() + idx, part.b.data() + idx, (acc_t*)nullptr);
+          reduce_rows<false, A>(yp + off, dyp + off, rows, g.C, afa.inv_gamma.data(),
+                                afa.beta.data(), aa.p.data(), aa.inv.data(), part.a.data() + idx,
+                                part.b.data() + idx, (acc_t*)nullptr);
       });
   acc_t* s1p = ra.sum_dz.data_ptr<acc_t>();
   acc_t* s2p = ra.sum_dz_xhat.data_ptr<acc_t>();
@@ -304,6 +355,14 @@ void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, const at::
                                       acc_t(a.count));
   const std::vector<Affine<acc_t>> af = channel_affine<acc_t>(a.gamma, a.beta);
   const std::vector<ActParam<acc_t>> ap = channel_act<acc_t>(a.slope, a.param, g.C);
+  const AffineArrays<acc_t> afa(af);
+  const ActArrays<acc_t> aa(ap);
+  std::vector<acc_t> k1(G), k2(G), k3(G);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    k1[gi] = coef[gi].k1;
+    k2[gi] = coef[gi].k2;
+    k3[gi] = coef[gi].k3;
+  }
   const scalar_t *yp = y.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   const bool ps = a.per_sample;
@@ -319,14 +378,21 @@ void backward_input_kernel(const at::Tensor& y, const at::Tensor& dy, const at::
         }
       },
       [&](int64_t n, int64_t, int64_t off, int64_t rows) {
-        const InputGradCoef<acc_t>* k = coef.data() + (ps ? n * g.C : 0);
-        const int64_t C = g.C;
+        const int64_t C = g.C, base = ps ? n * C : 0;
+        const acc_t *__restrict__ c1 = k1.data() + base, *__restrict__ c2 = k2.data() + base,
+                    *__restrict__ c3 = k3.data() + base;
+        const acc_t *__restrict__ ig = afa.inv_gamma.data(), *__restrict__ be = afa.beta.data();
+        const acc_t *__restrict__ pp = aa.p.data(), *__restrict__ pi = aa.inv.data();
+        // dx may be dy itself (the in-place variant): the tensors' pointers are not restrict.
+        const scalar_t *yb = yp + off, *db = dyp + off;
+        scalar_t* xb = dxp + off;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < C; ++c) {
-            const int64_t i = off + r * C + c;
+            const int64_t i = r * C + c;
             acc_t dz, xhat;
-            recover<A>(acc_t(yp[i]), acc_t(dyp[i]), af[c], ap[c], dz, xhat);
-            dxp[i] = scalar_t(input_grad_value(dz, xhat, k[c]));
+            recover<A>(acc_t(yb[i]), acc_t(db[i]), Affine<acc_t>{ig[c], be[c]},
+                       act_at(pp, pi, c), dz, xhat);
+            xb[i] = scalar_t(input_grad_value(dz, xhat, InputGradCoef<acc_t>{c1[c], c2[c], c3[c]}));
           }
       });
 }

@@ -78,8 +78,11 @@ class BlockSpec:
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(
-            memory_format=torch.channels_last_3d):
+    """The memory format of a 5-D tensor: channels-last where it is channels-last and not
+    contiguous; with one channel (both formats can hold at once) the channel stride tells them
+    apart, 1 in channels-last (as `torch.Tensor.contiguous(memory_format=...)` leaves it)."""
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and (
+            not t.is_contiguous() or (t.stride(1) == 1 and t[0, 0].numel() > 1)):
         return torch.channels_last_3d
     return torch.contiguous_format
 

@@ -2,10 +2,13 @@
 whole volumes of several sizes, in one run:
 
 - effseg FullVolumeFCN (recomputing blocks, concatenation-free skips, in-place norms)
+- the same computing in the input's (contiguous) layout (`channels_last=False`)
 - the same FullVolumeFCN recomputing only its full-resolution level, and with recompute=False
   (in-place norms and concatenation-free skips only): the time/memory trade-off of
   recomputation, measured
-- StockUNet3d with the same topology and weights (`FullVolumeFCN.to_stock()`)
+- StockUNet3d with the same topology and weights (`FullVolumeFCN.to_stock()`), and the same
+  in channels-last layout (weights and input; FullVolumeFCN computes in it on a CPU whatever
+  the input's layout, so this row tells how much of its time is the layout)
 - the same stock network with every block under torch.utils.checkpoint
 - MONAI DynUNet with the same widths and strides, when MONAI is installed
 
@@ -34,10 +37,12 @@ from common import machine, time_it, write_json  # noqa: E402
 
 from effseg.memory import peak_allocated, saved_bytes, step_peak  # noqa: E402
 from effseg.models import FullVolumeFCN  # noqa: E402
+from effseg.models._shape import to_channels_last  # noqa: E402
 from effseg.models.fcn import DEFAULT_CHANNELS  # noqa: E402
 
-VARIANTS = ["effseg FullVolumeFCN", "effseg recompute finest", "effseg no recompute",
-            "StockUNet3d", "stock + checkpoint", "MONAI DynUNet"]
+VARIANTS = ["effseg FullVolumeFCN", "effseg contiguous", "effseg recompute finest",
+            "effseg no recompute",
+            "StockUNet3d", "StockUNet3d channels-last", "stock + checkpoint", "MONAI DynUNet"]
 
 
 class _Checkpointed(torch.nn.Module):
@@ -54,7 +59,8 @@ def build(variant: str, classes: int):
     levels = len(DEFAULT_CHANNELS)
     recompute = {"effseg recompute finest": (True,) + (False,) * (levels - 1),
                  "effseg no recompute": False}.get(variant, True)
-    fcn = FullVolumeFCN(in_channels=1, out_channels=classes, recompute=recompute)
+    fcn = FullVolumeFCN(in_channels=1, out_channels=classes, recompute=recompute,
+                        channels_last=False if variant == "effseg contiguous" else None)
     if variant.startswith("effseg"):
         return fcn
     if variant == "MONAI DynUNet":
@@ -64,6 +70,8 @@ def build(variant: str, classes: int):
                        [list(s) for s in fcn.strides[1:]], filters=list(fcn.channels),
                        norm_name="batch", act_name=("leakyrelu", {"negative_slope": 0.01}))
     stock = fcn.to_stock()
+    if variant == "StockUNet3d channels-last":
+        stock = stock.to(memory_format=torch.channels_last_3d)
     if variant == "stock + checkpoint":
         stock.encoder = torch.nn.ModuleList(_Checkpointed(b) for b in stock.encoder)
         stock.decoder = torch.nn.ModuleList(_Checkpointed(b) for b in stock.decoder)
@@ -99,6 +107,8 @@ def measure(variant, size, device, amp, reps, classes=3):
     model = build(variant, classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(n, 1, *spatial, device=device)
+    if variant.endswith("channels-last"):
+        x = to_channels_last(x)
     target = torch.randint(0, classes, (n,) + spatial, device=device)
     lf = loss_fn(classes)
     ctx = torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)

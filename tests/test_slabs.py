@@ -8,7 +8,7 @@ from effseg.nn import RecomputeBlock3d
 from effseg.ops.recompute import (Unit, conv_backend, conv_input_grad, second_conv_backward,
                                   sole_tensor)
 from effseg.ops.folded_up import input_grad_into_, slab_rows
-from effseg.ops.slabs import conv_rows, same_rows, slab_conv
+from effseg.ops.slabs import conv_rows, runs_on_onednn, same_rows, slab_conv
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -18,9 +18,9 @@ from effseg.ops.slabs import conv_rows, same_rows, slab_conv
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 def test_conv_input_grad_from_the_shape_alone(dtype, size, stride, k, pad, layout):
     """conv_input_grad: the input gradient of a convolution from its output gradient and the
-    input's shape, equal to convolution_backward's in float64 (on oneDNN where ATen runs the
-    convolution there: odd sizes need output padding; on the stand-in path elsewhere: float64,
-    channels-last gradients, small inputs)."""
+    input's shape, equal to convolution_backward's in float64 (on oneDNN where effseg runs the
+    convolution there, in the gradient's layout: odd sizes need output padding; on the stand-in
+    path elsewhere: float64, bf16 where ATen would not use oneDNN)."""
     from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(0)
     x = torch.randn((2, 16) + size, dtype=torch.float64)
@@ -33,12 +33,13 @@ def test_conv_input_grad_from_the_shape_alone(dtype, size, stride, k, pad, layou
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         dx = conv_input_grad(dz, x.shape, w.to(dtype), (stride,) * 3, (pad,) * 3, (1,) * 3, 1)
     onednn = any("convolution_transpose_pointwise" in e.name for e in prof.events())
-    assert onednn == (dtype != torch.float64 and layout == torch.contiguous_format and
-                      conv_backend(tuple(x.shape), dz, tuple(w.shape), (stride,) * 3,
-                                   (pad,) * 3) == 8)
-    if dtype == torch.float32 and layout == torch.contiguous_format and size[0] >= 20:
-        assert onednn  # the case it is for: ATen's oneDNN convolutions
+    assert onednn == (dtype != torch.float64 and runs_on_onednn(
+        conv_backend(tuple(x.shape), dz, tuple(w.shape), (stride,) * 3, (pad,) * 3), dz))
+    if dtype == torch.float32:
+        assert onednn  # the case it is for: effseg's oneDNN convolutions, in either layout
     assert dx.shape == x.shape and dx.dtype == dtype
+    if onednn:
+        assert dx.is_contiguous(memory_format=layout)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(dx.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 

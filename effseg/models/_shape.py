@@ -47,6 +47,19 @@ def output_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C, D, H, W) in channels-last layout, with the strides of a dense channels-last
+    tensor (for one channel a view of the same memory: the channel stride tells the layout,
+    see `output_format`)."""
+    _, C, D, H, W = x.shape
+    strides = (D * H * W * C, 1, H * W * C, W * C, C)
+    if x.stride() == strides:
+        return x
+    if not x.is_contiguous(memory_format=torch.channels_last_3d):
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x if x.stride() == strides else x.as_strided(x.shape, strides)
+
+
 def crop(y: torch.Tensor, shape: Sequence[int], factor: Sequence[int] = (1, 1, 1),
          memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """The part of `y` (on a grid `factor` times coarser than the input) covering `shape`, as a

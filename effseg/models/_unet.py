@@ -56,6 +56,11 @@ class UNetBase(nn.Module):
                     for level in range(1, len(self.channels) - 1)]
         return out
 
+    def _compute_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The (padded) input in the layout the network computes in: as given, unless a
+        subclass says otherwise. The output takes the input's layout either way."""
+        return x
+
     def _encode(self, level: int, block: nn.Module, h: torch.Tensor, skips: list) -> torch.Tensor:
         """Runs encoder block `level` on `h`, appends its output to `skips` (the skip of its
         level) and returns it. Subclasses may also replace earlier skips (see FullVolumeFCN)."""
@@ -72,6 +77,7 @@ class UNetBase(nn.Module):
                              f"got {x.shape[1]}")
         fmt = output_format(x)
         x, shape = pad_to_multiple(x, self.total_stride)
+        x = self._compute_layout(x)
         skips = []
         h = x
         for i, block in enumerate(self.encoder):

@@ -87,8 +87,36 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def canonical(t: torch.Tensor) -> torch.Tensor:
+    """`t` (a view of the same memory) with the strides its layout gives a dense tensor of its
+    shape. A dense tensor's size-1 axes may carry any stride (a sample of a batch keeps the
+    batch's sample stride), and ATen's layout guess (`suggest_memory_format`) then takes a
+    channels-last tensor for a contiguous one: its convolutions would return (and oneDNN
+    compute) the other layout."""
+    if t.dim() != 5:
+        return t
+    _, C, D, H, W = t.shape
+    if _layout(t) == torch.channels_last_3d:
+        strides = (D * H * W * C, 1, H * W * C, W * C, C)
+    elif t.is_contiguous():
+        strides = (C * D * H * W, D * H * W, H * W, W, 1)
+    else:
+        return t
+    return t if t.stride() == strides else t.as_strided(t.shape, strides)
+
+
 def _conv(x, w, u: Unit):
-    z = torch.nn.functional.conv3d(x, w, None, u.stride, u.padding, u.dilation, u.groups)
+    """The unit's convolution (no bias, weight in x's dtype) in x's layout, outside autograd
+    on oneDNN wherever `slabs.runs_on_onednn` says so."""
+    from .slabs import onednn_conv, runs_on_onednn
+    x = canonical(x)
+    if (x.device.type == "cpu" and x.dim() == 5 and not torch.is_grad_enabled()
+            and runs_on_onednn(conv_backend(tuple(x.shape), x, tuple(w.shape), u.stride,
+                                            u.padding, dilation=u.dilation, groups=u.groups),
+                               x)):
+        z = onednn_conv(x, w, u.stride, u.padding, u.dilation, u.groups)
+    else:
+        z = torch.nn.functional.conv3d(x, w, None, u.stride, u.padding, u.dilation, u.groups)
     return z.contiguous(memory_format=_layout(x))
 
 
@@ -134,7 +162,7 @@ def block_forward(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip, stats=None
 def _conv_backward(grad, inp, w, u_stride, u_padding, u_dilation, groups, need_input,
                    need_weight=True):
     return torch.ops.aten.convolution_backward(
-        grad, inp, w, None, list(u_stride), list(u_padding), list(u_dilation), False, [0, 0, 0],
+        canonical(grad), canonical(inp), w, None, list(u_stride), list(u_padding), list(u_dilation), False, [0, 0, 0],
         groups, [need_input, need_weight, False])[:2]
 
 
@@ -148,22 +176,24 @@ def shape_only(t: torch.Tensor) -> torch.Tensor:
 def conv_input_grad(dz: torch.Tensor, x_shape, w: torch.Tensor, stride, padding, dilation,
                     groups: int) -> torch.Tensor:
     """dL/dx of a convolution from its output gradient `dz` and the input's shape alone. Where
-    ATen runs the convolution on oneDNN (a CPU, 5-D, outside autograd), the transposed
+    effseg runs the convolution on oneDNN (`slabs.runs_on_onednn`; a CPU, 5-D, outside
+    autograd), the transposed
     convolution is called on oneDNN directly: ATen's convolution_backward would first make a
     dense copy of the memoryless stand-in it is handed for the input (`shape_only`), a tensor of
     the input's size that no tensor count sees. Elsewhere convolution_backward with the
     stand-in."""
-    from .slabs import MKLDNN, onednn_conv_transpose
+    from .slabs import onednn_conv_transpose, runs_on_onednn
     x_shape = tuple(x_shape)
     if (dz.device.type == "cpu" and dz.dim() == 5 and dz.dtype == w.dtype
-            and not torch.is_grad_enabled() and dz.is_contiguous()
-            and conv_backend(x_shape, dz, tuple(w.shape), stride, padding,
-                             dilation=dilation, groups=groups) == MKLDNN):
+            and not torch.is_grad_enabled() and dz.is_contiguous(memory_format=_layout(dz))
+            and runs_on_onednn(conv_backend(x_shape, dz, tuple(w.shape), stride, padding,
+                                            dilation=dilation, groups=groups), dz)):
         k = w.shape[2:]
         extra = [n - ((m - 1) * s - 2 * p + d * (kk - 1) + 1) for n, m, s, p, d, kk in
                  zip(x_shape[2:], dz.shape[2:], stride, padding, dilation, k)]
         if all(0 <= e < max(s, d) for e, s, d in zip(extra, stride, dilation)):
-            return onednn_conv_transpose(dz, w, None, stride, padding, extra, dilation, groups)
+            return onednn_conv_transpose(canonical(dz), w, None, stride, padding, extra,
+                                         dilation, groups)
     return _conv_backward(dz, dz.new_empty(()).expand(x_shape), w, stride, padding, dilation,
                           groups, True, False)[0]
 
@@ -182,31 +212,41 @@ def conv_backend(x_shape, like: torch.Tensor, w_shape, stride, padding, transpos
 
 
 def blocks_of(t: torch.Tensor, parts: int = 4):
-    """Blocks (n0, n1, c0, c1) of about 1/`parts` of `t` each (or one sample, if that is less)
-    that are contiguous slices of a contiguous `t`: channel ranges of one sample. None where `t`
-    is not contiguous (channels-last) or has fewer channels than parts per sample."""
-    if not t.is_contiguous():
-        return None
+    """Blocks (n0, n1, c0, c1, d0, d1) of about 1/`parts` of `t` each (or one sample, if that
+    is less) that are dense slices of `t`: of a contiguous `t`, channel ranges of one sample
+    (all rows); of a channels-last 5-D `t`, ranges of rows (the first spatial axis) of one
+    sample (all channels). None where `t` is neither, or has too few channels (rows) to split."""
     N, C = t.shape[:2]
     per_sample = -(-parts // N)
-    if per_sample > C:
+    if t.is_contiguous():
+        if per_sample > C:
+            return None
+        edges = [C * i // per_sample for i in range(per_sample + 1)]
+        D = t.shape[2] if t.dim() > 2 else 1
+        return [(n, n + 1, c0, c1, 0, D) for n in range(N) for c0, c1 in zip(edges, edges[1:])]
+    if _layout(t) != torch.channels_last_3d or per_sample > t.shape[2]:
         return None
-    edges = [C * i // per_sample for i in range(per_sample + 1)]
-    return [(n, n + 1, c0, c1) for n in range(N) for c0, c1 in zip(edges, edges[1:])]
+    D = t.shape[2]
+    edges = [D * i // per_sample for i in range(per_sample + 1)]
+    return [(n, n + 1, 0, C, d0, d1) for n in range(N) for d0, d1 in zip(edges, edges[1:])]
 
 
 def norm_act_backward_into(pre, dy_block, u: Unit, stats, gamma, beta, blocks):
     """The norm-act backward of one unit written into `pre`'s storage (the pre-activation's
-    holder, which the caller no longer needs), one block at a time: `dy_block(n0, n1, c0, c1)`
-    gives a fresh dL/dy of a block, so that no tensor of `pre`'s full size exists beside it.
-    Where a block holds every value its statistics were taken over (all samples of its channels,
-    or per-sample statistics) and nothing is synchronized, each block is done in one pass;
+    holder, which the caller no longer needs), one block at a time (`blocks_of`):
+    `dy_block(n0, n1, c0, c1, d0, d1)` gives a fresh dL/dy of a block, in `pre`'s layout, so
+    that no tensor of `pre`'s full size exists beside it. Where a block holds every value its
+    statistics were taken over (all rows, and all samples of its channels or per-sample
+    statistics) and nothing is synchronized, each block is done in one pass;
     otherwise the sums of all blocks come first and `dy_block` is called again for the input
     gradient. Returns (dgamma, dbeta) like `_norm_act_backward`."""
     act, param = u.fused_activation
     per_group = stats[1].dim() == 2
     N, C = pre.shape[:2]
-    one_pass = u.sync is None and (per_group or all(b[0] == 0 and b[1] == N for b in blocks))
+    D = pre.shape[2]
+    one_pass = u.sync is None and all((per_group or (b[0] == 0 and b[1] == N))
+                                      and b[4] == 0 and b[5] == D for b in blocks)
+    fmt = _layout(pre)
 
     def index(n0, n1, c0, c1):
         return (slice(n0, n1), slice(c0, c1)) if per_group else (slice(c0, c1),)
@@ -214,10 +254,10 @@ def norm_act_backward_into(pre, dy_block, u: Unit, stats, gamma, beta, blocks):
     def part(t, c0, c1):
         return None if t is None else t[c0:c1]
 
-    def block_grad(sub, n0, n1, c0, c1):
-        # Both contiguous; the strides of their size-1 axes differ (a block of `pre` keeps
-        # the sample stride of the whole), which the kernels' layout check would refuse.
-        return dy_block(n0, n1, c0, c1).contiguous().as_strided(sub.shape, sub.stride())
+    def block_grad(sub, b):
+        # Both dense in pre's layout; the strides of their size-1 axes differ (a block of `pre`
+        # keeps the sample stride of the whole), which the kernels' layout check would refuse.
+        return dy_block(*b).contiguous(memory_format=fmt).as_strided(sub.shape, sub.stride())
 
     def reduce(sub, dy, c0, c1):
         return op("norm_act_backward_reduce", pre.device)(
@@ -231,9 +271,10 @@ def norm_act_backward_into(pre, dy_block, u: Unit, stats, gamma, beta, blocks):
         sub.copy_(dy)
 
     totals = None
-    for n0, n1, c0, c1 in blocks:
-        sub, i = pre[n0:n1, c0:c1], index(n0, n1, c0, c1)
-        dy = block_grad(sub, n0, n1, c0, c1)
+    for b in blocks:
+        n0, n1, c0, c1, d0, d1 = b
+        sub, i = pre[n0:n1, c0:c1, d0:d1], index(n0, n1, c0, c1)
+        dy = block_grad(sub, b)
         sums = reduce(sub, dy, c0, c1)
         if totals is None:
             totals = [sums[0].new_zeros(stats[1].shape), sums[1].new_zeros(stats[1].shape)]
@@ -247,12 +288,13 @@ def norm_act_backward_into(pre, dy_block, u: Unit, stats, gamma, beta, blocks):
     if not one_pass:
         sums = input_grad_sums(s_dz, s_dzx, pre, u.sync) if u.use_batch_stats else (None,) * 3
         count = sums[2]
-        if count is None and u.use_batch_stats and not per_group:
-            count = pre.numel() // C  # a block's own count would be that of its samples only
-        for n0, n1, c0, c1 in blocks:
-            sub = pre[n0:n1, c0:c1]
-            input_grad(sub, block_grad(sub, n0, n1, c0, c1), index(n0, n1, c0, c1), c0, c1,
-                       sums, count)
+        if count is None and u.use_batch_stats:
+            # a block's own count would be that of its samples (rows) only
+            count = pre[0, 0].numel() if per_group else pre.numel() // C
+        for b in blocks:
+            n0, n1, c0, c1, d0, d1 = b
+            sub = pre[n0:n1, c0:c1, d0:d1]
+            input_grad(sub, block_grad(sub, b), index(n0, n1, c0, c1), c0, c1, sums, count)
     if per_group:
         s_dz, s_dzx = s_dz.sum(0), s_dzx.sum(0)
     return s_dzx, s_dz
@@ -401,8 +443,8 @@ def norm_act_backward_over(pre, grad, u: Unit, stats, gamma, beta, parts: int = 
     if blocks is None:
         return _norm_act_backward(pre, grad, u, stats, gamma, beta, owned=False)
 
-    def dy_block(n0, n1, c0, c1):
-        return grad[n0:n1, c0:c1].to(pre.dtype, copy=True)
+    def dy_block(n0, n1, c0, c1, d0, d1):
+        return grad[n0:n1, c0:c1, d0:d1].to(pre.dtype, copy=True)
     dgamma, dbeta = norm_act_backward_into(pre, dy_block, u, stats, gamma, beta, blocks)
     return pre, dgamma, dbeta
 

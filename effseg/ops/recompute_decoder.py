@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from .folded_up import (add_folded_conv_, folded_conv, folded_weight, folded_weight_backward,
                         folds)
-from .recompute import (Unit, _conv, _conv_backward, _norm_act_, _norm_act_backward, _unit_stats,
-                        conv_backend, conv_input_grad, converted, blocks_of, keep_output,
+from .recompute import (Unit, _conv, _conv_backward, _layout, _norm_act_, _norm_act_backward,
+                        _unit_stats, conv_backend, conv_input_grad, converted, blocks_of, keep_output,
                         norm_act_backward_into, second_conv_backward, shape_only, sole_tensor,
                         take_output)
 
@@ -304,16 +304,27 @@ def _fusion_backward(dz1, low, skip, spec: DecoderSpec, w_up, w_skip, w_cat_up, 
     return dlow, dskip, dw_up, dw_skip, dw_cat_up
 
 
-def _head_input_grad_block(g, w_head, n0, n1, c0, c1):
-    """dL/d(head input) of samples n0:n1, channels c0:c1, from the head's output gradient `g`
-    (contiguous): one matrix product per sample (a 1x1x1 convolution's input gradient), written
-    into the block (a batched torch.matmul of the 2-D weight with the 3-D gradient would make
-    a copy of its result)."""
+def _head_input_grad_block(g, w_head, n0, n1, c0, c1, d0=0, d1=None):
+    """dL/d(head input) of samples n0:n1, channels c0:c1, rows d0:d1 from the head's output
+    gradient `g` (contiguous: channel blocks, all rows; channels-last: row blocks, all
+    channels), in g's layout: one matrix product per sample (a 1x1x1 convolution's input
+    gradient), written into the block (a batched torch.matmul of the 2-D weight with the 3-D
+    gradient would make a copy of its result)."""
     k, c = g.shape[1], c1 - c0
-    wt = w_head[:, c0:c1].reshape(k, c).t()
-    out = g.new_empty((n1 - n0, c) + tuple(g.shape[2:]))
+    d1 = g.shape[2] if d1 is None else d1
+    w2d = w_head[:, c0:c1].reshape(k, c)
+    spatial = (d1 - d0,) + tuple(g.shape[3:])
+    if g.is_contiguous():
+        out = g.new_empty((n1 - n0, c) + spatial)
+        for i in range(n0, n1):
+            torch.mm(w2d.t(), g[i, :, d0:d1].reshape(k, -1), out=out[i - n0].view(c, -1))
+        return out
+    # channels-last: [voxels][k] rows times the (k, c) weight
+    out = torch.empty((n1 - n0, c) + spatial, dtype=g.dtype, device=g.device,
+                      memory_format=torch.channels_last_3d)
     for i in range(n0, n1):
-        torch.mm(wt, g[i].reshape(k, -1), out=out[i - n0].view(c, -1))
+        rows = g[i:i + 1, :, d0:d1].permute(0, 2, 3, 4, 1).reshape(-1, k)
+        torch.mm(rows, w2d, out=out[i - n0:i - n0 + 1].permute(0, 2, 3, 4, 1).view(-1, c))
     return out
 
 
@@ -410,13 +421,13 @@ def _head_norm_backward(held, w_head, b_head, u2, stats, g2, b2, blocks):
     del head_in
     if blocks:
         if w_head is not None:
-            g = g.contiguous()
+            g = g.contiguous(memory_format=_layout(pre))
 
-            def dy_block(n0, n1, c0, c1):
-                return _head_input_grad_block(g, w_head, n0, n1, c0, c1)
+            def dy_block(n0, n1, c0, c1, d0, d1):
+                return _head_input_grad_block(g, w_head, n0, n1, c0, c1, d0, d1)
         else:
-            def dy_block(n0, n1, c0, c1):
-                return g[n0:n1, c0:c1].clone()
+            def dy_block(n0, n1, c0, c1, d0, d1):
+                return g[n0:n1, c0:c1, d0:d1].clone()
         dg2, db2 = norm_act_backward_into(pre, dy_block, u2, stats, g2, b2, blocks)
         return pre, dg2, db2, dw_head, db_head
     owned = w_head is not None
@@ -460,7 +471,9 @@ class _NormHeadFunction(torch.autograd.Function):
         u2 = spec.units[1]
         with torch.no_grad():
             (w_head,) = converted((w_head,), spec.compute_dtype)
-            blocks = blocks_of(y2, y2.shape[1]) if g.is_contiguous() else None
+            # blocks of y2's layout; the logits' gradient is read in it (a copy where it
+            # comes in the other, of the logits' few channels)
+            blocks = blocks_of(y2, y2.shape[1])
             held = [g.to(spec.compute_dtype), y2, y2]
             del g, y2
             dz2, dg2, db2, dw_head, db_head = _head_norm_backward(

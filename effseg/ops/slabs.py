@@ -7,6 +7,12 @@ call from the shapes, and its rule for float32 on the CPU sends thin slabs of fe
 slow kernel (im2col, with a large hidden buffer) where the whole tensor would run on oneDNN; the
 slabs here run on the backend the whole convolution would, calling oneDNN directly
 (`aten.mkldnn_convolution`) where that is it.
+
+The same rule sends single float32 samples whose N*C*D*H is at most 20480 (a 1-channel input
+below 144^2 per slice; 16 channels below 36^2; the coarse levels of a U-Net) to that slow kernel
+as a whole, where oneDNN is 1.1 to 17 times faster on the machines measured
+(`benchmarks/bench_conv_backend.py`). effseg's own convolutions run there on oneDNN
+(`runs_on_onednn`); the weight gradient stays with ATen.
 """
 from __future__ import annotations
 
@@ -16,6 +22,23 @@ import torch.nn.functional as F
 MKLDNN = 8  # int(torch._C._ConvBackend.Mkldnn)
 # int(torch._C._ConvBackend.MkldnnTranspose) (unnamed in Python: compare by value)
 MKLDNN_TRANSPOSE = 9
+SLOW3D = 14  # int(torch._C._ConvBackend.Slow3d)
+
+
+def runs_on_onednn(backend: int, like: torch.Tensor) -> bool:
+    """Whether effseg runs a convolution for which ATen picks `backend` (a `conv_backend` value)
+    on oneDNN: where ATen does, and where ATen picks its slow 3-D kernel for a float32 CPU input
+    (see the module docstring) and oneDNN is built in."""
+    return backend == MKLDNN or (
+        backend == SLOW3D and like.device.type == "cpu" and like.dtype == torch.float32
+        and torch.backends.mkldnn.is_available())
+
+
+def onednn_conv(x, w, stride, padding, dilation, groups: int):
+    """A convolution (no bias) on oneDNN, called directly; no derivative (only where autograd
+    does not record). Its output takes the input's layout."""
+    return torch.ops.aten.mkldnn_convolution(x, w, None, list(padding), list(stride),
+                                             list(dilation), groups)
 
 
 def onednn_conv_transpose(x, w, b, stride, padding, output_padding, dilation, groups: int):
@@ -28,15 +51,13 @@ def onednn_conv_transpose(x, w, b, stride, padding, output_padding, dilation, gr
 
 
 def slab_conv(whole_backend: int):
-    """conv(t, w, padding): F.conv3d (stride 1, undilated, ungrouped) on the backend
-    `whole_backend` (a `conv_backend` value) where that is oneDNN, else as ATen chooses."""
-    if whole_backend == MKLDNN:
-        def conv(t, w, padding):
-            return torch.ops.aten.mkldnn_convolution(t, w, None, list(padding), [1, 1, 1],
-                                                     [1, 1, 1], 1)
-    else:
-        def conv(t, w, padding):
-            return F.conv3d(t, w, None, 1, tuple(padding))
+    """conv(t, w, padding): F.conv3d (stride 1, undilated, ungrouped) on oneDNN where the whole
+    convolution runs there (`runs_on_onednn` of `whole_backend`, a `conv_backend` value), else
+    as ATen chooses."""
+    def conv(t, w, padding):
+        if runs_on_onednn(whole_backend, t):
+            return onednn_conv(t, w, (1, 1, 1), padding, (1, 1, 1), 1)
+        return F.conv3d(t, w, None, 1, tuple(padding))
     return conv
 
 

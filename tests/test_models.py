@@ -219,6 +219,55 @@ def test_second_training_step_peak_at_most_20_percent_of_stock_at_ct_size(edge, 
     assert ours / theirs <= 0.20, (ours, theirs, ours / theirs)
 
 
+def _nodes(loss, name):
+    seen, stack, found = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == name:
+            found.append(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_second_block_recomputes_the_finest_skip_instead_of_keeping_it(monkeypatch, layout):
+    """FullVolumeFCN's second block recomputes its input (the finest skip) in slabs of rows
+    from the network's input (`RowsSource`) rather than keep it: neither of its Functions holds
+    the skip (with the source disabled, both do), and the gradients are the same (float64; odd
+    sizes, so that the slabs' edges and the stride-2 halo rows are exercised)."""
+    from effseg.ops.recompute import RowsSource
+    torch.manual_seed(0)
+    fcn = FullVolumeFCN(in_channels=1, out_channels=3, channels=(4, 6, 8),
+                        strides=(1, 2, 2), channels_last=layout == torch.channels_last_3d
+                        ).double()
+    x = torch.randn(2, 1, 21, 12, 10, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 21, 12, 10))
+
+    def run(source: bool):
+        fcn.zero_grad(set_to_none=True)
+        loss = DiceCELoss()(fcn(x), target)
+        # the second level's Functions: their first weight reads the finest level's 4 channels
+        (first,) = [n for n in _nodes(loss, "_FirstConvFunctionBackward")
+                    if n.saved_tensors[-1].shape[1] == 4]
+        (rest,) = [n for n in _nodes(loss, "_RestFunctionBackward")
+                   if n.saved_tensors[1].shape[1] == 4]
+        # the finest skip: 4 channels of the padded 24 x 12 x 12 volume
+        holds = [t for t in rest.saved_tensors if t is not None and t.shape[1:] == (4, 24, 12, 12)]
+        assert (rest.saved_tensors[0] is None and not holds) == source
+        assert (getattr(first, "kept", None) is None) == source
+        assert (first.source is not None) == source
+        loss.backward()
+        return [p.grad.clone() for p in fcn.parameters()]
+
+    grads = run(True)
+    monkeypatch.setattr(RowsSource, "fill", lambda self, *a: None)
+    for g, h in zip(grads, run(False)):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-12)
+
+
 def test_peak_allocated_follows_tensor_lifetimes():
     def fn():
         a = torch.empty(1000, dtype=torch.float32)  # 4000 B

@@ -61,9 +61,11 @@ class UNetBase(nn.Module):
         subclass says otherwise. The output takes the input's layout either way."""
         return x
 
-    def _encode(self, level: int, block: nn.Module, h: torch.Tensor, skips: list) -> torch.Tensor:
+    def _encode(self, level: int, block: nn.Module, h: torch.Tensor, skips: list,
+                state: dict) -> torch.Tensor:
         """Runs encoder block `level` on `h`, appends its output to `skips` (the skip of its
-        level) and returns it. Subclasses may also replace earlier skips (see FullVolumeFCN)."""
+        level) and returns it. Subclasses may also replace earlier skips and pass things from
+        one level to the next in `state` (one dict per forward; see FullVolumeFCN)."""
         h = block(h)
         skips.append(h)
         return h
@@ -78,10 +80,11 @@ class UNetBase(nn.Module):
         fmt = output_format(x)
         x, shape = pad_to_multiple(x, self.total_stride)
         x = self._compute_layout(x)
-        skips = []
+        skips, state = [], {}
         h = x
         for i, block in enumerate(self.encoder):
-            h = self._encode(i, block, h, skips)
+            h = self._encode(i, block, h, skips, state)
+        del state
         coarse = []
         last = len(self.decoder) - 1
         for i, block in enumerate(self.decoder[:-1]):

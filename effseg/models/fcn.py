@@ -51,6 +51,7 @@ import torch
 from ..nn.blocks import RecomputeBlock3d
 from ..nn.conv_norm_act import Spec
 from ..nn.decoder import DecoderBlock3d
+from ..ops.recompute import RowsSource
 from ._shape import to_channels_last
 from ._unet import UNetBase
 
@@ -110,17 +111,26 @@ class FullVolumeFCN(UNetBase):
         cl = self.channels_last if self.channels_last is not None else x.device.type == "cpu"
         return to_channels_last(x) if cl else x
 
-    def _encode(self, level, block, h, skips):
+    def _encode(self, level, block, h, skips, state):
         # Each split block passes its input on (an alias) as the skip of the level above, so
         # that the decoder's gradient for the skip reaches that block's first convolution,
         # which adds its own input gradient into it: no out-of-place sum by autograd (three
         # tensors of the level's size), and no input gradient beside the input where the
-        # block also releases it (`RecomputeBlock3d._forward_passing_input`).
+        # block also releases it (`RecomputeBlock3d._forward_passing_input`). The second
+        # block recomputes the finest skip from the network's input in its backward, in slabs
+        # (`RowsSource`, which the lean first block fills), rather than keep it: the skip
+        # goes once the finest decoder level is done with it.
         if level >= 1 and getattr(block, "split", False):
-            h, skips[level - 1] = block._forward_passing_input(h)
+            source = state.pop("rows", None) if block.release_input else None
+            h, skips[level - 1] = block._forward_passing_input(h, source=source)
             skips.append(h)
             return h
-        return super()._encode(level, block, h, skips)
+        if level == 0 and getattr(block, "lean", False):
+            state["rows"] = RowsSource()
+            h = block(h, source=state["rows"])
+            skips.append(h)
+            return h
+        return super()._encode(level, block, h, skips, state)
 
     def to_stock(self):
         """The same network (same weights and statistics) built from stock layers."""

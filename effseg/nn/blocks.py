@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.recompute import BlockSpec, RecomputeBlockFunction, Unit
+from ..ops.recompute import BlockSpec, RecomputeBlockFunction, RowsSource, Unit
 from ..ops.recompute_split import split_block, splits
 from .conv_norm_act import ConvNormAct3d, Spec
 
@@ -124,11 +124,16 @@ class RecomputeBlock3d(nn.Module):
                          _triple(self.skip.stride) if self.skip is not None else (1, 1, 1),
                          _compute_dtype(x), self.keep_output, self.lean, self.owns_grad)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, source: RowsSource | None = None) -> torch.Tensor:
+        """`source`: a fresh `effseg.ops.recompute.RowsSource` that a lean block fills, so that
+        the split block after it (`_forward_passing_input(..., source=)`) recomputes this
+        block's output in its backward instead of keeping it (FullVolumeFCN's first two
+        levels)."""
         self._check(x)
-        return self._run(x, self._spec(x))
+        return self._run(x, self._spec(x), source)
 
-    def _run(self, x: torch.Tensor, spec: BlockSpec | None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, spec: BlockSpec | None,
+             source: RowsSource | None = None) -> torch.Tensor:
         if spec is None:
             out = self.unit2(self.unit1(x))
             if self.residual:
@@ -140,15 +145,17 @@ class RecomputeBlock3d(nn.Module):
                                self.unit2.conv.weight, n2.weight, n2.bias, self.release_input)
         return RecomputeBlockFunction.apply(
             x, spec, self.unit1.conv.weight, n1.weight, n1.bias, self.unit2.conv.weight,
-            n2.weight, n2.bias, None if self.skip is None else self.skip.weight)
+            n2.weight, n2.bias, None if self.skip is None else self.skip.weight, source)
 
-    def _forward_passing_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_passing_input(self, x: torch.Tensor, source: RowsSource | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, x'), x' equal to x for one consumer beside this block (FullVolumeFCN's
         decoder level above, its skip). Where the block runs split, x' is an alias that its
         first convolution returns, so the consumer's gradient for x reaches that convolution's
         backward, which adds its own input gradient into it in place: the consumer's backward
         must make that gradient a fresh tensor nothing else reads, as effseg's decoder blocks
-        do (see `split_block`). Elsewhere x' is x."""
+        do (see `split_block`). Elsewhere x' is x. `source`: the block below's `RowsSource`,
+        where it filled one (see `split_block`)."""
         self._check(x)
         spec = self._spec(x)
         if spec is None or not (self.split and splits(spec)):
@@ -156,7 +163,7 @@ class RecomputeBlock3d(nn.Module):
         n1, n2 = self.unit1.norm, self.unit2.norm
         return split_block(x, spec, self.unit1.conv.weight, n1.weight, n1.bias,
                            self.unit2.conv.weight, n2.weight, n2.bias, self.release_input,
-                           pass_input=True)
+                           pass_input=True, source=source)
 
     def extra_repr(self) -> str:
         return (f"residual={self.residual}, recompute={self.recompute}, "

@@ -387,39 +387,109 @@ def second_conv_backward(held: list, w2, u2: Unit, owned: bool):
     return conv_input_grad(dz2, y1_shape, w2, *args), dw2
 
 
-def _second_unit_in_slabs(x, spec: BlockSpec, w1, g1, b1, w2, stats, parts: int = 8):
-    """The second unit's convolution output z2, computed a slab of rows at a time from the first
-    unit's output recomputed for each slab (with the rows around it that the convolution
-    reads) from x: the first unit's output never exists whole. None where a convolution is not
-    one `conv_rows` computes or the volume is too thin for slabs."""
+def _block_rows(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, stats, normalize: bool):
+    """rows(d0, d1): rows [d0, d1) of the block's second unit, computed from x (the block's
+    input) with the first unit's output recomputed for those rows and the rows around them that
+    the second convolution reads (weights in the compute dtype, statistics replayed): z2's rows,
+    or with `normalize` the block's output rows. None where a convolution is not one
+    `conv_rows` computes."""
     from .slabs import conv_rows, same_rows, slab_conv
     u1, u2 = spec.units
-    D = x.shape[2]
-    rows = -(-D // parts)
-    if (rows >= D or not same_rows(tuple(w1.shape), u1.stride, u1.padding, u1.dilation, u1.groups)
+    if (spec.residual
+            or not same_rows(tuple(w1.shape), u1.stride, u1.padding, u1.dilation, u1.groups)
             or not same_rows(tuple(w2.shape), u2.stride, u2.padding, u2.dilation, u2.groups)):
         return None
-    cd = spec.compute_dtype
-    xc = x.to(cd)
+    xc = canonical(x.to(spec.compute_dtype))
+    fmt = _layout(xc)
+    D = x.shape[2]
     conv1 = slab_conv(conv_backend(tuple(xc.shape), xc, tuple(w1.shape), (1, 1, 1), u1.padding))
     y1_shape = (x.shape[0], w1.shape[0]) + tuple(x.shape[2:])
     conv2 = slab_conv(conv_backend(y1_shape, xc, tuple(w2.shape), (1, 1, 1), u2.padding))
     p2 = u2.padding[0]
-    z2 = None
-    for d0 in range(0, D, rows):
-        d1 = min(d0 + rows, D)
+
+    def rows(d0, d1):
         a, b = max(d0 - p2, 0), min(d1 + p2, D)
-        y1 = conv_rows(conv1, xc, 0, D, a, b, w1, u1.padding).contiguous(
-            memory_format=_layout(xc))
+        y1 = conv_rows(conv1, xc, 0, D, a, b, w1, u1.padding).contiguous(memory_format=fmt)
         _norm_act_(y1, u1, stats[0], g1, b1)
-        part = conv_rows(conv2, y1, a, D, d0, d1, w2, u2.padding)
+        z = conv_rows(conv2, y1, a, D, d0, d1, w2, u2.padding)
         del y1
+        if normalize:
+            z = z.contiguous(memory_format=fmt)
+            _norm_act_(z, u2, stats[1], g2, b2)
+        return z
+    return rows
+
+
+def _second_unit_in_slabs(x, spec: BlockSpec, w1, g1, b1, w2, stats, parts: int = 8):
+    """The second unit's convolution output z2, computed a slab of rows at a time from the first
+    unit's output recomputed for each slab (`_block_rows`): the first unit's output never
+    exists whole. None where a convolution is not one `conv_rows` computes or the volume is too
+    thin for slabs."""
+    D = x.shape[2]
+    step = -(-D // parts)
+    rows = _block_rows(x, spec, w1, g1, b1, w2, None, None, stats, normalize=False)
+    if step >= D or rows is None:
+        return None
+    z2 = None
+    for d0 in range(0, D, step):
+        d1 = min(d0 + step, D)
+        part = rows(d0, d1)
         if z2 is None:
             z2 = torch.empty(part.shape[:2] + (D,) + part.shape[3:], dtype=part.dtype,
-                             device=part.device, memory_format=_layout(xc))
+                             device=part.device, memory_format=_layout(canonical(x)))
         z2[:, :, d0:d1] = part
         del part
     return z2
+
+
+class RowsSource:
+    """A lean block's output, recomputed a slab of rows at a time from the block's input, for
+    the split block after it (`split_block(source=...)`), which then keeps neither that output
+    nor its gradient's partner: FullVolumeFCN's finest skip is let go once the decoder level
+    that reads it has run its backward, instead of living through the second level's backward
+    beside its own gradient. The lean block's forward fills it (its input, parameters and
+    batch statistics); `reader()` gives `rows(d0, d1)`. Costs a recomputation of the lean
+    block (in slabs) per reading pass."""
+
+    def __init__(self) -> None:
+        self.args = None
+
+    def fill(self, x, spec: BlockSpec, params, stats) -> None:
+        if _block_rows(x, spec, params[0], None, None, params[3], None, None, stats,
+                       normalize=False) is not None:
+            self.args = (x, spec, params, stats)
+            self.version = x._version
+
+    @property
+    def ready(self) -> bool:
+        return self.args is not None
+
+    def reader(self):
+        x, spec, (w1, g1, b1, w2, g2, b2), stats = self.args
+        if x._version != self.version:
+            raise RuntimeError("effseg: the input of a recomputing block, which the next "
+                               "block's backward reads, was modified by an in-place operation "
+                               "after forward")
+        w1c, w2c = converted((w1, w2), spec.compute_dtype)
+        return _block_rows(x, spec, w1c, g1, b1, w2c, g2, b2, stats, normalize=True)
+
+
+def strided_conv_slabs(rows, depth: int, w, u: Unit, out_depth: int, parts: int = 4):
+    """(r0, r1, input) per slab of about out_depth / `parts` output rows of conv(input, w) with
+    the unit's stride, padding and dilation 1 along the first spatial axis, where
+    `rows(a, b)` gives the input's rows [a, b) of `depth`: each slab's input holds the rows its
+    output rows read, zero-padded beyond the volume, so that conv(input, w) with padding
+    (0, p_h, p_w) gives output rows [r0, r1)."""
+    s, p, k = u.stride[0], u.padding[0], w.shape[2]
+    step = -(-out_depth // parts)
+    for r0 in range(0, out_depth, step):
+        r1 = min(r0 + step, out_depth)
+        lo, hi = s * r0 - p, s * (r1 - 1) - p + k
+        a, b = max(lo, 0), min(hi, depth)
+        sub = rows(a, b)
+        if a - lo or hi - b:
+            sub = torch.nn.functional.pad(sub, (0, 0, 0, 0, a - lo, hi - b))
+        yield r0, r1, canonical(sub)
 
 
 def sole_tensor(t: torch.Tensor) -> bool:
@@ -495,15 +565,20 @@ def _with_converted(params, cd):
 
 class RecomputeBlockFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip):
+    def forward(ctx, x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip, source=None):
         ctx.weight_dtypes = [None if w is None else w.dtype for w in (w1, w2, w_skip)]
         out, stats, _ = block_forward(x, spec, *_with_converted(
             (w1, g1, b1, w2, g2, b2, w_skip), spec.compute_dtype))
         (m1, v1), (m2, v2) = stats
         # Statistics are copied (O(C)) so that later updates of running buffers (eval-mode
         # units normalize with them) cannot change what backward replays.
-        ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, w_skip, m1.clone(), v1.clone(),
-                              m2.clone(), v2.clone())
+        kept_stats = (m1.clone(), v1.clone(), m2.clone(), v2.clone())
+        ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, w_skip, *kept_stats)
+        if source is not None and spec.is_lean:
+            # for the block after this one (`RowsSource`): the same input, parameters and
+            # statistics this block's own backward replays
+            source.fill(x.detach(), spec, (w1, g1, b1, w2, g2, b2),
+                        (kept_stats[:2], kept_stats[2:]))
         if spec.keeps_output:
             keep_output(ctx, out)
         ctx.spec = spec
@@ -527,7 +602,7 @@ class RecomputeBlockFunction(torch.autograd.Function):
                     None if g1 is None else dg1.to(g1.dtype),
                     None if b1 is None else db1.to(b1.dtype), dw2.to(dt2),
                     None if g2 is None else dg2.to(g2.dtype),
-                    None if b2 is None else db2.to(b2.dtype), None)
+                    None if b2 is None else db2.to(b2.dtype), None, None)
         with torch.no_grad():
             _, _, recomputed = block_forward(x, spec, w1, g1, b1, w2, g2, b2, w_skip,
                                              stats=((m1, v1), (m2, v2)),
@@ -562,4 +637,4 @@ class RecomputeBlockFunction(torch.autograd.Function):
         return (None if dx is None else dx.to(x.dtype), None, dw1.to(dt1),
                 None if g1 is None else dg1.to(g1.dtype), None if b1 is None else db1.to(b1.dtype),
                 dw2.to(dt2), None if g2 is None else dg2.to(g2.dtype),
-                None if b2 is None else db2.to(b2.dtype), dw_skip)
+                None if b2 is None else db2.to(b2.dtype), dw_skip, None)

@@ -23,14 +23,23 @@ x outside `save_for_backward` (`keep_output`), computes the weight's gradient fi
 go before dL/dx is born, so x, its gradient and the skip's gradient from the decoder (which
 autograd holds to add dL/dx to it) are never alive together. That backward then runs once: a
 second one (retain_graph=True) raises.
+
+`source` (a filled `RowsSource`: the block below is lean and recomputes its output in slabs of
+rows from its own input) goes further still: neither Function keeps x at all. Rest's backward
+recomputes z1 and FirstConv's backward the first weight's gradient a slab of rows at a time
+from x's rows recomputed by the source, so x is freed as soon as its other consumer (the
+decoder level that reads the skip) is done with it, and x and the skip's gradient never
+coexist. The block below is computed twice more in slabs: time for memory.
 """
 from __future__ import annotations
 
 import torch
 
-from .recompute import (BlockSpec, _conv, _conv_backward, _norm_act_, _norm_act_backward,
-                        _unit_stats, conv_input_grad, converted, keep_output,
-                        norm_act_backward_over, second_conv_backward, take_output)
+from .recompute import (BlockSpec, _conv, _conv_backward, _layout, _norm_act_,
+                        _norm_act_backward, _unit_stats, conv_backend, conv_input_grad,
+                        converted, keep_output, norm_act_backward_over, second_conv_backward,
+                        strided_conv_slabs, take_output)
+from .slabs import onednn_conv, runs_on_onednn
 
 
 def splits(spec: BlockSpec) -> bool:
@@ -41,11 +50,16 @@ def splits(spec: BlockSpec) -> bool:
 
 class _FirstConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, spec: BlockSpec, w1, release_input: bool, pass_input: bool):
+    def forward(ctx, x, spec: BlockSpec, w1, release_input: bool, pass_input: bool,
+                source=None):
         (w1c,) = converted((w1,), spec.compute_dtype)
         ctx.release = release_input
+        ctx.source = source
         ctx.set_materialize_grads(False)
-        if release_input:
+        if source is not None:
+            ctx.x_meta = (tuple(x.shape), x.dtype)
+            ctx.save_for_backward(w1)
+        elif release_input:
             keep_output(ctx, x)
             ctx.save_for_backward(w1)
         else:
@@ -56,6 +70,8 @@ class _FirstConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz1, dskip=None):
+        if ctx.source is not None:
+            return _first_conv_backward_from_rows(ctx, dz1, dskip)
         if ctx.release:
             x = take_output(ctx)
             if x is None:
@@ -93,12 +109,71 @@ class _FirstConvFunction(torch.autograd.Function):
                 else:
                     dx = dskip + dx
                 del dskip
-        return None if dx is None else dx.to(x_dtype), None, dw1, None, None
+        return None if dx is None else dx.to(x_dtype), None, dw1, None, None, None
+
+
+def _add_skip_grad(dx, dskip, x_dtype):
+    """dx added into the skip consumer's gradient (a fresh tensor nothing else reads, see
+    `split_block`) where its dtype is x's."""
+    if dskip is None:
+        return dx
+    if dx is None:
+        return dskip
+    return dskip.add_(dx) if dskip.dtype == x_dtype else dskip + dx
+
+
+def _weight_grad_parts(x_shape, dz1, w1, u1, most: int = 8) -> int:
+    """How many slabs of dz1's rows the first weight's gradient is summed over: the most, up to
+    `most`, whose slabs ATen still computes on the backend it picks for the whole (its rule
+    sends thin slabs of a single sample to its slow kernel, with a hidden im2col buffer)."""
+    whole = conv_backend(x_shape, dz1, tuple(w1.shape), u1.stride, u1.padding,
+                         dilation=u1.dilation, groups=u1.groups)
+    s, k, out = u1.stride[0], w1.shape[2], dz1.shape[2]
+    for parts in range(min(most, out), 1, -1):
+        rows = s * (-(-out // parts) - 1) + k
+        slab = (x_shape[0], x_shape[1], rows) + tuple(x_shape[3:])
+        if conv_backend(slab, dz1, tuple(w1.shape), u1.stride,
+                        (0,) + tuple(u1.padding[1:]), dilation=u1.dilation,
+                        groups=u1.groups) == whole:
+            return parts
+    return 1
+
+
+def _first_conv_backward_from_rows(ctx, dz1, dskip):
+    """FirstConv's backward where x is recomputed by the block below (`source`): the weight's
+    gradient summed over slabs of dz1's rows, each with the rows of x it reads; the input's
+    gradient from dz1 and x's shape."""
+    (w1,) = ctx.saved_tensors
+    spec, source = ctx.spec, ctx.source
+    x_shape, x_dtype = ctx.x_meta
+    u1 = spec.units[0]
+    cd = spec.compute_dtype
+    args = (u1.stride, u1.padding, u1.dilation, u1.groups)
+    dw1 = dx = None
+    with torch.no_grad():
+        if dz1 is not None:
+            (w1c,) = converted((w1,), cd)
+            dz1 = dz1.to(cd)
+            slab_padding = (0,) + tuple(u1.padding[1:])
+            parts = _weight_grad_parts(x_shape, dz1, w1c, u1)
+            for r0, r1, sub in strided_conv_slabs(source.reader(), x_shape[2], w1c, u1,
+                                                  dz1.shape[2], parts):
+                part = _conv_backward(dz1[:, :, r0:r1], sub.to(cd), w1c, u1.stride,
+                                      slab_padding, u1.dilation, u1.groups, False)[1]
+                dw1 = part if dw1 is None else dw1.add_(part)
+                del sub, part
+            dw1 = dw1.to(w1.dtype)
+            if ctx.needs_input_grad[0]:
+                dx = conv_input_grad(dz1, x_shape, w1c, *args)
+            del dz1
+        dx = _add_skip_grad(dx, dskip, x_dtype)
+        del dskip
+    return None if dx is None else dx.to(x_dtype), None, dw1, None, None, None
 
 
 class _RestFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z1, x, spec: BlockSpec, w1, g1, b1, w2, g2, b2):
+    def forward(ctx, z1, x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, source=None):
         u1, u2 = spec.units
         ctx.set_materialize_grads(False)
         (w2c,) = converted((w2,), spec.compute_dtype)
@@ -109,8 +184,10 @@ class _RestFunction(torch.autograd.Function):
         st2 = _unit_stats(z2, u2)
         _, out = _norm_act_(z2, u2, st2, g2, b2)
         (m1, v1), (m2, v2) = st1, st2
-        ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, m1.clone(), v1.clone(), m2.clone(),
-                              v2.clone())
+        ctx.source = source
+        ctx.x_shape = tuple(x.shape)
+        ctx.save_for_backward(None if source is not None else x, w1, g1, b1, w2, g2, b2,
+                              m1.clone(), v1.clone(), m2.clone(), v2.clone())
         if spec.keeps_output:
             keep_output(ctx, out)
         ctx.spec = spec
@@ -125,7 +202,10 @@ class _RestFunction(torch.autograd.Function):
         kept = take_output(ctx)
         with torch.no_grad():
             w1c, w2c = converted((w1, w2), cd)
-            pre1, y1 = _norm_act_(_conv(x.to(cd), w1c, u1), u1, (m1, v1), g1, b1)
+            z1 = (_conv(x.to(cd), w1c, u1) if ctx.source is None
+                  else _first_conv_from_rows(ctx.source, ctx.x_shape, w1c, u1))
+            pre1, y1 = _norm_act_(z1, u1, (m1, v1), g1, b1)
+            del z1
             if kept is None:
                 pre2 = _norm_act_(_conv(y1, w2c, u2), u2, (m2, v2), g2, b2)[0]
             else:
@@ -142,21 +222,54 @@ class _RestFunction(torch.autograd.Function):
         return (dz1, None, None, None, None if g1 is None else dg1.to(g1.dtype),
                 None if b1 is None else db1.to(b1.dtype), dw2.to(w2.dtype),
                 None if g2 is None else dg2.to(g2.dtype),
-                None if b2 is None else db2.to(b2.dtype))
+                None if b2 is None else db2.to(b2.dtype), None)
+
+
+def _first_conv_from_rows(source, x_shape, w1, u1):
+    """z1 = conv(x, w1) (the unit's stride and padding) a slab of output rows at a time, x's
+    rows recomputed by `source`; on the backend the whole convolution runs on (`_conv`)."""
+    reader = source.reader()
+    k = tuple(w1.shape[2:])
+    out = [(n + 2 * p - kk) // s + 1 for n, p, kk, s in zip(x_shape[2:], u1.padding, k,
+                                                           u1.stride)]
+    slab_padding = (0,) + tuple(u1.padding[1:])
+    z1 = None
+    for r0, r1, sub in strided_conv_slabs(reader, x_shape[2], w1, u1, out[0], parts=16):
+        whole = conv_backend(x_shape, sub, tuple(w1.shape), u1.stride, u1.padding,
+                             dilation=u1.dilation, groups=u1.groups)
+        if runs_on_onednn(whole, sub):
+            part = onednn_conv(sub, w1, u1.stride, slab_padding, u1.dilation, u1.groups)
+        else:
+            part = torch.nn.functional.conv3d(sub, w1, None, u1.stride, slab_padding,
+                                              u1.dilation, u1.groups)
+        if z1 is None:
+            z1 = torch.empty((x_shape[0], w1.shape[0], out[0]) + tuple(part.shape[3:]),
+                             dtype=part.dtype, device=part.device,
+                             memory_format=_layout(sub))
+        z1[:, :, r0:r1] = part
+        del sub, part
+    return z1
 
 
 def split_block(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, release_input: bool = False,
-                pass_input: bool = False):
+                pass_input: bool = False, source=None):
     """The block's output, through the two Functions (see the module docstring); with
     `pass_input`, (output, x'), x' an alias of x that the first convolution returns: the
     consumer of x' (a skip connection) sends its gradient to that convolution's backward, which
     adds the input gradient into it in place. So the consumer's backward must hand over a fresh
     gradient that nothing else reads (a convolution's or effseg decoder block's does; an
-    addition's, which hands the same tensor to both its inputs, does not)."""
+    addition's, which hands the same tensor to both its inputs, does not). `source`: a
+    `RowsSource` the block below filled in its forward, from which backward recomputes x in
+    slabs instead of keeping it (used only where filled and the first convolution is
+    undilated and ungrouped)."""
+    u1 = spec.units[0]
+    if source is not None and not (source.ready and tuple(u1.dilation) == (1, 1, 1)
+                                   and u1.groups == 1):
+        source = None
     if pass_input:
-        z1, passed = _FirstConvFunction.apply(x, spec, w1, release_input, True)
+        z1, passed = _FirstConvFunction.apply(x, spec, w1, release_input, True, source)
     else:
-        z1 = _FirstConvFunction.apply(x, spec, w1, release_input, False)
+        z1 = _FirstConvFunction.apply(x, spec, w1, release_input, False, source)
     # Rest's second output (its norm's output, in z1's storage) is dropped here.
-    out = _RestFunction.apply(z1, x, spec, w1, g1, b1, w2, g2, b2)[0]
+    out = _RestFunction.apply(z1, x, spec, w1, g1, b1, w2, g2, b2, source)[0]
     return (out, passed) if pass_input else out

@@ -390,3 +390,40 @@ def test_kept_output_modified_in_place_raises_and_retain_graph_recomputes_it():
         (y * y).sum().backward(retain_graph=True)
         grads.append(x.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+@pytest.mark.parametrize("x_layout,grad_layout", [("contiguous", "contiguous"),
+                                                  ("channels_last", "channels_last"),
+                                                  ("channels_last", "contiguous"),
+                                                  ("contiguous", "channels_last")])
+def test_lean_block_backward_in_rows_equals_stock_float64(monkeypatch, norm, x_layout,
+                                                         grad_layout):
+    """The lean block whose incoming gradient is its own (`owns_grad`) writes every gradient
+    into it and recomputes both units a slab of rows at a time (`_lean_backward_in_rows`,
+    `norm_act_backward_rows`): equal to the plain units in float64, in either layout of the
+    input and of the gradient (the slabs are read in the recomputed rows' layout)."""
+    cl = torch.channels_last_3d
+    torch.manual_seed(0)
+    lean = RecomputeBlock3d(1, 4, norm=norm, lean=True, owns_grad=True).double()
+    randomize(lean)
+    plain = RecomputeBlock3d(1, 4, norm=norm, recompute=False).double()
+    plain.load_state_dict(lean.state_dict())
+    x = torch.randn(2, 1, 11, 10, 9, dtype=torch.float64)
+    if x_layout == "channels_last":  # one channel: the channel stride tells the layout
+        x = x.as_strided(x.shape, (x[0].numel(), 1, 90, 9, 1))
+    grad = torch.randn(2, 4, 11, 10, 9, dtype=torch.float64)
+    if grad_layout == "channels_last":
+        grad = grad.contiguous(memory_format=cl)
+    import effseg.ops.recompute as recompute
+    calls, real = [], recompute._lean_backward_in_rows
+    monkeypatch.setattr(recompute, "_lean_backward_in_rows",
+                        lambda *a: calls.append(1) or real(*a))
+    grads = []
+    for block in (lean, plain):
+        xx = x.detach().clone().requires_grad_()
+        block(xx).backward(grad.clone())
+        grads.append([xx.grad] + [p.grad for p in block.parameters()])
+    assert calls == [1]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -45,6 +45,35 @@ def test_conv_input_grad_from_the_shape_alone(dtype, size, stride, k, pad, layou
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size,stride,k,pad,parts", [((47, 45, 31), 2, 3, 1, 8),
+                                                     ((48, 48, 32), 2, 3, 1, 3),
+                                                     ((20, 18, 16), 1, 3, 1, 8),
+                                                     ((9, 8, 7), 2, 3, 1, 16),
+                                                     ((12, 12, 8), 1, 1, 0, 5)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_conv_input_grad_added_in_slabs(dtype, size, stride, k, pad, parts, layout):
+    """add_conv_input_grad_: dst + the input gradient of a convolution, the transposed
+    convolution computed over slabs of the output gradient's rows whose output rows overlap,
+    equal to dst + convolution_backward's in float64 (odd sizes need output padding; more slabs
+    than rows; on oneDNN and on ATen's backends)."""
+    from effseg.ops.recompute import add_conv_input_grad_
+    torch.manual_seed(0)
+    x = torch.randn((2, 6) + size, dtype=torch.float64)
+    w = torch.randn(10, 6, k, k, k, dtype=torch.float64) / (6 * k ** 3) ** 0.5
+    dz = torch.randn_like(F.conv3d(x, w, None, stride, pad)).to(dtype).contiguous(
+        memory_format=layout)
+    dst = torch.randn_like(x).to(dtype).contiguous(memory_format=layout)
+    ref = dst.double() + torch.ops.aten.convolution_backward(
+        dz.double(), x, w, None, [stride] * 3, [pad] * 3, [1] * 3, False, [0] * 3, 1,
+        [True, False, False])[0]
+    with torch.no_grad():
+        add_conv_input_grad_(dst, dz, w.to(dtype), (stride,) * 3, (pad,) * 3, parts)
+    assert dst.is_contiguous(memory_format=layout)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(dst.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,rows", [(3, 1), (3, 4), (5, 3), (1, 2)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 def test_conv_rows_equal_the_whole_convolution(dtype, k, rows, layout):

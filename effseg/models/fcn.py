@@ -9,25 +9,25 @@ spares recomputing its second unit.
 
 The step's memory peak is in the backward of the two finest levels, so there the network
 trades a little time for it. The full-resolution encoder and decoder blocks are `lean`: the
-encoder block recomputes its cheap first unit (one input channel) rather than keep it, writes
-its gradients into the incoming one (`owns_grad`: the network makes sure nothing else reads it)
-and recomputes its second unit a slab of rows at a time; the decoder level runs as three
-autograd Functions (skip fusion, first norm-act and second convolution, second norm-act and the
-head), so that autograd releases each gradient it hands over (the logits', then dz2, then dz1)
-as soon as its Function is done, writes its norm-act gradients into the tensors they come from
-and the convolutions' input gradients over their output gradients, slab by slab. Every decoder
-level folds its upsampling into the convolution after it (`effseg.ops.folded_up`: no
-full-resolution upsampled tensor, about half the multiply-adds of the two). The encoder blocks
-below the first run split (`split=True`: the output's gradient is gone before the input's is
-born) and pass their input on as the skip of the level above (`_encode`), so the decoder's
-gradient for the skip reaches the block's first convolution, which adds its input gradient
-into it rather than autograd summing the two into a third tensor; the second block also lets
-its input (the finest skip) go before that gradient is born (`release_input`). Measured
+encoder block writes every gradient of its backward into the incoming one (`owns_grad`: the
+network makes sure nothing else reads it) and recomputes both units' outputs from its input a
+slab of rows at a time, as often as each pass needs them, so that the incoming gradient is its
+only tensor of the output's size; the decoder level runs as three autograd Functions (skip
+fusion, first norm-act and second convolution, second norm-act and the head), so that autograd
+releases each gradient it hands over (the logits', then dz2, then dz1) as soon as its Function
+is done, writes its norm-act gradients into the tensors they come from and the convolutions'
+input gradients over their output gradients, slab by slab. Every decoder level folds its
+upsampling into the convolution after it (`effseg.ops.folded_up`: no full-resolution upsampled
+tensor, about half the multiply-adds of the two). The encoder blocks below the first run split
+(`split=True`: the output's gradient is gone before the input's is born) and pass their input
+on as the skip of the level above (`_encode`), so the decoder's gradient for the skip reaches
+the block's first convolution, which adds its input gradient into it (slab by slab) rather than
+autograd summing the two into a third tensor. The second block does not keep its input, the
+finest skip, at all: it recomputes it from the network's input in slabs of rows where it needs
+it (`RowsSource`, filled by the first block), so the skip goes as soon as the finest decoder
+level is done with it and never meets its own gradient. Measured
 (`effseg.memory.peak_allocated`, second step, 1x1xE^3): 0.198x the stock twin's at 64^3,
-96^3 and 128^3 in float32; 0.194x (96^3) and 0.196x (128^3) in bf16 autocast, 0.229x at
-64^3, where the parameters' float32 gradients (16 MB, 10% of the stock twin's peak there) and
-the finest skip with its gradient, both held through the deeper levels' backward, already make
-0.19x.
+96^3 and 128^3 in float32; 0.198x (64^3), 0.194x (96^3) and 0.196x (128^3) in bf16 autocast.
 
 Outputs are dense tensors in the input's memory format (contiguous or channels-last), also when
 the padding is cropped off, so `DiceCELoss` and exporters take them as they are. Inside, on a

@@ -198,6 +198,37 @@ def conv_input_grad(dz: torch.Tensor, x_shape, w: torch.Tensor, stride, padding,
                           groups, True, False)[0]
 
 
+def add_conv_input_grad_(dst: torch.Tensor, dz: torch.Tensor, w: torch.Tensor, stride,
+                         padding, parts: int = 8) -> None:
+    """dst += dL/dx of an undilated, ungrouped convolution (weight w) of an input of dst's
+    shape, from its output gradient dz: the transposed convolution computed a slab of dz's rows
+    at a time and each slab's output rows added where they belong (neighbouring slabs' rows
+    overlap by the kernel minus the stride, and the overlaps add up), so that no tensor of
+    dst's size is made. On oneDNN where `runs_on_onednn` says so, else on ATen's choice."""
+    from .slabs import onednn_conv_transpose, runs_on_onednn
+    s, p, k = stride[0], padding[0], w.shape[2]
+    D, L = dst.shape[2], dz.shape[2]
+    extra = [0] + [n - ((m - 1) * st - 2 * pd + kk) for n, m, st, pd, kk in
+                   zip(dst.shape[3:], dz.shape[3:], stride[1:], padding[1:], w.shape[3:])]
+    onednn = runs_on_onednn(conv_backend(tuple(dst.shape), dz, tuple(w.shape), stride, padding),
+                            dz) and not torch.is_grad_enabled()
+    slab_padding = (0,) + tuple(padding[1:])
+    step = -(-L // parts)
+    for a in range(0, L, step):
+        b = min(a + step, L)
+        sub = canonical(dz[:, :, a:b])
+        if onednn:
+            part = onednn_conv_transpose(sub, w, None, stride, slab_padding, extra, (1, 1, 1), 1)
+        else:
+            part = torch.nn.functional.conv_transpose3d(sub, w, None, tuple(stride),
+                                                        slab_padding, tuple(extra))
+        # local row t is global row t + s * a - p
+        lo = s * a - p
+        t0, t1 = max(0, -lo), min(part.shape[2], D - lo)
+        dst[:, :, lo + t0:lo + t1] += part[:, :, t0:t1]
+        del sub, part
+
+
 def conv_backend(x_shape, like: torch.Tensor, w_shape, stride, padding, transposed=False,
                  dilation=None, output_padding=None, groups=1):
     """The backend ATen picks for a convolution of an input of `x_shape` (dtype and device of
@@ -492,6 +523,24 @@ def strided_conv_slabs(rows, depth: int, w, u: Unit, out_depth: int, parts: int 
         yield r0, r1, canonical(sub)
 
 
+def weight_grad_parts(x_shape, dz1, w1, u1, most: int = 8) -> int:
+    """Over how many slabs of the output gradient's rows (`strided_conv_slabs`) a convolution's
+    weight gradient is summed: the most, up to `most`, whose slabs ATen still computes on the
+    backend it picks for the whole (its rule sends thin slabs of a single sample to its slow
+    kernel, with a hidden im2col buffer)."""
+    whole = conv_backend(x_shape, dz1, tuple(w1.shape), u1.stride, u1.padding,
+                         dilation=u1.dilation, groups=u1.groups)
+    s, k, out = u1.stride[0], w1.shape[2], dz1.shape[2]
+    for parts in range(min(most, out), 1, -1):
+        rows = s * (-(-out // parts) - 1) + k
+        slab = (x_shape[0], x_shape[1], rows) + tuple(x_shape[3:])
+        if conv_backend(slab, dz1, tuple(w1.shape), u1.stride,
+                        (0,) + tuple(u1.padding[1:]), dilation=u1.dilation,
+                        groups=u1.groups) == whole:
+            return parts
+    return 1
+
+
 def sole_tensor(t: torch.Tensor) -> bool:
     """Whether `t` is the only tensor on its storage (no view, no alias a caller or a saved
     tensor still holds), so that overwriting it cannot change what anyone else sees."""
@@ -519,6 +568,90 @@ def norm_act_backward_over(pre, grad, u: Unit, stats, gamma, beta, parts: int = 
     return pre, dgamma, dbeta
 
 
+def norm_act_backward_rows(grad, unit_rows, u: Unit, stats, gamma, beta, parts: int = 8):
+    """dL/dz of one unit written over its output gradient `grad` (ours to overwrite), with the
+    unit's output recomputed a slab of rows at a time by `unit_rows(d0, d1)` (dense; each slab
+    of the gradient is read in its layout) and never whole: the per-group sums over every slab first, then each slab's input
+    gradient, so each slab is computed twice. Returns (dgamma, dbeta) like
+    `_norm_act_backward`."""
+    act, param = u.fused_activation
+    per_group = stats[1].dim() == 2
+    D = grad.shape[2]
+    step = -(-D // parts)
+    spans = [(d0, min(d0 + step, D)) for d0 in range(0, D, step)]
+    totals = None
+    for d0, d1 in spans:
+        y = canonical(unit_rows(d0, d1))
+        dy = canonical(grad[:, :, d0:d1].contiguous(memory_format=_layout(y)))
+        sums = op("norm_act_backward_reduce", grad.device)(y, dy, gamma, beta, per_group, act,
+                                                          param)
+        totals = list(sums) if totals is None else [t.add_(v) for t, v in zip(totals, sums)]
+        del y, dy
+    s_dz, s_dzx = totals
+    if u.use_batch_stats:
+        sums = input_grad_sums(s_dz, s_dzx, grad, u.sync)
+        count = sums[2] if sums[2] is not None else (
+            grad[0, 0].numel() if per_group else grad.numel() // grad.shape[1])
+    else:
+        sums, count = (None, None, None), None
+    for d0, d1 in spans:
+        y = canonical(unit_rows(d0, d1))
+        view = grad[:, :, d0:d1]
+        dy = canonical(view.contiguous(memory_format=_layout(y)))
+        op("norm_act_backward_input_", grad.device)(y, dy, stats[1], gamma, beta, sums[0],
+                                                    sums[1], count, u.eps, act, param)
+        if dy.data_ptr() != view.data_ptr():
+            view.copy_(dy)
+        del y, dy
+    if per_group:
+        s_dz, s_dzx = s_dz.sum(0), s_dzx.sum(0)
+    return s_dzx, s_dz
+
+
+def _lean_backward_in_rows(ctx, x, grad, w1, g1, b1, w2, g2, b2, stats):
+    """`_lean_backward` where the incoming gradient is ours to overwrite and both convolutions
+    are ones `conv_rows` computes: every gradient is written into `grad`, and neither unit's
+    output exists whole: each is recomputed from x a slab of rows at a time, as often as a pass
+    needs it (`norm_act_backward_rows`: twice per norm; once more the first unit's for the
+    second weight's gradient, summed over slabs). Only `grad` has the output's size. None
+    where that does not apply."""
+    from .folded_up import input_grad_into_
+    from .slabs import conv_rows, slab_conv
+    spec = ctx.spec
+    cd = spec.compute_dtype
+    u1, u2 = spec.units
+    second = _block_rows(x, spec, w1, g1, b1, w2, g2, b2, stats, normalize=True)
+    if second is None:
+        return None
+    xc = canonical(x.to(cd))
+    fmt = _layout(xc)
+    D = x.shape[2]
+    conv1 = slab_conv(conv_backend(tuple(xc.shape), xc, tuple(w1.shape), (1, 1, 1), u1.padding))
+
+    def first(d0, d1):
+        y1 = conv_rows(conv1, xc, 0, D, d0, d1, w1, u1.padding).contiguous(memory_format=fmt)
+        _norm_act_(y1, u1, stats[0], g1, b1)
+        return y1
+
+    g = grad
+    dg2, db2 = norm_act_backward_rows(g, second, u2, stats[1], g2, b2)  # g: dL/dz2
+    y1_shape = (x.shape[0], w1.shape[0]) + tuple(x.shape[2:])
+    parts = weight_grad_parts(y1_shape, g, w2, u2)
+    slab_padding = (0,) + tuple(u2.padding[1:])
+    dw2 = None
+    for r0, r1, sub in strided_conv_slabs(first, D, w2, u2, D, parts):
+        part = _conv_backward(g[:, :, r0:r1], sub, w2, u2.stride, slab_padding, u2.dilation,
+                              u2.groups, False)[1]
+        dw2 = part if dw2 is None else dw2.add_(part)
+        del sub, part
+    if not input_grad_into_(g, w2, u2.padding):  # g: dL/dy1
+        g = conv_input_grad(g, y1_shape, w2, u2.stride, u2.padding, u2.dilation, u2.groups)
+    dg1, db1 = norm_act_backward_rows(g, first, u1, stats[0], g1, b1)  # g: dL/dz1
+    dx, dw1 = _conv_backward(g, xc, w1, u1.stride, u1.padding, u1.dilation, u1.groups,
+                             ctx.needs_input_grad[0])
+    return dx, dw1, dg1, db1, dw2, dg2, db2
+
+
 def _lean_backward(ctx, x, grad_out, w1, g1, b1, w2, g2, b2, stats):
     """The block's backward holding at most the incoming gradient and two tensors of the
     output's size: the first unit's output is computed three times (for the second unit, for
@@ -535,6 +668,10 @@ def _lean_backward(ctx, x, grad_out, w1, g1, b1, w2, g2, b2, stats):
         return block_forward(x, spec, w1, g1, b1, w2, g2, b2, None, stats=stats, units=1)[2][0][1]
 
     owned = spec.owns_grad and grad_out.dtype == cd
+    if owned and grad_out.is_contiguous(memory_format=_layout(grad_out)):
+        done = _lean_backward_in_rows(ctx, x, grad_out, w1, g1, b1, w2, g2, b2, stats)
+        if done is not None:
+            return done
     z2 = _second_unit_in_slabs(x, spec, w1, g1, b1, w2, stats) if owned else None
     if z2 is None:
         y1 = first_unit()

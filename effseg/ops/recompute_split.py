@@ -36,9 +36,10 @@ from __future__ import annotations
 import torch
 
 from .recompute import (BlockSpec, _conv, _conv_backward, _layout, _norm_act_,
-                        _norm_act_backward, _unit_stats, conv_backend, conv_input_grad,
-                        converted, keep_output, norm_act_backward_over, second_conv_backward,
-                        strided_conv_slabs, take_output)
+                        _norm_act_backward, _unit_stats, add_conv_input_grad_, conv_backend,
+                        conv_input_grad, converted, keep_output, norm_act_backward_over,
+                        second_conv_backward, strided_conv_slabs, take_output,
+                        weight_grad_parts)
 from .slabs import onednn_conv, runs_on_onednn
 
 
@@ -122,23 +123,6 @@ def _add_skip_grad(dx, dskip, x_dtype):
     return dskip.add_(dx) if dskip.dtype == x_dtype else dskip + dx
 
 
-def _weight_grad_parts(x_shape, dz1, w1, u1, most: int = 8) -> int:
-    """How many slabs of dz1's rows the first weight's gradient is summed over: the most, up to
-    `most`, whose slabs ATen still computes on the backend it picks for the whole (its rule
-    sends thin slabs of a single sample to its slow kernel, with a hidden im2col buffer)."""
-    whole = conv_backend(x_shape, dz1, tuple(w1.shape), u1.stride, u1.padding,
-                         dilation=u1.dilation, groups=u1.groups)
-    s, k, out = u1.stride[0], w1.shape[2], dz1.shape[2]
-    for parts in range(min(most, out), 1, -1):
-        rows = s * (-(-out // parts) - 1) + k
-        slab = (x_shape[0], x_shape[1], rows) + tuple(x_shape[3:])
-        if conv_backend(slab, dz1, tuple(w1.shape), u1.stride,
-                        (0,) + tuple(u1.padding[1:]), dilation=u1.dilation,
-                        groups=u1.groups) == whole:
-            return parts
-    return 1
-
-
 def _first_conv_backward_from_rows(ctx, dz1, dskip):
     """FirstConv's backward where x is recomputed by the block below (`source`): the weight's
     gradient summed over slabs of dz1's rows, each with the rows of x it reads; the input's
@@ -155,7 +139,7 @@ def _first_conv_backward_from_rows(ctx, dz1, dskip):
             (w1c,) = converted((w1,), cd)
             dz1 = dz1.to(cd)
             slab_padding = (0,) + tuple(u1.padding[1:])
-            parts = _weight_grad_parts(x_shape, dz1, w1c, u1)
+            parts = weight_grad_parts(x_shape, dz1, w1c, u1)
             for r0, r1, sub in strided_conv_slabs(source.reader(), x_shape[2], w1c, u1,
                                                   dz1.shape[2], parts):
                 part = _conv_backward(dz1[:, :, r0:r1], sub.to(cd), w1c, u1.stride,
@@ -164,7 +148,13 @@ def _first_conv_backward_from_rows(ctx, dz1, dskip):
                 del sub, part
             dw1 = dw1.to(w1.dtype)
             if ctx.needs_input_grad[0]:
-                dx = conv_input_grad(dz1, x_shape, w1c, *args)
+                if (dskip is not None and dskip.dtype == cd == x_dtype
+                        and tuple(dskip.shape) == x_shape):
+                    # added into the skip's gradient in slabs: no second tensor of x's size
+                    add_conv_input_grad_(dskip, dz1, w1c, u1.stride, u1.padding)
+                    dx, dskip = dskip, None
+                else:
+                    dx = conv_input_grad(dz1, x_shape, w1c, *args)
             del dz1
         dx = _add_skip_grad(dx, dskip, x_dtype)
         del dskip

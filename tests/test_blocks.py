@@ -402,7 +402,10 @@ def test_lean_block_backward_in_rows_equals_stock_float64(monkeypatch, norm, x_l
     """The lean block whose incoming gradient is its own (`owns_grad`) writes every gradient
     into it and recomputes both units a slab of rows at a time (`_lean_backward_in_rows`,
     `norm_act_backward_rows`): equal to the plain units in float64, in either layout of the
-    input and of the gradient (the slabs are read in the recomputed rows' layout)."""
+    input and of the gradient (the slabs are read in the recomputed rows' layout). The block
+    does so under autocast (`trades_time_for_memory`), here asked for in float64."""
+    import effseg.ops.recompute as recompute
+    monkeypatch.setattr(recompute, "trades_time_for_memory", lambda *a: True)
     cl = torch.channels_last_3d
     torch.manual_seed(0)
     lean = RecomputeBlock3d(1, 4, norm=norm, lean=True, owns_grad=True).double()

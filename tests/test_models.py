@@ -239,8 +239,11 @@ def test_second_block_recomputes_the_finest_skip_instead_of_keeping_it(monkeypat
     """FullVolumeFCN's second block recomputes its input (the finest skip) in slabs of rows
     from the network's input (`RowsSource`) rather than keep it: neither of its Functions holds
     the skip (with the source disabled, both do), and the gradients are the same (float64; odd
-    sizes, so that the slabs' edges and the stride-2 halo rows are exercised)."""
+    sizes, so that the slabs' edges and the stride-2 halo rows are exercised). It does so under
+    autocast (`trades_time_for_memory`), here asked for in float64."""
+    import effseg.models.fcn
     from effseg.ops.recompute import RowsSource
+    monkeypatch.setattr(effseg.models.fcn, "trades_time_for_memory", lambda *a: True)
     torch.manual_seed(0)
     fcn = FullVolumeFCN(in_channels=1, out_channels=3, channels=(4, 6, 8),
                         strides=(1, 2, 2), channels_last=layout == torch.channels_last_3d

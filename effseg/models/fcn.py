@@ -9,10 +9,10 @@ spares recomputing its second unit.
 
 The step's memory peak is in the backward of the two finest levels, so there the network
 trades a little time for it. The full-resolution encoder and decoder blocks are `lean`: the
-encoder block writes every gradient of its backward into the incoming one (`owns_grad`: the
-network makes sure nothing else reads it) and recomputes both units' outputs from its input a
-slab of rows at a time, as often as each pass needs them, so that the incoming gradient is its
-only tensor of the output's size; the decoder level runs as three autograd Functions (skip
+encoder block writes its gradients into the incoming one (`owns_grad`: the network makes sure
+nothing else reads it) and recomputes its units from its input, the second a slab of rows at a
+time (under autocast both, as often as each pass needs them, so that the incoming gradient is
+its only tensor of the output's size); the decoder level runs as three autograd Functions (skip
 fusion, first norm-act and second convolution, second norm-act and the head), so that autograd
 releases each gradient it hands over (the logits', then dz2, then dz1) as soon as its Function
 is done, writes its norm-act gradients into the tensors they come from and the convolutions'
@@ -25,7 +25,10 @@ the block's first convolution, which adds its input gradient into it (slab by sl
 autograd summing the two into a third tensor. The second block does not keep its input, the
 finest skip, at all: it recomputes it from the network's input in slabs of rows where it needs
 it (`RowsSource`, filled by the first block), so the skip goes as soon as the finest decoder
-level is done with it and never meets its own gradient. Measured
+level is done with it and never meets its own gradient. These last two (the first block's
+backward in slabs, the second's recomputed input) only under autocast
+(`trades_time_for_memory`: there the peak is in these blocks' backward; in the parameters' own
+precision it is in the finest decoder level's, and they would only cost time). Measured
 (`effseg.memory.peak_allocated`, second step, 1x1xE^3): 0.198x the stock twin's at 64^3,
 96^3 and 128^3 in float32; 0.198x (64^3), 0.194x (96^3) and 0.196x (128^3) in bf16 autocast.
 
@@ -48,10 +51,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..nn.blocks import RecomputeBlock3d
+from ..nn.blocks import RecomputeBlock3d, _compute_dtype
 from ..nn.conv_norm_act import Spec
 from ..nn.decoder import DecoderBlock3d
-from ..ops.recompute import RowsSource
+from ..ops.recompute import RowsSource, trades_time_for_memory
 from ._shape import to_channels_last
 from ._unet import UNetBase
 
@@ -125,7 +128,8 @@ class FullVolumeFCN(UNetBase):
             h, skips[level - 1] = block._forward_passing_input(h, source=source)
             skips.append(h)
             return h
-        if level == 0 and getattr(block, "lean", False):
+        if level == 0 and getattr(block, "lean", False) and trades_time_for_memory(
+                _compute_dtype(h), block.unit1.conv.weight.dtype):
             state["rows"] = RowsSource()
             h = block(h, source=state["rows"])
             skips.append(h)

@@ -473,6 +473,16 @@ def _second_unit_in_slabs(x, spec: BlockSpec, w1, g1, b1, w2, stats, parts: int 
     return z2
 
 
+def trades_time_for_memory(compute_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:
+    """Whether FullVolumeFCN's two finest blocks recompute more in slabs of rows to lower the
+    step's peak (`RowsSource`, `_lean_backward_in_rows`): where the compute dtype is narrower
+    than the parameters' (autocast). There the parameters' gradients, full width, weigh more
+    against the finest level's tensors, and the peak is in those blocks' backward; in the
+    parameters' own precision it is in the finest decoder level's, which these passes do not
+    touch, so they would only cost time."""
+    return torch.finfo(compute_dtype).bits < torch.finfo(param_dtype).bits
+
+
 class RowsSource:
     """A lean block's output, recomputed a slab of rows at a time from the block's input, for
     the split block after it (`split_block(source=...)`), which then keeps neither that output
@@ -568,7 +578,7 @@ def norm_act_backward_over(pre, grad, u: Unit, stats, gamma, beta, parts: int = 
     return pre, dgamma, dbeta
 
 
-def norm_act_backward_rows(grad, unit_rows, u: Unit, stats, gamma, beta, parts: int = 8):
+def norm_act_backward_rows(grad, unit_rows, u: Unit, stats, gamma, beta, parts: int = 4):
     """dL/dz of one unit written over its output gradient `grad` (ours to overwrite), with the
     unit's output recomputed a slab of rows at a time by `unit_rows(d0, d1)` (dense; each slab
     of the gradient is read in its layout) and never whole: the per-group sums over every slab first, then each slab's input
@@ -668,7 +678,8 @@ def _lean_backward(ctx, x, grad_out, w1, g1, b1, w2, g2, b2, stats):
         return block_forward(x, spec, w1, g1, b1, w2, g2, b2, None, stats=stats, units=1)[2][0][1]
 
     owned = spec.owns_grad and grad_out.dtype == cd
-    if owned and grad_out.is_contiguous(memory_format=_layout(grad_out)):
+    if (owned and grad_out.is_contiguous(memory_format=_layout(grad_out))
+            and trades_time_for_memory(cd, ctx.weight_dtypes[0])):
         done = _lean_backward_in_rows(ctx, x, grad_out, w1, g1, b1, w2, g2, b2, stats)
         if done is not None:
             return done

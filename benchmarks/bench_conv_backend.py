@@ -37,12 +37,16 @@ def _backward(dz, x, w):
                                                [0] * 3, 1, [True, True, False])
 
 
+def _case(shape, co):
+    """A random input of `shape` and a 3x3x3 weight to `co` channels, seeded."""
+    torch.manual_seed(0)
+    return torch.randn(shape), torch.randn(co, shape[1], 3, 3, 3)
+
+
 def layout_rows(reps: int) -> list[dict]:
     rows = []
     for shape, co in LAYOUT_CASES:
-        torch.manual_seed(0)
-        x0 = torch.randn(shape)
-        w = torch.randn(co, shape[1], 3, 3, 3)
+        x0, w = _case(shape, co)
         row = {"shape": list(shape), "out_channels": co}
         for name, x in (("contiguous", x0), ("channels_last", x0.contiguous(memory_format=CL))):
             dz = torch.randn_like(F.conv3d(x, w, padding=1))
@@ -57,9 +61,7 @@ def layout_rows(reps: int) -> list[dict]:
 def backend_rows(reps: int) -> list[dict]:
     rows = []
     for shape, co in BACKEND_CASES:
-        torch.manual_seed(0)
-        x = torch.randn(shape)
-        w = torch.randn(co, shape[1], 3, 3, 3)
+        x, w = _case(shape, co)
         backend = torch._C._select_conv_backend(x, w, None, [1] * 3, [1] * 3, [1] * 3, False,
                                                 [0] * 3, 1, None)
         aten = time_it(lambda: F.conv3d(x, w, padding=1), torch.device("cpu"), reps)

@@ -36,8 +36,9 @@ Outputs are dense tensors in the input's memory format (contiguous or channels-l
 the padding is cropped off, so `DiceCELoss` and exporters take them as they are. Inside, on a
 CPU, the network computes in channels-last layout whatever the input's (`channels_last`): there
 oneDNN runs the full-resolution convolutions of few channels about twice as fast as on
-contiguous tensors, which it would reorder on every call (measured on 2x16x48x48x32: 5.6 vs
-10.0 ms forward, 11.1 vs 24.2 ms backward; `benchmarks/bench_conv_backend.py`). A one-channel
+contiguous tensors, which it would reorder on every call (2x16x48x48x32, 16 output channels:
+6.3 vs 14.7 ms forward, 11.7 vs 21.5 ms backward; `benchmarks/bench_conv_backend.py`, Intel
+Xeon, 2 threads, 2026-12-06). A one-channel
 input becomes channels-last without a copy; the logits go back to the input's layout in the
 crop, a copy of a few channels.
 

@@ -10,8 +10,8 @@ slabs here run on the backend the whole convolution would, calling oneDNN direct
 
 The same rule sends single float32 samples whose N*C*D*H is at most 20480 (a 1-channel input
 below 144^2 per slice; 16 channels below 36^2; the coarse levels of a U-Net) to that slow kernel
-as a whole, where oneDNN is 1.1 to 17 times faster on the machines measured
-(`benchmarks/bench_conv_backend.py`). effseg's own convolutions run there on oneDNN
+as a whole, where oneDNN's forward is 1.1 to 8 times faster (`benchmarks/bench_conv_backend.py`,
+Intel Xeon, 2 threads, 2026-12-06). effseg's own convolutions run there on oneDNN
 (`runs_on_onednn`); the weight gradient stays with ATen.
 """
 from __future__ import annotations

@@ -485,10 +485,9 @@ def trades_time_for_memory(compute_dtype: torch.dtype, param_dtype: torch.dtype)
 
 class RowsSource:
     """A lean block's output, recomputed a slab of rows at a time from the block's input, for
-    the split block after it (`split_block(source=...)`), which then keeps neither that output
-    nor its gradient's partner: FullVolumeFCN's finest skip is let go once the decoder level
-    that reads it has run its backward, instead of living through the second level's backward
-    beside its own gradient. The lean block's forward fills it (its input, parameters and
+    the split block after it (`split_block(source=...)`), which then does not keep that output:
+    FullVolumeFCN's finest skip is let go once the decoder level that reads it has run its
+    backward, instead of living through the second level's backward beside its own gradient. The lean block's forward fills it (its input, parameters and
     batch statistics); `reader()` gives `rows(d0, d1)`. Costs a recomputation of the lean
     block (in slabs) per reading pass."""
 

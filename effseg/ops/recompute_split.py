@@ -99,23 +99,15 @@ class _FirstConvFunction(torch.autograd.Function):
             if dz1 is not None and ctx.needs_input_grad[0]:
                 dx = conv_input_grad(dz1, x_shape, w1c, *args)
                 del dz1
-            if dskip is not None:
-                # The skip consumer's gradient (passed-on input, see `split_block`): a fresh
-                # tensor that nothing else reads (FullVolumeFCN's decoder makes it), ours to
-                # add into where its dtype is x's.
-                if dx is None:
-                    dx = dskip
-                elif dskip.dtype == x_dtype:
-                    dx = dskip.add_(dx)
-                else:
-                    dx = dskip + dx
-                del dskip
+            dx = _add_skip_grad(dx, dskip, x_dtype)
+            del dskip
         return None if dx is None else dx.to(x_dtype), None, dw1, None, None, None
 
 
 def _add_skip_grad(dx, dskip, x_dtype):
-    """dx added into the skip consumer's gradient (a fresh tensor nothing else reads, see
-    `split_block`) where its dtype is x's."""
+    """dx added into the skip consumer's gradient (passed-on input, see `split_block`): a fresh
+    tensor that nothing else reads (FullVolumeFCN's decoder makes it), ours to add into where
+    its dtype is x's."""
     if dskip is None:
         return dx
     if dx is None:

@@ -162,8 +162,8 @@ def block_forward(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, w_skip, stats=None
 def _conv_backward(grad, inp, w, u_stride, u_padding, u_dilation, groups, need_input,
                    need_weight=True):
     return torch.ops.aten.convolution_backward(
-        canonical(grad), canonical(inp), w, None, list(u_stride), list(u_padding), list(u_dilation), False, [0, 0, 0],
-        groups, [need_input, need_weight, False])[:2]
+        canonical(grad), canonical(inp), w, None, list(u_stride), list(u_padding),
+        list(u_dilation), False, [0, 0, 0], groups, [need_input, need_weight, False])[:2]
 
 
 def shape_only(t: torch.Tensor) -> torch.Tensor:
@@ -487,9 +487,10 @@ class RowsSource:
     """A lean block's output, recomputed a slab of rows at a time from the block's input, for
     the split block after it (`split_block(source=...)`), which then does not keep that output:
     FullVolumeFCN's finest skip is let go once the decoder level that reads it has run its
-    backward, instead of living through the second level's backward beside its own gradient. The lean block's forward fills it (its input, parameters and
-    batch statistics); `reader()` gives `rows(d0, d1)`. Costs a recomputation of the lean
-    block (in slabs) per reading pass."""
+    backward, instead of living through the second level's backward beside its own gradient.
+    The lean block's forward fills it (its input, parameters and batch statistics); `reader()`
+    gives `rows(d0, d1)`. Costs a recomputation of the lean block (in slabs) per reading
+    pass."""
 
     def __init__(self) -> None:
         self.args = None
@@ -580,9 +581,9 @@ def norm_act_backward_over(pre, grad, u: Unit, stats, gamma, beta, parts: int = 
 def norm_act_backward_rows(grad, unit_rows, u: Unit, stats, gamma, beta, parts: int = 4):
     """dL/dz of one unit written over its output gradient `grad` (ours to overwrite), with the
     unit's output recomputed a slab of rows at a time by `unit_rows(d0, d1)` (dense; each slab
-    of the gradient is read in its layout) and never whole: the per-group sums over every slab first, then each slab's input
-    gradient, so each slab is computed twice. Returns (dgamma, dbeta) like
-    `_norm_act_backward`."""
+    of the gradient is read in its layout) and never whole: the per-group sums over every slab
+    first, then each slab's input gradient, so each slab is computed twice. Returns (dgamma,
+    dbeta) like `_norm_act_backward`."""
     act, param = u.fused_activation
     per_group = stats[1].dim() == 2
     D = grad.shape[2]

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from .folded_up import (add_folded_conv_, folded_conv, folded_weight, folded_weight_backward,
                         folds)
 from .recompute import (Unit, _conv, _conv_backward, _layout, _norm_act_, _norm_act_backward,
-                        _unit_stats, conv_backend, conv_input_grad, converted, blocks_of, keep_output,
-                        norm_act_backward_into, second_conv_backward, shape_only, sole_tensor,
-                        take_output)
+                        _unit_stats, conv_backend, conv_input_grad, converted, blocks_of,
+                        keep_output, norm_act_backward_into, second_conv_backward, shape_only,
+                        sole_tensor, take_output)
 
 
 @dataclass

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..ops.recompute import _layout, dense_strides
+
 
 def as_strides(strides: Sequence, levels: int) -> list[tuple[int, int, int]]:
     """Per-level strides as (d, h, w) triples; an int means the same on every axis."""
@@ -41,18 +43,14 @@ def output_format(x: torch.Tensor) -> torch.memory_format:
     """The memory format a network's output takes from its input: channels-last for a
     channels-last input, contiguous otherwise. With one channel both formats can hold at once;
     the channel stride tells them apart (1 in channels-last)."""
-    if x.is_contiguous(memory_format=torch.channels_last_3d) and (
-            not x.is_contiguous() or (x.stride(1) == 1 and x[0, 0].numel() > 1)):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    return _layout(x)
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     """x (N, C, D, H, W) in channels-last layout, with the strides of a dense channels-last
     tensor (for one channel a view of the same memory: the channel stride tells the layout,
     see `output_format`)."""
-    _, C, D, H, W = x.shape
-    strides = (D * H * W * C, 1, H * W * C, W * C, C)
+    strides = dense_strides(x.shape, torch.channels_last_3d)
     if x.stride() == strides:
         return x
     if not x.is_contiguous(memory_format=torch.channels_last_3d):

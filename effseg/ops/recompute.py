@@ -95,14 +95,19 @@ def canonical(t: torch.Tensor) -> torch.Tensor:
     compute) the other layout."""
     if t.dim() != 5:
         return t
-    _, C, D, H, W = t.shape
-    if _layout(t) == torch.channels_last_3d:
-        strides = (D * H * W * C, 1, H * W * C, W * C, C)
-    elif t.is_contiguous():
-        strides = (C * D * H * W, D * H * W, H * W, W, 1)
-    else:
+    fmt = _layout(t)
+    if fmt == torch.contiguous_format and not t.is_contiguous():
         return t
+    strides = dense_strides(t.shape, fmt)
     return t if t.stride() == strides else t.as_strided(t.shape, strides)
+
+
+def dense_strides(shape, fmt: torch.memory_format) -> tuple:
+    """The strides of a dense 5-D tensor of `shape` in layout `fmt`."""
+    _, C, D, H, W = shape
+    if fmt == torch.channels_last_3d:
+        return (D * H * W * C, 1, H * W * C, W * C, C)
+    return (C * D * H * W, D * H * W, H * W, W, 1)
 
 
 def _conv(x, w, u: Unit):
@@ -418,18 +423,26 @@ def second_conv_backward(held: list, w2, u2: Unit, owned: bool):
     return conv_input_grad(dz2, y1_shape, w2, *args), dw2
 
 
-def _block_rows(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, stats, normalize: bool):
-    """rows(d0, d1): rows [d0, d1) of the block's second unit, computed from x (the block's
-    input) with the first unit's output recomputed for those rows and the rows around them that
-    the second convolution reads (weights in the compute dtype, statistics replayed): z2's rows,
-    or with `normalize` the block's output rows. None where a convolution is not one
-    `conv_rows` computes."""
-    from .slabs import conv_rows, same_rows, slab_conv
+def _rows_apply(spec: BlockSpec, w1_shape, w2_shape) -> bool:
+    """Whether `_block_rows` can recompute the block's units in rows: no residual, and both
+    convolutions ones `conv_rows` computes."""
+    from .slabs import same_rows
     u1, u2 = spec.units
-    if (spec.residual
-            or not same_rows(tuple(w1.shape), u1.stride, u1.padding, u1.dilation, u1.groups)
-            or not same_rows(tuple(w2.shape), u2.stride, u2.padding, u2.dilation, u2.groups)):
+    return (not spec.residual
+            and same_rows(tuple(w1_shape), u1.stride, u1.padding, u1.dilation, u1.groups)
+            and same_rows(tuple(w2_shape), u2.stride, u2.padding, u2.dilation, u2.groups))
+
+
+def _block_rows(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, stats, normalize: bool):
+    """(first, rows): first(d0, d1) gives rows [d0, d1) of the block's first unit's output and
+    rows(d0, d1) those of its second unit, both computed from x (the block's input; the second
+    from the first unit's rows around it that its convolution reads), weights in the compute
+    dtype, statistics replayed, dense in x's layout: z2's rows, or with `normalize` the block's
+    output rows. None where `_rows_apply` says no."""
+    from .slabs import conv_rows, slab_conv
+    if not _rows_apply(spec, w1.shape, w2.shape):
         return None
+    u1, u2 = spec.units
     xc = canonical(x.to(spec.compute_dtype))
     fmt = _layout(xc)
     D = x.shape[2]
@@ -438,17 +451,21 @@ def _block_rows(x, spec: BlockSpec, w1, g1, b1, w2, g2, b2, stats, normalize: bo
     conv2 = slab_conv(conv_backend(y1_shape, xc, tuple(w2.shape), (1, 1, 1), u2.padding))
     p2 = u2.padding[0]
 
-    def rows(d0, d1):
-        a, b = max(d0 - p2, 0), min(d1 + p2, D)
-        y1 = conv_rows(conv1, xc, 0, D, a, b, w1, u1.padding).contiguous(memory_format=fmt)
+    def first(d0, d1):
+        y1 = conv_rows(conv1, xc, 0, D, d0, d1, w1, u1.padding).contiguous(memory_format=fmt)
         _norm_act_(y1, u1, stats[0], g1, b1)
+        return y1
+
+    def rows(d0, d1):
+        a = max(d0 - p2, 0)
+        y1 = first(a, min(d1 + p2, D))
         z = conv_rows(conv2, y1, a, D, d0, d1, w2, u2.padding)
         del y1
         if normalize:
             z = z.contiguous(memory_format=fmt)
             _norm_act_(z, u2, stats[1], g2, b2)
         return z
-    return rows
+    return first, rows
 
 
 def _second_unit_in_slabs(x, spec: BlockSpec, w1, g1, b1, w2, stats, parts: int = 8):
@@ -458,9 +475,10 @@ def _second_unit_in_slabs(x, spec: BlockSpec, w1, g1, b1, w2, stats, parts: int 
     thin for slabs."""
     D = x.shape[2]
     step = -(-D // parts)
-    rows = _block_rows(x, spec, w1, g1, b1, w2, None, None, stats, normalize=False)
-    if step >= D or rows is None:
+    made = _block_rows(x, spec, w1, g1, b1, w2, None, None, stats, normalize=False)
+    if step >= D or made is None:
         return None
+    rows = made[1]
     z2 = None
     for d0 in range(0, D, step):
         d1 = min(d0 + step, D)
@@ -496,8 +514,7 @@ class RowsSource:
         self.args = None
 
     def fill(self, x, spec: BlockSpec, params, stats) -> None:
-        if _block_rows(x, spec, params[0], None, None, params[3], None, None, stats,
-                       normalize=False) is not None:
+        if _rows_apply(spec, params[0].shape, params[3].shape):
             self.args = (x, spec, params, stats)
             self.version = x._version
 
@@ -512,7 +529,7 @@ class RowsSource:
                                "block's backward reads, was modified by an in-place operation "
                                "after forward")
         w1c, w2c = converted((w1, w2), spec.compute_dtype)
-        return _block_rows(x, spec, w1c, g1, b1, w2c, g2, b2, stats, normalize=True)
+        return _block_rows(x, spec, w1c, g1, b1, w2c, g2, b2, stats, normalize=True)[1]
 
 
 def strided_conv_slabs(rows, depth: int, w, u: Unit, out_depth: int, parts: int = 4):
@@ -531,6 +548,22 @@ def strided_conv_slabs(rows, depth: int, w, u: Unit, out_depth: int, parts: int 
         if a - lo or hi - b:
             sub = torch.nn.functional.pad(sub, (0, 0, 0, 0, a - lo, hi - b))
         yield r0, r1, canonical(sub)
+
+
+def weight_grad_from_rows(rows, x_shape, dz: torch.Tensor, w: torch.Tensor, u: Unit,
+                          parts: int | None = None) -> torch.Tensor:
+    """dL/dw of conv(x, w) (the unit's stride and padding, dilation 1) from its output gradient
+    dz, summed over slabs of dz's rows (`weight_grad_parts` of them unless given), each with
+    the rows of x it reads from `rows(a, b)` (x's shape `x_shape`): x is never whole."""
+    parts = weight_grad_parts(x_shape, dz, w, u) if parts is None else parts
+    slab_padding = (0,) + tuple(u.padding[1:])
+    dw = None
+    for r0, r1, sub in strided_conv_slabs(rows, x_shape[2], w, u, dz.shape[2], parts):
+        part = _conv_backward(dz[:, :, r0:r1], sub.to(dz.dtype), w, u.stride, slab_padding,
+                              u.dilation, u.groups, False)[1]
+        dw = part if dw is None else dw.add_(part)
+        del sub, part
+    return dw
 
 
 def weight_grad_parts(x_shape, dz1, w1, u1, most: int = 8) -> int:
@@ -626,39 +659,21 @@ def _lean_backward_in_rows(ctx, x, grad, w1, g1, b1, w2, g2, b2, stats):
     second weight's gradient, summed over slabs). Only `grad` has the output's size. None
     where that does not apply."""
     from .folded_up import input_grad_into_
-    from .slabs import conv_rows, slab_conv
     spec = ctx.spec
-    cd = spec.compute_dtype
     u1, u2 = spec.units
-    second = _block_rows(x, spec, w1, g1, b1, w2, g2, b2, stats, normalize=True)
-    if second is None:
+    made = _block_rows(x, spec, w1, g1, b1, w2, g2, b2, stats, normalize=True)
+    if made is None:
         return None
-    xc = canonical(x.to(cd))
-    fmt = _layout(xc)
-    D = x.shape[2]
-    conv1 = slab_conv(conv_backend(tuple(xc.shape), xc, tuple(w1.shape), (1, 1, 1), u1.padding))
-
-    def first(d0, d1):
-        y1 = conv_rows(conv1, xc, 0, D, d0, d1, w1, u1.padding).contiguous(memory_format=fmt)
-        _norm_act_(y1, u1, stats[0], g1, b1)
-        return y1
-
+    first, second = made
     g = grad
     dg2, db2 = norm_act_backward_rows(g, second, u2, stats[1], g2, b2)  # g: dL/dz2
     y1_shape = (x.shape[0], w1.shape[0]) + tuple(x.shape[2:])
-    parts = weight_grad_parts(y1_shape, g, w2, u2)
-    slab_padding = (0,) + tuple(u2.padding[1:])
-    dw2 = None
-    for r0, r1, sub in strided_conv_slabs(first, D, w2, u2, D, parts):
-        part = _conv_backward(g[:, :, r0:r1], sub, w2, u2.stride, slab_padding, u2.dilation,
-                              u2.groups, False)[1]
-        dw2 = part if dw2 is None else dw2.add_(part)
-        del sub, part
+    dw2 = weight_grad_from_rows(first, y1_shape, g, w2, u2)
     if not input_grad_into_(g, w2, u2.padding):  # g: dL/dy1
         g = conv_input_grad(g, y1_shape, w2, u2.stride, u2.padding, u2.dilation, u2.groups)
     dg1, db1 = norm_act_backward_rows(g, first, u1, stats[0], g1, b1)  # g: dL/dz1
-    dx, dw1 = _conv_backward(g, xc, w1, u1.stride, u1.padding, u1.dilation, u1.groups,
-                             ctx.needs_input_grad[0])
+    dx, dw1 = _conv_backward(g, x.to(spec.compute_dtype), w1, u1.stride, u1.padding,
+                             u1.dilation, u1.groups, ctx.needs_input_grad[0])
     return dx, dw1, dg1, db1, dw2, dg2, db2
 
 

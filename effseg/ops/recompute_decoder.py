@@ -61,8 +61,7 @@ class DecoderSpec:
 
 def _upsample(low, skip, spec: "DecoderSpec", w_up):
     up = F.conv_transpose3d(low.to(spec.compute_dtype), w_up, None, spec.up_stride)
-    return up.contiguous(memory_format=torch.channels_last_3d if _is_cl(skip) else
-                         torch.contiguous_format)
+    return up.contiguous(memory_format=_layout(skip))
 
 
 def concatenates(skip, w_skip, w_cat_up, u1: Unit, dtype=None) -> bool:
@@ -149,11 +148,6 @@ def _fold_backward(dz, low, K, w_up, w_cat_up, spec: DecoderSpec, need_low: bool
         [1, 1, 1], True, [0, 0, 0], 1, [need_low, True, False])[:2]
     dw_up, dw_cat_up = folded_weight_backward(dK.to(w_up.dtype), w_up, w_cat_up)
     return dlow, dw_up, dw_cat_up
-
-
-def _is_cl(t):
-    return t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(
-        memory_format=torch.channels_last_3d)
 
 
 def _head(y, w_head, b_head, cd):

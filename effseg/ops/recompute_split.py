@@ -39,8 +39,8 @@ from .recompute import (BlockSpec, _conv, _conv_backward, _layout, _norm_act_,
                         _norm_act_backward, _unit_stats, add_conv_input_grad_, conv_backend,
                         conv_input_grad, converted, keep_output, norm_act_backward_over,
                         second_conv_backward, strided_conv_slabs, take_output,
-                        weight_grad_parts)
-from .slabs import onednn_conv, runs_on_onednn
+                        weight_grad_from_rows)
+from .slabs import slab_conv
 
 
 def splits(spec: BlockSpec) -> bool:
@@ -130,15 +130,7 @@ def _first_conv_backward_from_rows(ctx, dz1, dskip):
         if dz1 is not None:
             (w1c,) = converted((w1,), cd)
             dz1 = dz1.to(cd)
-            slab_padding = (0,) + tuple(u1.padding[1:])
-            parts = weight_grad_parts(x_shape, dz1, w1c, u1)
-            for r0, r1, sub in strided_conv_slabs(source.reader(), x_shape[2], w1c, u1,
-                                                  dz1.shape[2], parts):
-                part = _conv_backward(dz1[:, :, r0:r1], sub.to(cd), w1c, u1.stride,
-                                      slab_padding, u1.dilation, u1.groups, False)[1]
-                dw1 = part if dw1 is None else dw1.add_(part)
-                del sub, part
-            dw1 = dw1.to(w1.dtype)
+            dw1 = weight_grad_from_rows(source.reader(), x_shape, dz1, w1c, u1).to(w1.dtype)
             if ctx.needs_input_grad[0]:
                 if (dskip is not None and dskip.dtype == cd == x_dtype
                         and tuple(dskip.shape) == x_shape):
@@ -208,22 +200,18 @@ class _RestFunction(torch.autograd.Function):
 
 
 def _first_conv_from_rows(source, x_shape, w1, u1):
-    """z1 = conv(x, w1) (the unit's stride and padding) a slab of output rows at a time, x's
-    rows recomputed by `source`; on the backend the whole convolution runs on (`_conv`)."""
+    """z1 = conv(x, w1) (the unit's stride and padding; undilated, ungrouped) a slab of output
+    rows at a time, x's rows recomputed by `source`; on the backend the whole convolution runs
+    on (`slab_conv`)."""
     reader = source.reader()
     k = tuple(w1.shape[2:])
     out = [(n + 2 * p - kk) // s + 1 for n, p, kk, s in zip(x_shape[2:], u1.padding, k,
                                                            u1.stride)]
     slab_padding = (0,) + tuple(u1.padding[1:])
+    conv = slab_conv(conv_backend(x_shape, w1, tuple(w1.shape), u1.stride, u1.padding))
     z1 = None
     for r0, r1, sub in strided_conv_slabs(reader, x_shape[2], w1, u1, out[0], parts=16):
-        whole = conv_backend(x_shape, sub, tuple(w1.shape), u1.stride, u1.padding,
-                             dilation=u1.dilation, groups=u1.groups)
-        if runs_on_onednn(whole, sub):
-            part = onednn_conv(sub, w1, u1.stride, slab_padding, u1.dilation, u1.groups)
-        else:
-            part = torch.nn.functional.conv3d(sub, w1, None, u1.stride, slab_padding,
-                                              u1.dilation, u1.groups)
+        part = conv(sub, w1, slab_padding, u1.stride)
         if z1 is None:
             z1 = torch.empty((x_shape[0], w1.shape[0], out[0]) + tuple(part.shape[3:]),
                              dtype=part.dtype, device=part.device,

@@ -51,13 +51,13 @@ def onednn_conv_transpose(x, w, b, stride, padding, output_padding, dilation, gr
 
 
 def slab_conv(whole_backend: int):
-    """conv(t, w, padding): F.conv3d (stride 1, undilated, ungrouped) on oneDNN where the whole
+    """conv(t, w, padding, stride=1): F.conv3d (undilated, ungrouped) on oneDNN where the whole
     convolution runs there (`runs_on_onednn` of `whole_backend`, a `conv_backend` value), else
     as ATen chooses."""
-    def conv(t, w, padding):
+    def conv(t, w, padding, stride=(1, 1, 1)):
         if runs_on_onednn(whole_backend, t):
-            return onednn_conv(t, w, (1, 1, 1), padding, (1, 1, 1), 1)
-        return F.conv3d(t, w, None, 1, tuple(padding))
+            return onednn_conv(t, w, stride, padding, (1, 1, 1), 1)
+        return F.conv3d(t, w, None, tuple(stride), tuple(padding))
     return conv
 
 
